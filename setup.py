@@ -1,0 +1,37 @@
+"""Installs the CILF-CIAE reference implementation as flat top-level modules.
+
+    pip install -e .            # the modules, ready to import or run
+    pip install -e ".[test]"    # plus pytest and OpenAI's reference CLIP for the parity tests
+
+The CLIP BPE vocabulary ships beside clip_loader.py (found there in an editable install) and, for a
+regular install, under <prefix>/share/cilf-ciae/, where clip_loader also looks.
+Version ranges only: pin torch/torchvision for your CUDA build in the install command, not here.
+"""
+from setuptools import setup
+
+setup(
+    name="cilf-ciae",
+    version="0.1.0",
+    description="Reference implementation of CILF-CIAE: CLIP-driven image-language fusion for "
+                "correcting inverse age estimation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    py_modules=["clip_loader", "linear_attention", "feedback", "model", "data", "train", "eval"],
+    data_files=[("share/cilf-ciae", ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP"])],
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "ftfy>=6.0",
+        "regex>=2022.1",
+        "tqdm>=4.60",
+        "numpy>=1.22",
+    ],
+    extras_require={
+        # clip-anytorch is OpenAI's CLIP code, used by the tests as the independent reference;
+        # it imports pkg_resources, which setuptools>=81 no longer ships.
+        "test": ["pytest>=7", "clip-anytorch==2.6.0", "setuptools<81"],
+        "plot": ["matplotlib>=3.5"],
+    },
+)
