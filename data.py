@@ -1,0 +1,675 @@
+"""Age-estimation data: the standard benchmarks with their published protocols, robust image
+loading, CLIP-sized augmentation, and a built-in synthetic dataset for the demo.
+
+Every dataset is read in the layout it ships in. A result is only comparable when its protocol is
+named, and only honest when a person never appears on both sides of a split, so splits are
+subject-exclusive wherever identities are known, seeded, and disjoint (see DATASETS).
+
+Public names:
+    Sample                  one record: path, age, subject (or None), age_std (or None)
+    build_dataset(name, root, split="train", fold=0, transform=None, seed=0, **options) -> AgeDataset
+    AgeDataset              torch Dataset of (image, age); .samples, .skipped, .ignored
+    DATASETS                name -> one-line layout and protocol (for --help and the README)
+    DatasetError            a bad label file or file name, with the file (and line) in the message
+    load_image(path)        any image file -> RGB PIL image (modes, EXIF rotation, huge images)
+    check_images(dataset)   [(path, reason)] for every file that does not decode
+    train_transform(resolution), eval_transform(resolution)
+    build_loader(dataset, batch_size, train, num_workers=0, seed=0, device="cpu", drop_last=None)
+    set_epoch(loader, epoch) reshuffles a DistributedSampler; call it at the start of every epoch
+    random_split, subject_split, subject_kfold, leave_one_subject_out   the split rules, on Sample lists
+    render_synthetic(age, rng, size) the synthetic image for one age (numpy, vectorised)
+"""
+import csv
+import math
+import os
+import random
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+import clip_loader
+
+SPLITS = ("train", "val", "test", "all")
+FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test share of subjects (or of images where no subjects are known)
+VAL_FRACTION = 0.1  # of the non-test subjects, for the fold protocols (FG-NET LOPO, MORPH II 5-fold)
+MORPH_FOLDS = 5
+AGE_RANGE = (0.0, 120.0)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Large images: PIL refuses files above 2 * 89.5 M pixels as decompression bombs. Face crops never
+# come close, but scans of photographs can; we accept up to MAX_IMAGE_PIXELS and decode anything above
+# LARGE_IMAGE_PIXELS at reduced size (JPEG draft mode decodes at 1/2, 1/4, 1/8 scale without ever
+# building the full image), keeping a short side of at least LARGE_IMAGE_SIDE, far above any CLIP input.
+MAX_IMAGE_PIXELS = 2 ** 28  # 16384 x 16384; a non-JPEG that size still decodes in under 1 GB
+LARGE_IMAGE_PIXELS = 4096 * 4096
+LARGE_IMAGE_SIDE = 1024
+
+DATASETS = {
+    "utkface": "UTKFace, {age}_{gender}_{race}_{date}.jpg[.chip.jpg] in one or more folders; no identities, "
+               "so a seeded random 80/10/10 image split (not subject-exclusive)",
+    "fgnet": "FG-NET, {subject:3}A{age:2}[a-z].JPG (any case); leave-one-person-out: fold k tests the k-th "
+             "subject in sorted order (82 folds), val = a seeded 10% of the other subjects",
+    "morph2": "MORPH II, {subject}_{picture}{M|F}{age}.JPG; --protocol subject5fold (default): subjects in 5 "
+              "seeded folds, fold k is test (20%), val = a seeded 10% of the other subjects (8%), train 72%; "
+              "--protocol random: the common seeded 80/10/10 image split, NOT subject-exclusive",
+    "cacd": "CACD2000, {age}_{Name}_{nnnn}.jpg; subject = the name; seeded subject-exclusive 80/10/10 "
+            "split of the celebrities (not the official rank-based one)",
+    "agedb": "AgeDB, {index}_{Name}_{age}_{m|f}.jpg; subject = the name; seeded subject-exclusive "
+             "80/10/10 split of the people",
+    "appa-real": "APPA-REAL, gt_avg_{train,valid,test}.csv beside train/ valid/ test/ ({file}_face.jpg "
+                 "preferred); the official splits; apparent age (with its std) by default, "
+                 "--age-target real for the real age",
+    "csv": "any CSV with header path,age[,subject][,age_std][,split], paths relative to the CSV; its split "
+           "column if given, else a seeded 80/10/10 split, subject-exclusive when subject is given",
+    "synthetic": "generated face-like drawings (NOT faces): age shown by proportions, wrinkles, grey hair, "
+                 "hairline, skin texture and spots; deterministic from the seed, no files; "
+                 "train/val/test 2000/300/300",
+}
+# Options each dataset accepts beyond the common arguments, so a typo is an error, not a silent default.
+OPTIONS = {"morph2": {"protocol"}, "appa-real": {"age_target"},
+           "synthetic": {"n", "image_size", "min_age", "max_age"}}
+
+
+class DatasetError(ValueError):
+    """A label file or file name that cannot be used; the message names the file (and line)."""
+
+
+class ImageSkipWarning(UserWarning):
+    """An image that did not decode was replaced by another sample (see AgeDataset.skipped)."""
+
+
+@dataclass
+class Sample:
+    path: str
+    age: float
+    subject: Optional[str] = None  # identity, for subject-exclusive splits; None where unknown
+    age_std: Optional[float] = None  # spread of the apparent-age votes (APPA-REAL), for the epsilon-error
+
+
+# --------------------------------------------------------------------------- images and transforms
+
+def load_image(path) -> Image.Image:
+    """Decode any image file to an RGB PIL image: every PIL mode (via clip_loader.to_rgb), EXIF
+    orientation applied, very large images decoded at reduced size. Raises on a file that does not decode
+    (PIL's own errors: empty, truncated, corrupt, not an image)."""
+    # PIL's limit is a module global: raise it only around open() (DataLoader workers are processes,
+    # so no other thread sees the change); PIL errors at twice the limit
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    large = image.size[0] * image.size[1] > LARGE_IMAGE_PIXELS
+    if large and image.format == "JPEG":  # draft keeps both sides >= the request: ask for the short-side target
+        scale = LARGE_IMAGE_SIDE / min(image.size)
+        image.draft("RGB", tuple(math.ceil(side * scale) for side in image.size))
+    try:
+        image.load()  # decode now, so a truncated file fails here and not inside a transform
+    except Exception:
+        image.close()  # PIL leaves the file open when decoding fails
+        raise
+    ImageOps.exif_transpose(image, in_place=True)  # before reduce(), which drops the EXIF data
+    factor = min(image.size) // LARGE_IMAGE_SIDE
+    if large and factor > 1:
+        image = image.reduce(factor)
+    return clip_loader.to_rgb(image)
+
+
+def train_transform(resolution: int) -> Callable:
+    """The authors' augmentation scaled to the backbone: random resized crop to the input size (area
+    scale 0.5-1, aspect 3/4-4/3), horizontal flip, small colour jitter, CLIP normalisation.
+
+    Their pipeline resized the short side to 256 before a 224 crop; a crop's area fraction and aspect do
+    not change under that uniform resize, so cropping the original draws the same crops with one
+    resampling instead of two (sharper and faster)."""
+    return T.Compose([
+        clip_loader.to_rgb,
+        T.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),  # no hue: skin colour carries age
+        T.ToTensor(),
+        T.Normalize(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD),
+    ])
+
+
+def eval_transform(resolution: int) -> Callable:
+    """OpenAI's evaluation transform (resize, centre crop, normalise)."""
+    return clip_loader.image_transform(resolution)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+class AgeDataset(Dataset):
+    """(image, age) pairs from a list of Samples. Without a transform the image is the RGB PIL image.
+
+    A file that does not decode never stops an epoch: it is recorded (shared across DataLoader workers),
+    a warning names it once, and the next readable sample in order is returned in its place, so the
+    substitution is deterministic. `skipped` lists the files replaced so far; check_images() finds them
+    all up front."""
+
+    def __init__(self, samples: list, transform: Optional[Callable] = None, ignored: Optional[list] = None):
+        self.samples = samples
+        self.transform = transform
+        self.ignored = ignored or []  # files under the root whose names carry no usable label
+        # one flag per sample in shared memory, so workers' findings reach the main process
+        self._bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> Image.Image:
+        return load_image(self.samples[index].path)
+
+    @property
+    def skipped(self) -> list:
+        return [self.samples[i].path for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")  # also ends `for x in dataset`
+        for step in range(n):
+            i = (index + step) % n
+            if self._bad[i]:
+                continue
+            try:
+                image = self.image(i)
+            except Exception as error:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
+                self._bad[i] = True
+                warnings.warn(f"skipping unreadable image {self.samples[i].path} ({error}); "
+                              f"{int(self._bad.sum())} skipped so far", ImageSkipWarning)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, torch.tensor(self.samples[i].age, dtype=torch.float32)
+        raise RuntimeError(f"none of the {n} images of this dataset could be read; run check_images()")
+
+
+def check_images(dataset: AgeDataset, progress: bool = False) -> list:
+    """Decode every image of the dataset; return [(path, reason)] for those that fail (empty, truncated,
+    corrupt, not an image). Synthetic datasets have no files and return []."""
+    if isinstance(dataset, SyntheticAgeDataset):
+        return []
+    samples = dataset.samples
+    if progress:
+        from tqdm import tqdm
+        samples = tqdm(samples, desc="checking images", unit="img")
+    bad = []
+    for sample in samples:
+        try:
+            load_image(sample.path)
+        except Exception as error:
+            bad.append((sample.path, f"{type(error).__name__}: {error}"))
+    return bad
+
+
+# --------------------------------------------------------------------------- splits
+
+def _split_counts(n: int, fractions=FRACTIONS) -> tuple:
+    """(train, val, test) counts summing to n; val and test get at least one item when n >= 3."""
+    n_val, n_test = (round(n * f) for f in fractions[1:])
+    if n >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    return n - n_val - n_test, n_val, n_test
+
+
+def _subject_key(sample: Sample) -> str:
+    return sample.subject if sample.subject is not None else "path:" + sample.path
+
+
+def _assign(keys: list, seed) -> dict:
+    """Seeded train/val/test assignment of the sorted unique keys (subjects, or paths)."""
+    unique = sorted(set(keys))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_train, n_val, _ = _split_counts(len(unique))
+    names = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(unique) - n_train - n_val)
+    return {unique[j]: names[rank] for rank, j in enumerate(order)}
+
+
+def _select(samples: list, split: str, key: Callable, seed) -> list:
+    if split == "all":
+        return samples
+    assignment = _assign([key(s) for s in samples], seed)
+    return [s for s in samples if assignment[key(s)] == split]
+
+
+def random_split(samples: list, split: str, seed: int) -> list:
+    """Seeded 80/10/10 split of the images; NOT subject-exclusive."""
+    return _select(samples, split, lambda s: s.path, seed)
+
+
+def subject_split(samples: list, split: str, seed: int) -> list:
+    """Seeded 80/10/10 split of the subjects (a sample without subject is its own subject)."""
+    return _select(samples, split, _subject_key, seed)
+
+
+def _fold_split(samples: list, split: str, test_subjects: set, fold: int, seed: int) -> list:
+    """Test = test_subjects; val = a seeded VAL_FRACTION of the other subjects; train = the rest."""
+    if split == "all":
+        return samples
+    if split == "test":
+        return [s for s in samples if s.subject in test_subjects]
+    others = sorted({s.subject for s in samples} - test_subjects)
+    order = np.random.default_rng([seed, fold]).permutation(len(others))
+    n_val = max(1, round(len(others) * VAL_FRACTION)) if len(others) > 1 else 0
+    val = {others[j] for j in order[:n_val]}
+    chosen = val if split == "val" else set(others) - val
+    return [s for s in samples if s.subject in chosen]
+
+
+def leave_one_subject_out(samples: list, split: str, fold: int, seed: int) -> list:
+    """Fold k tests the k-th subject in sorted order."""
+    subjects = sorted({s.subject for s in samples})
+    if not 0 <= fold < len(subjects):
+        raise ValueError(f"fold {fold} out of range: leave-one-person-out has {len(subjects)} folds "
+                         f"(0..{len(subjects) - 1})")
+    return _fold_split(samples, split, {subjects[fold]}, fold, seed)
+
+
+def subject_kfold(samples: list, split: str, fold: int, seed: int, k: int = MORPH_FOLDS) -> list:
+    """Subjects dealt into k seeded folds; fold `fold` is test."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold {fold} out of range: this protocol has {k} folds (0..{k - 1})")
+    subjects = sorted({s.subject for s in samples})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    test = {subjects[j] for rank, j in enumerate(order) if rank % k == fold}
+    return _fold_split(samples, split, test, fold, seed)
+
+
+# --------------------------------------------------------------------------- parsing the layouts
+
+def _check_root(name: str, root: Path):
+    if not root.exists():
+        raise FileNotFoundError(f"{name}: data root {root} does not exist")
+
+
+def _image_files(root: Path) -> list:
+    files = [Path(d) / f for d, _, names in os.walk(root) for f in names
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files, key=str)  # os.walk order depends on the file system
+
+
+def _age(text: str, where) -> float:
+    try:
+        age = float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: age {text!r} is not a number") from None
+    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:  # also rejects nan
+        raise DatasetError(f"{where}: age {text} lies outside {AGE_RANGE[0]:g}..{AGE_RANGE[1]:g}")
+    return age
+
+
+def _name(text: str) -> str:
+    # one person written in NFC and NFD must stay one subject
+    return unicodedata.normalize("NFC", text.strip())
+
+
+def _parse_names(name: str, root: Path, pattern: re.Pattern, make: Callable, example: str):
+    """Samples from the files under root whose names match pattern; make(match, path) -> Sample.
+    Files that do not match are skipped, counted and named in a warning."""
+    _check_root(name, root)
+    samples, ignored = [], []
+    for path in _image_files(root):
+        match = pattern.match(path.name)
+        if match:
+            samples.append(make(match, path))
+        else:
+            ignored.append(str(path))
+    if ignored:
+        shown = ", ".join(Path(p).name for p in ignored[:3])
+        warnings.warn(f"{name}: skipped {len(ignored)} file(s) under {root} whose names do not read as "
+                      f"{example} (e.g. {shown})")
+    if not samples:
+        raise DatasetError(f"{name}: no images named like {example} under {root}")
+    return samples, ignored
+
+
+_UTK = re.compile(r"^(\d{1,3})_")
+_FGNET = re.compile(r"^(\d{3})a(\d{1,2})[a-z]?\.(jpe?g|png|bmp)$", re.IGNORECASE)
+_MORPH = re.compile(r"^(\d+)_(\d{1,2})([MF])(\d{1,3})\.(jpe?g|png)$", re.IGNORECASE)
+_CACD = re.compile(r"^(\d{1,3})_(.+)_(\d{4})\.jpe?g$", re.IGNORECASE)
+_AGEDB = re.compile(r"^(\d+)_(.+)_(\d{1,3})_([mf])\.jpe?g$", re.IGNORECASE)
+
+
+def _utkface(root: Path, split: str, seed: int):
+    _check_root("utkface", root)
+    # The release's malformed names (a field missing, '__', ' .jpg', 'jpg.chip') still start with the age,
+    # the only label used, so the first field alone decides. The aligned crops (.chip.jpg) and the
+    # in-the-wild originals share a base name: keep one of each, the aligned one, so no photo can land in
+    # two splits when both folders sit under root.
+    by_base, ignored = {}, []
+    for path in _image_files(root):
+        match = _UTK.match(path.name)
+        if not match or not AGE_RANGE[0] <= int(match.group(1)) <= AGE_RANGE[1]:
+            ignored.append(str(path))
+            continue
+        base = path.name.lower().replace(".chip.jpg", "")
+        if base not in by_base or ".chip." in path.name.lower():
+            by_base[base] = Sample(str(path), float(match.group(1)))
+    if ignored:
+        warnings.warn(f"utkface: skipped {len(ignored)} file(s) whose first field is not an age in 0..120 "
+                      f"(e.g. {', '.join(Path(p).name for p in ignored[:3])})")
+    if not by_base:
+        raise DatasetError(f"utkface: no images named like 25_0_1_20170116174525125.jpg.chip.jpg under {root}")
+    samples = sorted(by_base.values(), key=lambda s: s.path)
+    return random_split(samples, split, seed), ignored
+
+
+def _fgnet(root: Path, split: str, fold: int, seed: int):
+    samples, ignored = _parse_names(
+        "fgnet", root, _FGNET,
+        lambda m, p: Sample(str(p), _age(m.group(2), p), subject=m.group(1)), "001A02.JPG")
+    return leave_one_subject_out(samples, split, fold, seed), ignored
+
+
+def _morph2(root: Path, split: str, fold: int, seed: int, protocol: str = "subject5fold"):
+    samples, ignored = _parse_names(
+        "morph2", root, _MORPH,
+        lambda m, p: Sample(str(p), _age(m.group(4), p), subject=m.group(1)), "012345_1M25.JPG")
+    if protocol == "random":
+        _single_split("morph2 --protocol random", fold)
+        return random_split(samples, split, seed), ignored
+    if protocol == "subject5fold":
+        return subject_kfold(samples, split, fold, seed), ignored
+    raise ValueError(f"morph2: unknown protocol {protocol!r}; use 'subject5fold' or 'random'")
+
+
+def _cacd(root: Path, split: str, seed: int):
+    samples, ignored = _parse_names(
+        "cacd", root, _CACD,
+        lambda m, p: Sample(str(p), _age(m.group(1), p), subject=_name(m.group(2))), "53_Robert_De_Niro_0001.jpg")
+    return subject_split(samples, split, seed), ignored
+
+
+def _agedb(root: Path, split: str, seed: int):
+    samples, ignored = _parse_names(
+        "agedb", root, _AGEDB,
+        lambda m, p: Sample(str(p), _age(m.group(3), p), subject=_name(m.group(2))), "0_MariaCallas_35_f.jpg")
+    return subject_split(samples, split, seed), ignored
+
+
+def _read_csv(path: Path, required: tuple):
+    """(header, [(line number, {column: value})]) of a CSV; every row must have the header's length."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM from spreadsheets
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DatasetError(f"{path}:1: header {header} lacks column(s) {missing}")
+        rows = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DatasetError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}")
+            rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in row)))))
+    return header, rows
+
+
+def _appa_real(root: Path, split: str, age_target: str = "apparent"):
+    _check_root("appa-real", root)
+    if age_target not in ("apparent", "real"):
+        raise ValueError(f"appa-real: age_target must be 'apparent' or 'real', not {age_target!r}")
+    folders = {"train": ["train"], "val": ["valid"], "test": ["test"], "all": ["train", "valid", "test"]}[split]
+    samples = []
+    for folder in folders:
+        labels = root / f"gt_avg_{folder}.csv"
+        if not labels.is_file():
+            raise FileNotFoundError(f"appa-real: {labels} not found (the release's gt_avg_{folder}.csv)")
+        _, rows = _read_csv(labels, ("file_name", "apparent_age_avg", "apparent_age_std", "real_age"))
+        for line, row in rows:
+            where = f"{labels}:{line}"
+            face = root / folder / (row["file_name"] + "_face.jpg")  # the release's aligned crop
+            path = face if face.is_file() else root / folder / row["file_name"]
+            if not path.is_file():
+                raise DatasetError(f"{where}: image {path} not found")
+            if age_target == "real":
+                samples.append(Sample(str(path), _age(row["real_age"], where)))
+            else:
+                samples.append(Sample(str(path), _age(row["apparent_age_avg"], where),
+                                      age_std=_age(row["apparent_age_std"], where)))
+    if not samples:
+        raise DatasetError(f"appa-real: the label files under {root} list no images")
+    return samples, []
+
+
+_SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _csv(root: Path, split: str, seed: int):
+    _check_root("csv", root)
+    if root.is_dir():
+        found = sorted(root.glob("*.csv"))
+        if len(found) != 1:
+            raise DatasetError(f"csv: {root} holds {len(found)} .csv files; pass the CSV file itself")
+        root = found[0]
+    header, rows = _read_csv(root, ("path", "age"))
+    samples, splits = [], []
+    for line, row in rows:
+        where = f"{root}:{line}"
+        std = row.get("age_std") or None
+        samples.append(Sample(str(root.parent / row["path"]), _age(row["age"], where),
+                              subject=(_name(row["subject"]) or None) if "subject" in row else None,
+                              age_std=None if std is None else _age(std, where)))
+        if "split" in header:
+            if row["split"].lower() not in _SPLIT_NAMES:
+                raise DatasetError(f"{where}: split {row['split']!r} is not one of train, val, test")
+            splits.append(_SPLIT_NAMES[row["split"].lower()])
+    if not samples:
+        raise DatasetError(f"csv: {root} lists no images")
+    missing = [s.path for s in samples if not os.path.isfile(s.path)]
+    if missing:
+        raise DatasetError(f"csv: {len(missing)} image(s) listed in {root} not found, e.g. {missing[0]} "
+                           f"(paths are relative to the CSV)")
+    if splits:
+        chosen = [s for s, name in zip(samples, splits) if split in ("all", name)]
+    else:
+        chosen = subject_split(samples, split, seed)  # with no subject column each image is its own subject
+    return chosen, []
+
+
+def _single_split(name: str, fold: int):
+    if fold != 0:
+        raise ValueError(f"{name} has a single split; fold must be 0, not {fold}")
+
+
+def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
+                  transform: Optional[Callable] = None, seed: int = 0, **options) -> AgeDataset:
+    """The split of a dataset in DATASETS, read from root (unused for "synthetic"). seed fixes the split;
+    fold selects the test fold of fold protocols (fgnet, morph2 subject5fold)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    unknown = set(options) - OPTIONS.get(name, set())
+    if unknown:
+        raise ValueError(f"{name} does not take option(s) {sorted(unknown)}; it takes "
+                         f"{sorted(OPTIONS.get(name, set())) or 'none'}")
+    if name == "synthetic":
+        _single_split(name, fold)
+        return SyntheticAgeDataset(split, seed=seed, transform=transform, **options)
+    if root is None:
+        raise ValueError(f"{name} needs a data root")
+    root = Path(root).expanduser()
+    if name == "fgnet":
+        samples, ignored = _fgnet(root, split, fold, seed)
+    elif name == "morph2":
+        samples, ignored = _morph2(root, split, fold, seed, **options)
+    else:
+        _single_split(name, fold)
+        if name == "appa-real":
+            samples, ignored = _appa_real(root, split, **options)
+        else:
+            samples, ignored = {"utkface": _utkface, "cacd": _cacd, "agedb": _agedb, "csv": _csv}[name](
+                root, split, seed)
+    if not samples:
+        raise DatasetError(f"{name}: the {split} split under {root} is empty")
+    return AgeDataset(samples, transform, ignored)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+_HAIR = np.array([[0.08, 0.06, 0.05], [0.25, 0.15, 0.08], [0.45, 0.30, 0.15],
+                  [0.80, 0.68, 0.40], [0.55, 0.25, 0.10]])  # black, dark brown, brown, blond, red
+_SKIN_LIGHT, _SKIN_DARK = np.array([0.96, 0.80, 0.69]), np.array([0.42, 0.27, 0.18])
+
+
+def _f32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def render_synthetic(age: float, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A face-like drawing (NOT a face) of the given age: (size, size, 3) uint8.
+
+    Age shows through graded cues, as in a face: up to ~18 the eyes sit lower, are larger and the head is
+    rounder (child proportions); from ~25 forehead lines appear one by one and cheek folds darken; from
+    ~30 the hair greys, from ~45 the hairline recedes, from ~55 age spots appear; skin texture coarsens
+    over the whole range. Nuisances independent of age: position, scale, tilt, background colour and
+    gradient, skin tone, hair colour, brightness, contrast, pixel noise. So no pixel or corner tells the
+    age; a model has to find the face and read it."""
+    lin = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)  # float32: twice as fast
+    x, y = lin[None, :], lin[:, None]  # (1, S), (S, 1): image coordinates in [-1, 1]
+    pixel = 2 / size
+    child = min(age / 18, 1.0)  # 0 at birth, 1 once adult proportions are reached
+    old = float(np.clip((age - 20) / 60, 0, 1))
+
+    cx, cy = rng.uniform(-0.25, 0.25, 2)
+    theta = rng.uniform(-0.3, 0.3)
+    rx = 0.5 * rng.uniform(0.75, 1.0)
+    ry = rx * (1.0 + 0.3 * child)  # children's heads are rounder
+    cos, sin = math.cos(theta), math.sin(theta)
+    u = (cos * (x - cx) + sin * (y - cy)) / rx  # (S, S) face coordinates: the face is the unit disc
+    v = (-sin * (x - cx) + cos * (y - cy)) / ry
+    r = np.sqrt(u * u + v * v)
+
+    def band(distance, scale):  # soft 0..1 mask: 1 inside, anti-aliased over one pixel at the border
+        return np.clip(0.5 - distance * scale / pixel, 0, 1)
+
+    def line(distance, scale, width=0.7):  # soft line of about `width` pixels
+        return np.exp(-0.5 * (distance * scale / pixel / width) ** 2)
+
+    # background: a random colour with a random linear gradient
+    phi = rng.uniform(0, 2 * math.pi)
+    gradient = (math.cos(phi) * x + math.sin(phi) * y)[..., None]  # (S, S, 1)
+    image = _f32(rng.uniform(0.05, 0.95, 3)) + gradient * _f32(rng.uniform(-0.2, 0.2, 3))  # (S, S, 3)
+
+    # skin, with texture that coarsens with age (noise drawn at half resolution so it survives resizing)
+    tone = rng.uniform()
+    skin = _f32((1 - tone) * _SKIN_LIGHT + tone * _SKIN_DARK + rng.normal(0, 0.03, 3))
+    half = (size + 1) // 2
+    texture = rng.standard_normal((half, half), dtype=np.float32).repeat(2, 0).repeat(2, 1)[:size, :size]
+    shade = 1 + (0.01 + 0.08 * age / 100) * texture  # (S, S)
+
+    eye_v = 0.22 - 0.30 * child  # eyes low in a child's face, near the middle in an adult's
+    lines = np.zeros((size, size), np.float32)
+    for j in range(int(np.clip((age - 25) / 12, 0, 5))):  # forehead lines, one more every 12 years
+        lines = np.maximum(lines, line(v - (eye_v - 0.25 - 0.11 * j + 0.08 * u * u), ry) * band(np.abs(u) - 0.5, rx))
+    fold = np.abs(np.abs(u) - (0.22 + 0.35 * (v - 0.15)))  # cheek folds from the nose to the mouth corners
+    lines = np.maximum(lines, min(old / 0.6, 1.0) * line(fold, rx) * ((v > 0.15) & (v < 0.6)))
+    shade = shade * (1 - (0.1 + 0.3 * old) * lines)
+    for _ in range(int(np.clip((age - 55) / 7, 0, 6))):  # age spots
+        su, sv = rng.uniform(-0.6, 0.6), rng.uniform(-0.5, 0.7)
+        shade = shade * (1 - 0.25 * band(np.sqrt((u - su) ** 2 + (v - sv) ** 2) - 0.06, rx))
+    face = band(r - 1, min(rx, ry))[..., None]  # (S, S, 1)
+    image = image * (1 - face) + face * skin * shade[..., None]
+
+    # eyes (white with a dark iris) and mouth
+    eye_r = 0.17 - 0.07 * child
+    for side in (-1, 1):
+        d = np.sqrt(((u - side * 0.38) / eye_r) ** 2 + ((v - eye_v) / (0.6 * eye_r * rx / ry)) ** 2)
+        white, iris = band(d - 1, eye_r * rx)[..., None], band(d - 0.55, eye_r * rx)[..., None]
+        image = image * (1 - white) + white * 0.92
+        image = image * (1 - iris) + iris * rng.uniform(0.05, 0.3)
+    mouth = (line(v - (0.62 - 0.12 * child), ry, 0.9) * band(np.abs(u) - 0.28, rx))[..., None]
+    image = image * (1 - 0.5 * mouth) + 0.5 * mouth * _f32([0.55, 0.2, 0.2])
+
+    # hair: a cap above a hairline that recedes with age; colour greys towards white; sparse in babies
+    grey = float(np.clip((age - 30) / 45, 0, 1))
+    base = _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 0.03, 3)
+    hair = _f32((1 - grey) * base + grey * rng.uniform(0.75, 0.95))
+    hairline = -0.35 - 0.35 * float(np.clip((age - 45) / 40, 0, 1))
+    cap = (band(r - 1.12, min(rx, ry)) * band(v - hairline, ry) * min(1.0, 0.3 + age / 4))[..., None]
+    image = image * (1 - cap) + cap * hair
+
+    # global nuisance: contrast, brightness, sensor noise
+    image = (image - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)
+    image = image + 0.02 * rng.standard_normal(image.shape, dtype=np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class SyntheticAgeDataset(AgeDataset):
+    """The demo data: render_synthetic images, generated on the fly, deterministic from (seed, split,
+    index). Integer ages uniform on [min_age, max_age]. n: this split's size, or a dict per split."""
+
+    SIZES = {"train": 2000, "val": 300, "test": 300}
+    _CODES = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, split: str = "train", seed: int = 0, transform: Optional[Callable] = None,
+                 n=None, image_size: int = 64, min_age: int = 0, max_age: int = 100):
+        sizes = dict(self.SIZES)
+        if isinstance(n, dict):
+            sizes.update(n)
+        elif n is not None:
+            sizes = {name: int(n) for name in sizes}
+        if not 0 <= min_age <= max_age <= AGE_RANGE[1]:
+            raise ValueError(f"synthetic: need 0 <= min_age <= max_age <= 120, got {min_age}, {max_age}")
+        self.seed, self.image_size = seed, image_size
+        self._keys, samples = [], []
+        for name in (["train", "val", "test"] if split == "all" else [split]):
+            code = self._CODES[name]
+            ages = np.random.default_rng([seed, code, 1 << 20]).integers(min_age, max_age + 1, sizes[name])
+            for i, age in enumerate(ages):
+                self._keys.append((code, i))
+                samples.append(Sample(f"synthetic:{name}/{i}", float(age)))
+        super().__init__(samples, transform)
+
+    def image(self, index: int) -> Image.Image:
+        code, i = self._keys[index]
+        rng = np.random.default_rng([self.seed, code, i])
+        return Image.fromarray(render_synthetic(self.samples[index].age, rng, self.image_size))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _seed_worker(worker_id: int):
+    # DataLoader seeds torch per worker from its generator; numpy and random need the same treatment
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
+                 device="cpu", drop_last: Optional[bool] = None) -> DataLoader:
+    """A DataLoader: shuffled (seeded generator) and dropping the last partial batch for training; workers
+    kept alive between epochs; pinned memory when feeding CUDA. Under torch.distributed the training loader
+    shards with a DistributedSampler (call set_epoch(loader, epoch) every epoch, or every epoch repeats the
+    same order); evaluation loaders are not sharded, so metrics cover every image exactly once; evaluate
+    on one rank."""
+    if drop_last is None:
+        drop_last = train and len(dataset) > batch_size
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=torch.device(device).type == "cuda", drop_last=drop_last,
+        generator=generator, worker_init_fn=_seed_worker)
+
+
+def set_epoch(loader: DataLoader, epoch: int):
+    """Tell a DistributedSampler which epoch starts, so each epoch gets a new order (no-op otherwise)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
