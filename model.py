@@ -1,0 +1,374 @@
+"""The CILF-CIAE age estimator: CLIP features, image-text fusion, age distribution, contrastive
+matching and reversible error feedback (METHOD.md sections 1-6).
+
+Abstract claim -> code:
+1. CLIP puts image features and text semantics in one space: CILFCIAE.clip, text_embeddings(),
+   zero_shot() (raw CLIP prompt classification, the paper's v1 framing).
+2. A sub-quadratic Transformer does "channel evolution and spatial interaction" and fuses image and
+   text: FusionTransformer (token mixer by name from linear_attention, cross-attention from the image
+   tokens to the age-text embeddings, MLP), switch CILFConfig.mixer / depth / cross_attention.
+3. A contrastive multimodal module supervises the fusion: contrastive_loss with soft targets for
+   repeated ages, switch CILFConfig.contrastive_weight.
+4. Reversible age estimation with error feedback: feedback.ErrorFeedback, switch
+   CILFConfig.feedback_steps.
+
+    f = normalize(g / |g| + W_out [LN(Z_0) ; LN(mean_n Z_n)])       fused embedding      (B, E)
+    s_k = scale * cos(f, T_k);  p = softmax(s);  y0 = sum_k p_k a_k                         (B, K)
+    L = KL(N(y, sigma_y^2) over A || p) + l1 |y0 - y| + con L_con + fb mean_r |y_r - y| + unc L_unc
+
+W_out starts at zero, so an untrained model is CLIP's prompt classifier (with CLIP's temperature, up
+to rounding) followed by a feedback loop that changes nothing; everything switched off (depth 0,
+feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
+
+Public names: CILFConfig, CILFCIAE, AgeOutput, FusionTransformer, contrastive_loss,
+soft_contrastive_targets, gaussian_label_distribution.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_loader
+from feedback import ErrorFeedback, FeedbackOutput, feedback_loss, interpolate_age_embedding
+from linear_attention import MIXERS, LinearAttention, build_token_mixer
+
+__all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss",
+           "soft_contrastive_targets", "gaussian_label_distribution"]
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
+
+
+@dataclass
+class CILFConfig:
+    # ages and prompts
+    min_age: float = 0.0                    # first age class a_1
+    max_age: float = 100.0                  # last age class a_K
+    age_step: float = 1.0                   # spacing of the age classes
+    prompt_template: str = "a photo of a {} year old person."  # one prompt per age class
+    # fusion Transformer (claim 2)
+    mixer: str = "linear"                   # token mixer: linear | fourier | softmax | none (global token only)
+    depth: int = 2                          # fusion blocks; 0 = no fusion at all, f = normalize(g)
+    width: int = 256                        # fusion width d
+    heads: int = 4                          # attention heads (linear/softmax mixers and cross-attention)
+    mlp_ratio: float = 4.0                  # MLP hidden size = mlp_ratio * d
+    dropout: float = 0.0                    # dropout on every residual branch of the fusion
+    cross_attention: bool = True            # tokens attend to the age-text embeddings (image-text fusion)
+    # reversible error feedback (claim 4)
+    feedback_steps: int = 2                 # correction steps R; 0 = module off
+    feedback_hidden: int = 256              # width of the error head
+    detach_inverse: bool = True             # inverse map reads y_r.detach() (see feedback.ErrorFeedback)
+    # CLIP towers (claim 1)
+    freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
+    freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode
+    # loss (METHOD.md section 6); a part whose weight is 0 is not computed
+    sigma_y: float = 2.0                    # std (years) of the Gaussian label distribution
+    distribution_weight: float = 1.0        # KL(label distribution || p)
+    l1_weight: float = 1.0                  # |y0 - y|
+    contrastive_weight: float = 1.0         # soft-target image-text matching (claim 3)
+    contrastive_sigma: float = 2.0          # std (years) of the soft contrastive targets
+    feedback_weight: float = 1.0            # mean over steps r >= 1 of |y_r - y|
+    uncertainty_weight: float = 1.0         # |u_r - |y - y_r|| for every step
+
+    def ages(self) -> torch.Tensor:
+        """The age classes a_1..a_K as a float32 tensor (K,)."""
+        if self.age_step <= 0 or self.max_age < self.min_age:
+            raise ValueError(f"CILFConfig: need age_step > 0 and max_age >= min_age, got "
+                             f"{self.min_age}..{self.max_age} step {self.age_step}")
+        n = int(math.floor((self.max_age - self.min_age) / self.age_step + 1e-6)) + 1
+        return self.min_age + self.age_step * torch.arange(n, dtype=torch.float64).float()
+
+    def prompts(self):
+        """One prompt per age class, e.g. "a photo of a 25 year old person."."""
+        return [self.prompt_template.format(f"{a:g}") for a in self.ages().tolist()]
+
+
+@dataclass
+class AgeOutput:
+    """Everything the model says about a batch of B images over K age classes and R feedback steps."""
+    logits: torch.Tensor                    # (B, K) scale * cos(f, T)
+    probs: torch.Tensor                     # (B, K) age distribution p
+    ages_per_step: torch.Tensor             # (B, R+1) [y0, y1, .., yR]
+    age: torch.Tensor                       # (B,) final prediction y_R
+    uncertainty: torch.Tensor               # (B,) predicted |y - y_R|; zeros when R = 0
+    embedding: torch.Tensor                 # (B, E) fused embedding f, unit norm
+    uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
+    text_embeddings: torch.Tensor           # (K, E) the unit-norm age-text embeddings T used
+
+
+def gaussian_label_distribution(target, ages, sigma):
+    """Discretised N(y, sigma^2) over the age classes: (B,) -> (B, K), rows sum to 1."""
+    if sigma <= 0:
+        raise ValueError(f"sigma_y must be > 0, got {sigma}")
+    logq = -(ages[None, :] - target[:, None]) ** 2 / (2 * sigma ** 2)  # (B, K)
+    return logq.softmax(dim=1)
+
+
+def soft_contrastive_targets(y, sigma):
+    """q_ij proportional to exp(-(y_i - y_j)^2 / (2 sigma^2)), rows normalised: (B,) -> (B, B)."""
+    if sigma <= 0:
+        raise ValueError(f"contrastive_sigma must be > 0, got {sigma}")
+    return (-(y[:, None] - y[None, :]) ** 2 / (2 * sigma ** 2)).softmax(dim=1)
+
+
+def contrastive_loss(image_emb, text_emb, ages, y, logit_scale, sigma):
+    """Soft-target symmetric image-text matching between f_i and the true-age texts t_{y_j} of the batch.
+
+    image_emb (B, E), text_emb (K, E) for the classes ages (K,), y (B,) true ages, logit_scale the
+    multiplier (not its log). Ages repeat inside a batch, so the one-hot InfoNCE target would call a
+    same-age pair a negative; q_ij (soft_contrastive_targets) is symmetric, so it serves as the target
+    of both directions.
+    """
+    t = F.normalize(interpolate_age_embedding(text_emb, ages, y), dim=-1)  # (B, E) t_{y_j}
+    sim = logit_scale * F.normalize(image_emb, dim=-1) @ t.t()  # (B, B) image i vs text j
+    q = soft_contrastive_targets(y, sigma)  # (B, B)
+    image_to_text = -(q * sim.log_softmax(dim=1)).sum(1).mean()
+    text_to_image = -(q * sim.t().log_softmax(dim=1)).sum(1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+class FusionBlock(nn.Module):
+    """Pre-norm block: token mixing ("spatial interaction"), cross-attention to text, MLP ("channel evolution")."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout, mixer, grid_size, cross_attention):
+        super().__init__()
+        self.mix_norm = nn.LayerNorm(dim) if mixer != "none" else None
+        self.mix = build_token_mixer(mixer, dim, heads, grid_size, num_global_tokens=1) if mixer != "none" else None
+        self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
+        self.cross = LinearAttention(dim, heads) if cross_attention else None
+        self.mlp_norm = nn.LayerNorm(dim)
+        hidden = int(round(mlp_ratio * dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, z, text, grid_size):
+        """z (B, 1+N, d); text (B, K, d) or None; grid_size (h, w) of the N image tokens."""
+        if self.mix is not None:
+            z = z + self.drop(self.mix(self.mix_norm(z), grid_size=grid_size))
+        if self.cross is not None:
+            z = z + self.drop(self.cross(self.cross_norm(z), context=text))
+        return z + self.drop(self.mlp(self.mlp_norm(z)))
+
+
+class FusionTransformer(nn.Module):
+    """Fuses CLIP's global embedding, its image tokens and the age-text embeddings into f (METHOD.md 2).
+
+    Z0 = [LN(g); LN(P)] W_in + position; depth FusionBlocks; readout from the global token and the
+    mean image token (the Fourier mixer lets the global token bypass its filter, so without the mean
+    its spatial mixing could not reach f); f = normalize(g/|g| + W_out readout), W_out zero at start.
+    mixer "none" uses the global token only: the image tokens are never read.
+    """
+
+    def __init__(self, embed_dim, config: CILFConfig, grid_size):
+        super().__init__()
+        d = config.width
+        self.use_tokens = config.mixer != "none"
+        self.grid_size = tuple(grid_size)
+        self.in_norm = nn.LayerNorm(embed_dim)  # pretrained CLIP features are not unit scale
+        self.in_proj = nn.Linear(embed_dim, d)
+        self.global_embedding = nn.Parameter(torch.zeros(1, 1, d))
+        if self.use_tokens:
+            # Learned (d, h, w) grid, resampled bicubically for other grid sizes, as CLIP does.
+            self.position_embedding = nn.Parameter(0.02 * torch.randn(1, d, *self.grid_size))
+            self.pool_norm = nn.LayerNorm(d)
+        self.text_proj = nn.Linear(embed_dim, d) if config.cross_attention else None
+        self.blocks = nn.ModuleList(
+            FusionBlock(d, config.heads, config.mlp_ratio, config.dropout, config.mixer, self.grid_size,
+                        config.cross_attention) for _ in range(config.depth))
+        self.out_norm = nn.LayerNorm(d)
+        self.out_proj = nn.Linear(2 * d if self.use_tokens else d, embed_dim)
+        nn.init.zeros_(self.out_proj.weight)  # f = normalize(g) until trained
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _positions(self, grid_size):
+        pos = self.position_embedding
+        if tuple(grid_size) != self.grid_size:
+            pos = F.interpolate(pos, size=tuple(grid_size), mode="bicubic", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)  # (1, h*w, d)
+
+    def forward(self, g, tokens, grid_size, text):
+        """g (B, E), tokens (B, N, E) with N = h*w (ignored for mixer "none"), text (K, E) -> f (B, E)."""
+        z = self.in_proj(self.in_norm(g)).unsqueeze(1) + self.global_embedding  # (B, 1, d)
+        if self.use_tokens:
+            p = self.in_proj(self.in_norm(tokens)) + self._positions(grid_size)  # (B, N, d)
+            z = torch.cat([z, p], dim=1)  # (B, 1+N, d)
+        context = None
+        if self.text_proj is not None:
+            context = self.text_proj(text.to(z.dtype)).unsqueeze(0).expand(z.shape[0], -1, -1)  # (B, K, d)
+        for block in self.blocks:
+            z = block(z, context, grid_size)
+        readout = self.out_norm(z[:, 0])  # (B, d)
+        if self.use_tokens:
+            readout = torch.cat([readout, self.pool_norm(z[:, 1:].mean(dim=1))], dim=1)  # (B, 2d)
+        residual = self.out_proj(readout).float()  # (B, E)
+        return F.normalize(F.normalize(g.float(), dim=-1) + residual, dim=-1)
+
+
+def _base_grid(visual):
+    """Token grid (h, w) of the visual tower at its built resolution (OpenAI's module names)."""
+    res = visual.input_resolution
+    stride = 32 if hasattr(visual, "attnpool") else visual.conv1.kernel_size[0]
+    return res // stride, res // stride
+
+
+def _drop_text_cache(module, incompatible_keys):
+    """load_state_dict post-hook (a module-level function, so the model stays picklable)."""
+    module._text_cache = None
+
+
+class CILFCIAE(nn.Module):
+    """CLIP + fusion + age distribution + error feedback; see the module docstring for the equations."""
+
+    def __init__(self, clip_model, config: Optional[CILFConfig] = None):
+        super().__init__()
+        config = CILFConfig() if config is None else config
+        if config.mixer not in MIXERS + ("none",):
+            raise ValueError(f"CILFConfig.mixer must be one of {MIXERS + ('none',)}, got {config.mixer!r}")
+        if config.feedback_steps < 0 or config.depth < 0:
+            raise ValueError("CILFConfig: feedback_steps and depth must be >= 0")
+        self.config = config
+        self.clip = clip_model
+        E = clip_model.embed_dim
+        self.register_buffer("ages", config.ages())  # (K,), saved: a checkpoint names its classes
+        tokens = clip_loader.tokenize(config.prompts(), context_length=clip_model.context_length)
+        self.register_buffer("prompt_tokens", tokens, persistent=False)  # (K, L)
+        self._text_cache = None
+        self.register_load_state_dict_post_hook(_drop_text_cache)  # new weights, new text embeddings
+
+        self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
+        # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
+        # zero_shot() keeps CLIP's value untouched.
+        start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
+        self.logit_scale = nn.Parameter(torch.tensor(start))
+        span = float(self.ages[-1] - self.ages[0]) or 1.0
+        self.feedback = (ErrorFeedback(E, config.feedback_steps, config.feedback_hidden, age_scale=span / 10,
+                                       detach_inverse=config.detach_inverse)
+                         if config.feedback_steps > 0 else None)
+
+        for p in self._image_params():
+            p.requires_grad_(not config.freeze_image_tower)
+        for p in self._text_params():
+            p.requires_grad_(not config.freeze_text_tower)
+        clip_model.logit_scale.requires_grad_(False)  # only zero_shot() reads it; our loss never does
+        self.train(self.training)
+
+    # ---- CLIP towers -------------------------------------------------------------------------
+    def _image_params(self):
+        return list(self.clip.visual.parameters())
+
+    def _text_params(self):
+        # Everything of CLIP outside the visual tower except its temperature: token and position
+        # embeddings, the text Transformer, ln_final, text_projection.
+        return [p for n, p in self.clip.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but frozen towers stay in eval mode (no dropout, no BatchNorm drift)."""
+        super().train(mode)
+        if self.config.freeze_image_tower:
+            self.clip.visual.eval()
+        if self.config.freeze_text_tower:
+            for name, child in self.clip.named_children():
+                if name != "visual":
+                    child.eval()
+        return self
+
+    def _encode_prompts(self):
+        return F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)  # (K, E)
+
+    def text_embeddings(self):
+        """Unit-norm age-text embeddings T (K, E), float32.
+
+        Frozen text tower: encoded once in float32 and cached (not saved in the state dict; dropped on
+        load_state_dict and on a change of device). Trained text tower: encoded at every call, on the graph.
+        """
+        if not self.config.freeze_text_tower:
+            return self._encode_prompts()
+        device = self.prompt_tokens.device
+        if self._text_cache is None or self._text_cache.device != device:
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                self._text_cache = self._encode_prompts()
+        return self._text_cache
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, images):
+        """images (B, 3, R, R), CLIP-normalised, any resolution the backbone accepts -> AgeOutput."""
+        text = self.text_embeddings()  # (K, E)
+        if self.fusion is None:
+            f = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, E)
+        else:
+            g, tokens, grid = self.clip.encode_image_tokens(images)  # (B, E), (B, N, E), (h, w)
+            f = self.fusion(g, tokens, grid, text)  # (B, E)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        return self._predict(f, text, scale, self.feedback)
+
+    def zero_shot(self, images):
+        """Raw CLIP prompt classification: softmax(CLIP's logit_scale * cos(g, T)); no fusion, no feedback."""
+        text = self.text_embeddings()
+        f = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        return self._predict(f, text, self.clip.logit_scale.exp(), None)
+
+    def _predict(self, f, text, scale, feedback):
+        # float32 with autocast off: neighbouring age prompts differ in cosine by ~1e-3, below bf16's
+        # resolution, and the ages need more than bf16's 8 significant bits.
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            f, text = f.float(), text.float()
+            logits = scale.float() * f @ text.t()  # (B, K)
+            probs = logits.softmax(dim=1)
+            y0 = probs @ self.ages  # (B,)
+            if feedback is None:
+                fb = FeedbackOutput(ages=y0.unsqueeze(1), uncertainty=torch.zeros_like(y0).unsqueeze(1))
+            else:
+                fb = feedback(y0, f, text, self.ages)
+        uncertainty = fb.uncertainty[:, -1]
+        return AgeOutput(logits=logits, probs=probs, ages_per_step=fb.ages, age=fb.ages[:, -1],
+                         uncertainty=uncertainty, embedding=f, uncertainty_per_step=fb.uncertainty,
+                         text_embeddings=text)
+
+    # ---- training ----------------------------------------------------------------------------
+    def loss(self, out: AgeOutput, target):
+        """(total, parts) for true ages target (B,): the weighted sum and each unweighted named part.
+
+        Parts: distribution (KL), l1 (on y0), contrastive, feedback, uncertainty; a part whose weight is
+        zero (or whose module is off) is neither computed nor listed.
+        """
+        c = self.config
+        weights = {"distribution": c.distribution_weight, "l1": c.l1_weight, "contrastive": c.contrastive_weight,
+                   "feedback": c.feedback_weight, "uncertainty": c.uncertainty_weight}
+        y = target.to(device=out.logits.device, dtype=torch.float32)
+        parts = {}
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            if weights["distribution"]:
+                label = gaussian_label_distribution(y, self.ages, c.sigma_y)  # (B, K)
+                parts["distribution"] = F.kl_div(out.logits.log_softmax(dim=1), label, reduction="batchmean")
+            if weights["l1"]:
+                parts["l1"] = (out.ages_per_step[:, 0] - y).abs().mean()
+            if weights["contrastive"]:
+                scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+                parts["contrastive"] = contrastive_loss(out.embedding, out.text_embeddings, self.ages, y, scale,
+                                                        c.contrastive_sigma)
+            fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step), y)
+            parts.update({k: v for k, v in fb.items() if weights[k]})
+        total = sum((weights[k] * v for k, v in parts.items()), out.logits.new_zeros(()))
+        return total, parts
+
+    def param_groups(self, clip_lr, new_lr, weight_decay):
+        """AdamW groups: CLIP towers at clip_lr, new modules at new_lr; each with and without weight decay.
+
+        No decay on norms, biases, embeddings (token, position, class, global) and the temperature:
+        every parameter with fewer than 2 dimensions or "embedding" in its name. Frozen parameters are
+        left out; empty groups are dropped.
+        """
+        groups = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "clip" if name.startswith("clip.") else "new"
+            decay = p.ndim >= 2 and "embedding" not in name
+            key = f"{part}_{'decay' if decay else 'no_decay'}"
+            if key not in groups:
+                groups[key] = {"name": key, "params": [], "lr": clip_lr if part == "clip" else new_lr,
+                               "weight_decay": weight_decay if decay else 0.0}
+            groups[key]["params"].append(p)
+        return list(groups.values())

@@ -1,0 +1,207 @@
+"""Tests of feedback.py: the inverse map, the error-feedback loop and its loss, on a controlled problem."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from feedback import ErrorFeedback, FeedbackOutput, feedback_loss, interpolate_age_embedding
+
+
+def spearman(a, b):
+    """Rank correlation by hand: Pearson correlation of the ranks (continuous data, no ties)."""
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def randomise_head(fb, seed=0):
+    """Give the zero-initialised last layer weights, so the loop does something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        last = fb.head[-1]
+        last.weight.copy_(0.3 * torch.randn(last.weight.shape, generator=g))
+        last.bias.copy_(0.3 * torch.randn(last.bias.shape, generator=g))
+
+
+# ---- inverse map -------------------------------------------------------------------------------
+
+def test_inverse_map_exact_at_whole_ages_uneven_spacing():
+    ages = torch.tensor([0.0, 1.0, 2.0, 4.0, 7.0, 10.0])
+    T = torch.randn(6, 5)
+    assert torch.equal(interpolate_age_embedding(T, ages, ages.clone()), T)
+
+
+def test_inverse_map_hand_computed_between_ages_and_clamped():
+    ages = torch.tensor([0.0, 1.0, 2.0, 4.0, 7.0, 10.0])
+    T = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.tensor([3.0, 5.5, 6.25, -3.0, 12.0, 0.25], dtype=torch.float64)
+    got = interpolate_age_embedding(T, ages, y)
+    want = torch.stack([0.5 * T[2] + 0.5 * T[3],           # 3 is halfway from 2 to 4
+                        0.5 * T[3] + 0.5 * T[4],           # 5.5 is halfway from 4 to 7
+                        0.25 * T[3] + 0.75 * T[4],         # 6.25 = 4 + 0.75 * 3
+                        T[0], T[5],                        # clamped to the range
+                        0.75 * T[0] + 0.25 * T[1]])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_inverse_map_gradcheck():
+    ages = torch.tensor([10.0, 11.0, 13.0, 16.0, 20.0], dtype=torch.float64)
+    T = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    # Away from the kinks at whole ages, where the derivative jumps.
+    y = torch.tensor([10.3, 12.1, 14.7, 17.5, 19.9], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, yy: interpolate_age_embedding(t, ages, yy), (T, y))
+
+
+def test_inverse_map_derivative_is_neighbour_difference():
+    ages = torch.arange(0.0, 5.0)
+    T = torch.randn(5, 3)
+    y = torch.tensor([2.4], requires_grad=True)
+    interpolate_age_embedding(T, ages, y).sum().backward()
+    torch.testing.assert_close(y.grad, (T[3] - T[2]).sum().reshape(1))
+
+
+def test_inverse_map_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="text_emb"):
+        interpolate_age_embedding(torch.randn(5, 3), torch.arange(4.0), torch.tensor([1.0]))
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def test_steps_zero_is_off():
+    fb = ErrorFeedback(8, steps=0)
+    y0 = torch.tensor([3.0, 40.0])
+    out = fb(y0, torch.randn(2, 8), torch.randn(11, 8), torch.arange(0.0, 101.0, 10.0))
+    assert torch.equal(out.ages, y0[:, None])
+    assert torch.equal(out.uncertainty, torch.zeros(2, 1))
+    assert feedback_loss(out, torch.tensor([1.0, 2.0])) == {}
+
+
+def test_untrained_loop_is_identity_with_positive_uncertainty():
+    fb = ErrorFeedback(8, steps=3, hidden_dim=16, age_scale=10.0)
+    y0 = torch.tensor([3.0, 40.0, 99.5])
+    out = fb(y0, torch.randn(3, 8), torch.randn(101, 8), torch.arange(101.0))
+    assert out.ages.shape == (3, 4) and out.uncertainty.shape == (3, 4)
+    assert torch.equal(out.ages, y0[:, None].expand(3, 4))
+    torch.testing.assert_close(out.uncertainty, torch.full((3, 4), 10.0 * math.log(2.0)))
+
+
+def test_loop_adds_residuals_and_uncertainty_is_nonnegative():
+    torch.manual_seed(0)
+    fb = ErrorFeedback(8, steps=2, hidden_dim=16)
+    randomise_head(fb)
+    f, T, ages = torch.randn(64, 8), torch.randn(101, 8), torch.arange(101.0)
+    y0 = torch.rand(64) * 100
+    out = fb(y0, f, T, ages)
+    assert (out.uncertainty >= 0).all()
+    # Each step is y_{r+1} = y_r + r_hat(y_r): recompute step by step through the public step().
+    y = y0
+    for r in range(2):
+        residual, u = fb.step(y, f, T, ages)
+        torch.testing.assert_close(out.uncertainty[:, r], u)
+        y = y + residual
+        torch.testing.assert_close(out.ages[:, r + 1], y)
+    assert not torch.allclose(out.ages[:, 1], y0)
+    # steps can be changed at inference: the head is shared.
+    assert fb(y0, f, T, ages, steps=4).ages.shape == (64, 5)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_inverse_controls_the_gradient_through_the_inverse_map(detach):
+    torch.manual_seed(0)
+    fb = ErrorFeedback(8, steps=1, hidden_dim=16, detach_inverse=detach)
+    randomise_head(fb)
+    y0 = torch.tensor([12.4, 55.7], requires_grad=True)
+    out = fb(y0, torch.randn(2, 8), torch.randn(101, 8), torch.arange(101.0))
+    out.ages[:, 1].sum().backward()
+    if detach:  # only through y1 = y0 + r_hat: d y1 / d y0 == 1 exactly
+        assert torch.equal(y0.grad, torch.ones(2))
+    else:       # plus the path through t_hat = interp(T, y0)
+        assert (y0.grad - 1).abs().min() > 1e-4
+
+
+def test_feedback_loss_hand_computed_and_uncertainty_target_detached():
+    ages = torch.tensor([[10.0, 12.0, 11.0], [30.0, 27.0, 29.5]], requires_grad=True)
+    unc = torch.tensor([[1.0, 0.5, 0.0], [2.0, 1.0, 1.0]], requires_grad=True)
+    y = torch.tensor([11.0, 29.0])
+    parts = feedback_loss(FeedbackOutput(ages, unc), y)
+    # errors: [[1, 1, 0], [1, 2, 0.5]]; steps 1..R: (1 + 0 + 2 + 0.5) / 4
+    assert parts["feedback"].item() == pytest.approx(3.5 / 4)
+    # |u - err|: [[0, 0.5, 0], [1, 1, 0.5]] -> 3 / 6
+    assert parts["uncertainty"].item() == pytest.approx(0.5)
+    parts["uncertainty"].backward()
+    assert ages.grad is None or torch.equal(ages.grad, torch.zeros_like(ages))
+    assert unc.grad.abs().sum() > 0
+
+
+# ---- the controlled problem --------------------------------------------------------------------
+
+def _controlled_batch(n, gen, u, v):
+    """Base estimate y0 = y + b(f) + s(f) * noise: a learnable bias and a learnable error size."""
+    E = u.numel()
+    f = F.normalize(torch.randn(n, E, generator=gen), dim=1)
+    y = torch.rand(n, generator=gen) * 100
+    bias = 8 * torch.tanh(3 * f @ u)                     # systematic, up to +-8 years
+    size = 0.2 + 6 * torch.sigmoid(12 * f @ v)           # error spread, 0.2 .. 6.2 years
+    return f, y, y + bias + size * torch.randn(n, generator=gen)
+
+
+def _train_controlled(steps, detach=True, iters=300):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    E = 16
+    u = F.normalize(torch.randn(E, generator=gen), dim=0)
+    v = F.normalize(torch.randn(E, generator=gen), dim=0)
+    T = F.normalize(torch.randn(101, E, generator=gen), dim=1)
+    ages = torch.arange(101.0)
+    fb = ErrorFeedback(E, steps=steps, hidden_dim=64, detach_inverse=detach)
+    opt = torch.optim.Adam(fb.parameters(), lr=3e-3)
+    for _ in range(iters):
+        f, y, y0 = _controlled_batch(256, gen, u, v)
+        parts = feedback_loss(fb(y0, f, T, ages), y)
+        opt.zero_grad()
+        sum(parts.values()).backward()
+        opt.step()
+    f, y, y0 = _controlled_batch(2000, torch.Generator().manual_seed(1), u, v)  # held out
+    with torch.no_grad():
+        out = fb(y0, f, T, ages)
+    return out, y
+
+
+@pytest.fixture
+def one_thread():
+    """300 steps of tiny tensors: extra threads only add synchronisation (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_feedback_corrects_a_learnable_bias_and_its_uncertainty_ranks_the_error(one_thread):
+    off, y = _train_controlled(steps=0, iters=0)
+    on, y_on = _train_controlled(steps=2)
+    assert torch.equal(y, y_on)                           # same held-out data
+    mae_off = (off.ages[:, -1] - y).abs().mean().item()
+    err = (on.ages - y[:, None]).abs()                    # (n, 3)
+    mae = err.mean(0)
+    # The base error is ~4.7 years; the noise floor E|s(f) noise| is ~2.5.
+    assert mae_off > 4.0
+    assert mae[-1] < 0.65 * mae_off
+    assert mae[1] < mae[0]
+    # The reported uncertainty of the final estimate ranks its actual error (oracle s(f): ~0.70).
+    assert spearman(on.uncertainty[:, -1], err[:, -1]) > 0.3
+    assert spearman(on.uncertainty[:, 0], err[:, 0]) > 0.3
+
+
+def test_loop_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    fb = ErrorFeedback(8, steps=2, hidden_dim=16)
+    randomise_head(fb)
+    args = (torch.tensor([12.3, 67.8]), torch.randn(2, 8), torch.randn(101, 8), torch.arange(101.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fb(*args)
+    plain = fb(*args)
+    assert mixed.ages.dtype == torch.float32
+    torch.testing.assert_close(mixed.ages, plain.ages)
+    torch.testing.assert_close(mixed.uncertainty, plain.uncertainty)
