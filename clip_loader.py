@@ -1,0 +1,907 @@
+"""CLIP, read from the checkpoint files researchers already have: model, loader, tokenizer, preprocessing.
+
+CILF-CIAE stands on CLIP: the image tower gives every face a global embedding and a grid of location
+tokens in the joint space, the text tower embeds the age prompts ("a photo of a 37 year old person.").
+This file rebuilds OpenAI's CLIP (ViT and ModifiedResNet towers) with the exact state-dict key names
+of OpenAI's checkpoints, so one `build_model(state_dict)` reads RN50 ... ViT-L/14@336px and
+open_clip's copies of those weights, and gives the same numbers as OpenAI's own code.
+
+What differs from OpenAI's clip package, on purpose:
+- checkpoints are data, never code: OpenAI's TorchScript archives are read by a restricted reader of
+  their pickle and tensor records (no torch.jit.load unless the caller opts in), other files with
+  torch.load(weights_only=True), .safetensors by hand; official file names are SHA-256 verified;
+- weights stay float32 (half precision comes from autocast at run time: OpenAI's fp16 weights fail
+  on CPU and turn to NaN under Adam); attention is torch's scaled_dot_product_attention;
+- `encode_image_tokens` returns every image location in the joint space, and the models run at
+  input resolutions other than the built one (positional embeddings resampled bicubically);
+- 16-bit and float PIL images are scaled to 8 bits instead of clipped (see `to_rgb`).
+
+Public names: CLIP, CLIPConfig, infer_config, build_model, load, read_state_dict, verify_checkpoint,
+OPENAI_SHA256, SimpleTokenizer, tokenize, default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
+Typical use (`import clip_loader as clip`):
+    model, preprocess = clip.load("ViT-B-16.pt")
+    logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
+"""
+import gzip
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import ftfy
+import numpy as np
+import regex
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+__all__ = ["CLIP", "CLIPConfig", "infer_config", "build_model", "load", "read_state_dict",
+           "verify_checkpoint", "OPENAI_SHA256", "SimpleTokenizer", "tokenize", "default_bpe",
+           "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI trained with; its weights need it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def resample_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(1 + g*g, C) embedding of a square g x g grid -> (1 + h*w, C) for an h x w grid.
+
+    The first row (class / pooled token) is kept; the grid part is resized bicubically with
+    antialiasing, as open_clip's resize_pos_embed does.
+    """
+    g = math.isqrt(pos.shape[0] - 1)
+    if (g, g) == tuple(grid):
+        return pos
+    cls, cells = pos[:1], pos[1:]
+    cells = cells.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, C, g, g)
+    cells = F.interpolate(cells, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
+    cells = cells.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)  # (h*w, C)
+    return torch.cat([cls, cells])
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, H, N, C/H)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; a stride is an average pool before conv3 (anti-aliasing), never a strided conv."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            # key names "-1", "0", "1" are OpenAI's (the pool has no weights, so "-1" never appears)
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """The ResNet's last pooling: one query (the mean cell) attends over all cells, QKV attention."""
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
+        super().__init__()
+        self.grid = spacial_dim
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor, return_tokens: bool = False):
+        """(B, C, h, w) -> pooled (B, E); with return_tokens also (B, h*w, E): each cell (plus its
+        positional embedding, as the pool sees it) through the value and output projections."""
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1 + h*w, C)
+        x = x + resample_positional_embedding(self.positional_embedding, (h, w))
+        q = _split_heads(self.q_proj(x[:, :1]), self.num_heads)  # (B, H, 1, C/H)
+        k = _split_heads(self.k_proj(x), self.num_heads)  # (B, H, 1 + h*w, C/H)
+        v = self.v_proj(x)  # (B, 1 + h*w, C)
+        pooled = F.scaled_dot_product_attention(q, k, _split_heads(v, self.num_heads))  # (B, H, 1, C/H)
+        pooled = self.c_proj(pooled.transpose(1, 2).reshape(b, c))  # (B, E)
+        if not return_tokens:
+            return pooled
+        return pooled, self.c_proj(v[:, 1:])  # (B, E), (B, h*w, E)
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: a 3-conv stem with an average pool, anti-aliased strides, attention pooling."""
+
+    def __init__(self, layers: Sequence[int], output_dim: int, heads: int, input_resolution: int = 224,
+                 width: int = 64):
+        super().__init__()
+        self.output_dim = output_dim
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width  # grows as layers are made
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) -> last-stage feature map (B, 32 * width, R/32, R/32)."""
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attnpool(self.features(x))  # (B, E)
+
+    def forward_tokens(self, x: torch.Tensor):
+        feats = self.features(x)
+        pooled, tokens = self.attnpool(feats, return_tokens=True)
+        return pooled, tokens, tuple(feats.shape[-2:])
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with nn.MultiheadAttention's parameter names (so OpenAI's state dicts load),
+    computed batch-first by scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's initialisation
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+        q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C/H)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, C/H)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block. causal=True is the text tower's mask: OpenAI's additive
+    triu(-inf) mask, whose every bottom-right square slice is again causal."""
+
+    def __init__(self, d_model: int, n_head: int, causal: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.attn = MultiheadSelfAttention(d_model, n_head)
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(d_model, d_model * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(d_model * 4, d_model)),
+        ]))
+        self.ln_2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=self.causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks, batch first: (B, N, width) -> (B, N, width)."""
+
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patches + class token, pre-LN transformer, ln_post and a linear projection."""
+
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def _encode(self, x: torch.Tensor):
+        x = self.conv1(x)  # (B, W, h, w)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, W)
+        x = x + resample_positional_embedding(self.positional_embedding, grid)
+        return self.transformer(self.ln_pre(x)), grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self._encode(x)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+
+    def forward_tokens(self, x: torch.Tensor):
+        x, grid = self._encode(x)
+        # the global token is computed exactly as in forward, so it equals encode_image bit for bit
+        return self.ln_post(x[:, 0]) @ self.proj, self.ln_post(x[:, 1:]) @ self.proj, grid
+
+
+@dataclass
+class CLIPConfig:
+    """The constructor arguments of CLIP, as build_model infers them from a state dict."""
+    embed_dim: int
+    image_resolution: int
+    vision_layers: Union[int, Tuple[int, int, int, int]]  # int: ViT depth; 4 ints: ResNet blocks per stage
+    vision_width: int
+    vision_patch_size: Optional[int]  # None for ResNets
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+
+
+class CLIP(nn.Module):
+    """OpenAI's CLIP with its constructor signature; float32 weights; batch-first inside."""
+
+    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: Union[int, Sequence[int]],
+                 vision_width: int, vision_patch_size: Optional[int], context_length: int, vocab_size: int,
+                 transformer_width: int, transformer_heads: int, transformer_layers: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        if isinstance(vision_layers, (tuple, list)):
+            self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
+                                         input_resolution=image_resolution, width=vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            heads=vision_width // 64, output_dim=embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature, log scale
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation, so a random CLIP (the demo's) trains sensibly."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            std = pool.c_proj.in_features ** -0.5
+            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(proj.weight, std=std)
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+                for name, param in stage.named_parameters():
+                    if name.endswith("bn3.weight"):
+                        nn.init.zeros_(param)  # each residual branch starts as the identity
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) -> (B, E), not normalised."""
+        return self.visual(image.to(self.dtype))
+
+    def encode_image_tokens(self, image: torch.Tensor):
+        """(B, 3, R, R) -> (g (B, E) == encode_image(image), tokens (B, h*w, E), grid (h, w)).
+
+        ViT: patch tokens through ln_post and proj. ResNet: last-stage cells through the attention
+        pool's value and output projections (the dense-feature recipe of MaskCLIP)."""
+        return self.visual.forward_tokens(image.to(self.dtype))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(K, L) token ids -> (K, E), read at each row's end-of-text token (its highest id)."""
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (K, L, W)
+        x = self.transformer(x)
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # (K, W)
+        return self.ln_final(x) @ self.text_projection  # (K, E)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (B, K)
+        return logits_per_image, logits_per_image.t()
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a model from a state dict
+
+# tensors some checkpoints carry that are not weights: cached masks, JIT archives' metadata scalars
+_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _count(state_dict: dict, prefix: str, depth: int) -> int:
+    """Number of distinct indices at key position `depth` among keys starting with prefix."""
+    return len({k.split(".")[depth] for k in state_dict if k.startswith(prefix)})
+
+
+def infer_config(state_dict: Dict[str, torch.Tensor]) -> CLIPConfig:
+    """Every hyper-parameter from tensor shapes and key counts, as OpenAI's build_model (no size table)."""
+    common = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+    if "visual.proj" in state_dict:
+        tower = ["visual.conv1.weight", "visual.positional_embedding"]
+    elif "visual.attnpool.positional_embedding" in state_dict:
+        tower = ["visual.layer1.0.conv1.weight"]
+    else:
+        some = ", ".join(list(state_dict)[:5]) or "none"
+        raise ValueError("not a CLIP state dict: it has neither 'visual.proj' (ViT image tower) nor "
+                         f"'visual.attnpool.positional_embedding' (ResNet image tower); its first keys: {some}")
+    missing = [k for k in common + tower if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP state dict: missing {', '.join(missing)}")
+
+    if "visual.proj" in state_dict:
+        conv = state_dict["visual.conv1.weight"]  # (width, 3, patch, patch)
+        vision_layers = _count(state_dict, "visual.transformer.resblocks.", 3)
+        vision_width, patch = conv.shape[0], conv.shape[-1]
+        grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
+        image_resolution = patch * grid
+    else:
+        vision_layers = tuple(_count(state_dict, f"visual.layer{i}.", 2) for i in (1, 2, 3, 4))
+        vision_width, patch = state_dict["visual.layer1.0.conv1.weight"].shape[0], None
+        image_resolution = 32 * math.isqrt(state_dict["visual.attnpool.positional_embedding"].shape[0] - 1)
+    width = state_dict["ln_final.weight"].shape[0]
+    return CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=image_resolution,
+        vision_layers=vision_layers,
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=width,
+        transformer_heads=width // 64,
+        transformer_layers=_count(state_dict, "transformer.resblocks.", 2),
+    )
+
+
+def build_model(state_dict: Dict[str, torch.Tensor]) -> CLIP:
+    """A float32 CLIP in eval mode holding state_dict's weights; fp16/bf16 weights are cast up.
+
+    Checks key names and every shape before copying (like nanoGPT's from_pretrained) and names the
+    first mismatch. Non-weight tensors (cached attn_mask, the JIT archives' input_resolution,
+    context_length, vocab_size) are ignored."""
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)
+                  and k not in _NON_WEIGHTS and not k.endswith("attn_mask")}
+    config = infer_config(state_dict)
+    with torch.device("meta"):  # shapes only: skips a random initialisation that would be overwritten
+        model = CLIP(**asdict(config))
+    expected = model.state_dict()
+    # BatchNorm's step counter is not a weight; files converted without it are fine
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the CLIP inferred from it ({config}): "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{key}: expected shape {tuple(expected[key].shape)} for the CLIP inferred "
+                             f"from the state dict ({config}), got {tuple(tensor.shape)}")
+    model = model.to_empty(device="cpu")
+    for key, buffer in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            buffer.zero_()
+    model.load_state_dict(state_dict, strict=False)  # copy_ casts every tensor to float32
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoint files as data
+
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
+# OpenAI publishes each file's SHA-256 as a directory of its download address (clip/clip.py, _MODELS)
+OPENAI_SHA256 = {
+    "RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101.pt": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+    "RN50x4.pt": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+    "RN50x16.pt": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+    "RN50x64.pt": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+    "ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B-16.pt": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L-14.pt": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L-14-336px.pt": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}
+
+
+def verify_checkpoint(path: str) -> bool:
+    """If path's file name is an official OpenAI one, check its SHA-256 (streamed, 1 MiB at a time).
+
+    Returns True when verified, False when the name is not an official one; raises ValueError
+    on a mismatch."""
+    name = os.path.basename(path)
+    expected = OPENAI_SHA256.get(name)
+    if expected is None:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ValueError(
+            f"{path}: SHA-256 {digest.hexdigest()} does not match OpenAI's published {expected} for "
+            f"{name} ({os.path.getsize(path)} bytes read): the download is truncated or corrupted. "
+            f"Re-download it from {_OPENAI_URL.format(expected, name)}, or pass verify=False if you "
+            "renamed or converted the file on purpose.")
+    return True
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian bytes of every tensor."""
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: reading safetensors needs a little-endian machine")
+    size = os.path.getsize(path)
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} exceeds the file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        start = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or start + end > size:
+                raise ValueError(f"{path}: tensor {name} {shape} {info['dtype']} does not fit its "
+                                 f"byte range {begin}..{end} (file truncated?)")
+            buffer = bytearray(nbytes)
+            f.seek(start + begin)
+            f.readinto(buffer)
+            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(shape)
+    return out
+
+
+class _ArchiveError(Exception):
+    """The restricted reader cannot (or will not) read this TorchScript archive."""
+
+
+class _ScriptObject:
+    """Inert stand-in for a TorchScript class (a module): it only keeps its pickled state."""
+
+    state = None  # NEWOBJ creates instances without __init__; BUILD then calls __setstate__
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    """torch._utils._rebuild_tensor_v2's job, on our flat storage tensor."""
+    return storage.as_strided(size, stride, offset)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl allowing only: TorchScript module classes (as inert
+    _ScriptObjects), storage type names, the tensor rebuild function, OrderedDict. Any other
+    global (os.system, builtins.eval, ...) is refused before it can be called."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise _ArchiveError(f"its data.pkl refers to {module}.{name}, which the data-only reader does not allow")
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, record key, location, numel): the bytes are in <prefix>data/<key>
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise _ArchiveError(f"unknown persistent record {pid!r}")
+        key = str(pid[2])
+        if key not in self.storages:
+            try:
+                raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            except KeyError:
+                raise _ArchiveError(f"tensor record data/{key} is missing") from None
+            self.storages[key] = (torch.frombuffer(raw, dtype=pid[1].dtype) if raw
+                                  else torch.empty(0, dtype=pid[1].dtype))
+        return self.storages[key]
+
+
+def _collect_tensors(obj, prefix: str, out: Dict[str, torch.Tensor]):
+    """Walk the module tree; each module's state dict maps attribute names to tensors/submodules."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, _ScriptObject) and isinstance(obj.state, dict):
+        for name, value in obj.state.items():
+            _collect_tensors(value, f"{prefix}{name}.", out)
+
+
+def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
+    """A TorchScript archive is a zip: <name>/data.pkl pickles the module tree, whose tensors point
+    at raw records <name>/data/<key>. The code in <name>/code/ is never read or run."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+        if len(pickles) != 1:
+            raise _ArchiveError(f"expected one <name>/data.pkl, found {pickles}")
+        unpickler = _ArchiveUnpickler(archive.read(pickles[0]), archive, pickles[0][: -len("data.pkl")])
+        try:
+            root = unpickler.load()
+        except _ArchiveError:
+            raise
+        except Exception as e:  # a malformed pickle, an out-of-range tensor view, ...
+            raise _ArchiveError(f"its data.pkl could not be read ({type(e).__name__}: {e})") from None
+    out = {}
+    _collect_tensors(root, "", out)
+    if not out:
+        raise _ArchiveError("no tensors found in its module tree")
+    return out
+
+
+def _is_torchscript(path: str) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
+
+
+def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, read as data: OpenAI's TorchScript archives (restricted
+    reader), .safetensors (by hand), anything else with torch.load(weights_only=True). A dict nested
+    under "state_dict" and a "module." prefix (DistributedDataParallel) are unwrapped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors") or _looks_like_safetensors(path):
+        state = _read_safetensors(path)
+    elif zipfile.is_zipfile(path) and _is_torchscript(path):
+        try:
+            state = _read_torchscript(path)
+        except _ArchiveError as e:
+            if not trust_torchscript:
+                raise ValueError(
+                    f"{path}: this TorchScript archive cannot be read as data only: {e}. If you trust the "
+                    "file, pass trust_torchscript=True to load it with torch.jit.load (which runs its code)."
+                ) from None
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            # torch's message says which global it refused on a later line ("... GLOBAL posix.system ...")
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "unpickling error")
+            raise ValueError(
+                f"{path}: refused to unpickle it ({reason}). Checkpoints are read as data only "
+                "(torch.load(weights_only=True)); if you trust the file, load it yourself and pass its "
+                "state dict to build_model.") from None
+        except Exception as e:
+            raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
+         verify: bool = True):
+    """Load a CLIP checkpoint file -> (model in eval mode on device, float32; preprocess).
+
+    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt, a state-dict file, or open_clip's .bin/.safetensors.
+    verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
+    converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
+    cannot parse (it runs the archive's code: only for files you trust)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if verify:
+        verify_checkpoint(path)
+    state_dict = read_state_dict(path, trust_torchscript=trust_torchscript)
+    try:
+        model = build_model(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model.to(device).eval(), image_transform(model.visual.input_resolution)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: OpenAI's byte-level BPE, step by step (ids identical to clip.simple_tokenizer)
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+@lru_cache()
+def default_bpe() -> str:
+    """The BPE merges file: beside this module (source tree, editable install), else where setup.py's
+    data_files put it (<sys.prefix>/share/cilf-ciae/)."""
+    name = "bpe_simple_vocab_16e6.txt.gz"
+    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name),
+              os.path.join(sys.prefix, "share", "cilf-ciae", name)]
+    for place in places:
+        if os.path.isfile(place):
+            return place
+    raise FileNotFoundError(f"CLIP BPE vocabulary {name} not found in {places}; reinstall the package "
+                            "or pass bpe_path=")
+
+
+@lru_cache()
+def bytes_to_unicode() -> Dict[int, str]:
+    """A reversible map from the 256 byte values to 256 printable unicode characters.
+
+    BPE runs on strings, and we want it to run on the UTF-8 *bytes* of any text (no unknown tokens,
+    any script or emoji). Bytes that are already printable, non-space characters (! to ~, ¡ to ¬,
+    ® to ÿ) map to themselves; the other 68 (control codes, space, soft hyphen, ...) are shifted to
+    unused code points 256, 257, ... so no merge ever sees whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_values, code_points = printable[:], printable[:]
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + len(code_points) - len(printable))
+    # the order (printable bytes first) fixes the first 256 vocabulary ids
+    return dict(zip(byte_values, map(chr, code_points)))
+
+
+# Pre-tokenising split, applied before BPE so merges never cross these boundaries: the two special
+# tokens, common English contractions, runs of letters, single digits (so "37" is "3" "7": ages are
+# read digit by digit), and runs of anything else that is neither space, letter nor digit.
+_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                       regex.IGNORECASE)
+_SPACES = regex.compile(r"\s+")
+# printable ASCII without '&', plus tab and newline: ftfy.fix_text and html.unescape leave such text
+# unchanged (nothing to repair, no entity), so the clean-up reduces to whitespace and lower case
+_PLAIN = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
+def _clean(text: str) -> str:
+    """OpenAI's normalisation: ftfy repair (mojibake, curly quotes, width, NFC), HTML entities undone
+    twice (captions were often double-escaped), whitespace runs -> one space, strip, lower case."""
+    if _PLAIN.fullmatch(text):
+        return " ".join(text.split()).lower()  # the same result without ftfy's cost
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+class SimpleTokenizer:
+    """Byte-level BPE with OpenAI's 49,408-token vocabulary: encode(text) -> ids, decode(ids) -> text."""
+
+    def __init__(self, bpe_path: Optional[str] = None):
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # line 0 is a version header; the vocabulary keeps the first 49152 - 256 - 2 merges, listed
+        # best first: a merge's line number is its rank (lower merges earlier)
+        merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
+        # ids: 256 byte characters, the same with the end-of-word mark, one per merge, two specials
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(merge) for merge in merges]
+        vocab += [SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
+        # word -> BPE pieces, and word -> ids (what encode needs); specials are whole tokens already
+        self.cache = {SOT: (SOT,), EOT: (EOT,)}
+        self._ids = {}
+
+    def bpe(self, word: str) -> Tuple[str, ...]:
+        """Merge a byte-encoded word's characters greedily, lowest-ranked adjacent pair first."""
+        if word in self.cache:
+            return self.cache[word]
+        # "</w>" marks the last character, so "a" ending a word and "a" inside one are different symbols
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
+            if best not in self.bpe_ranks:
+                break  # no adjacent pair is a known merge: done
+            first, second = best
+            merged, i = [], 0
+            while i < len(parts):  # replace every occurrence of the pair, left to right
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = tuple(parts)
+        return self.cache[word]
+
+    def encode(self, text: str) -> List[int]:
+        ids = []
+        for word in _WORDS.findall(_clean(text)):
+            word_ids = self._ids.get(word)
+            if word_ids is None:
+                # UTF-8 bytes -> printable characters, BPE, then vocabulary ids
+                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                word_ids = self._ids[word] = [self.encoder[piece] for piece in self.bpe(encoded)]
+            ids.extend(word_ids)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text: pieces joined, characters back to bytes, UTF-8 decoded, "</w>" -> space."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache()
+def _default_tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+    """Texts -> (n, context_length) int64 ids: start token, BPE ids, end token, zero padding.
+
+    An over-long text raises RuntimeError unless truncate=True, which cuts it and ends it with the
+    end-of-text token (encode_text reads the embedding there)."""
+    tok = _default_tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    rows = []
+    for text in texts:
+        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"Input {text!r} is too long for context length {context_length} "
+                                   f"({len(ids)} tokens with start/end); shorten it or pass truncate=True")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image preprocessing
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB.
+
+    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) use PIL's convert("RGB") exactly as OpenAI
+    does (alpha is dropped, not composited). Deviation: wide modes are *scaled* to 8 bits, where
+    convert("RGB") clips every value above 255 to white. I;16*: full range, value / 257.
+    I (int32) and F (float): values in 0..255 kept, in 0..65535 (I) or 0..1 (F) scaled to 0..255,
+    anything else stretched linearly from its min..max."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if image.mode in _SIXTEEN_BIT:
+            x = x / 257.0
+        elif image.mode == "F" and lo >= 0 and hi <= 1:
+            x = x * 255.0
+        elif image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
+            x = x / 257.0  # 16-bit data, as older Pillow opens 16-bit PNGs
+        elif not (lo >= 0 and hi <= 255):
+            x = (x - lo) * (255.0 / max(hi - lo, 1e-12))  # a constant image becomes black
+        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: keep the L band
+        image = image.getchannel(0)
+    return image.convert("RGB")
+
+
+def image_transform(n_px: int) -> Compose:
+    """OpenAI's eval transform: bicubic resize of the short side to n_px, centre crop, RGB,
+    to tensor, CLIP mean/std. PIL image -> (3, n_px, n_px) float tensor."""
+    return Compose([
+        Resize(n_px, interpolation=InterpolationMode.BICUBIC),
+        CenterCrop(n_px),
+        to_rgb,
+        ToTensor(),
+        Normalize(CLIP_MEAN, CLIP_STD),
+    ])
