@@ -1,0 +1,167 @@
+"""Training throughput and peak memory of a full CILF-CIAE training step, per token mixer (CPU; GPU column
+filled when run with --devices cpu cuda on a CUDA machine).
+
+    python bench/train.py                      # the README table: about 3-5 minutes on 2 CPU cores
+    python bench/train.py --devices cpu cuda   # on a GPU machine: fills the GPU columns (bf16 autocast)
+    python bench/train.py --devices cuda --backbones ViT-B/16 --gpu-batch 64   # the GPU check's figure
+
+What is timed: exactly train.py's step (forward under autocast on CUDA / fp32 on the CPU, model.loss
+with every part on, backward, gradient clipping, AdamW) on random images, for two backbones, both random
+weights, each with train.py's defaults:
+  demo     exactly `python train.py`'s model: train.DEMO_CLIP (ViT, embed 64, res 32, patch 8, 3 layers
+           width 96; text tower 1 x 64, trained), fusion width 64, 4 heads, depth 2; batch 64
+  ViT-B/16 OpenAI's ViT-B/16 shape (embed 512, res 224, patch 16, 12 layers width 768; text 12 x 512,
+           frozen: prompt embeddings cached) with a real run's defaults (fusion width 256, 4 heads,
+           depth 2); batch 8
+Images per second = batch / median step time over the timed steps (after one untimed warm-up step).
+Peak memory, CPU: the resident high-water mark (VmHWM, reset through /proc/self/clear_refs before the
+warm-up step) minus the resident size before it: activations, gradients, AdamW state (model weights and
+inputs excluded). Where the reset is not allowed, ru_maxrss is used and the output says so. GPU:
+torch.cuda.max_memory_allocated over the same steps, minus what was allocated before.
+Each (backbone, mixer, device) runs in a fresh subprocess with torch.set_num_threads(2).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for a run without `pip install -e .`
+
+THREADS = 2
+MIXERS = ("linear", "fourier", "softmax", "none")
+VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+               transformer_layers=12)
+# backbone -> (batch, timed steps on CPU, timed steps on GPU)
+BACKBONES = {"demo": (64, 5, 20), "ViT-B/16": (8, 2, 20)}
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak():
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(backbone, mixer, device_name, batch):
+    """One (backbone, mixer, device, batch) case in this process; prints a JSON line."""
+    import resource
+
+    import torch
+
+    import clip_loader
+    import train
+    from eval import autocast, autocast_dtype
+    from model import CILFCIAE
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    batch, (_, cpu_steps, gpu_steps) = int(batch), BACKBONES[backbone]
+    if backbone == "demo":   # exactly the demo's model: its CLIP and train.py's demo defaults
+        options = train.parse_args(["--mixer", mixer])
+        clip_model = train.build_clip(options)
+    else:                    # a real run's defaults (as with --clip ViT-B-16.pt), on random weights
+        options = train.parse_args(["--mixer", mixer, "--clip", "ViT-B-16.pt"])
+        clip_model = clip_loader.CLIP(**VIT_B16)
+    config = train.build_config(options)
+    model = CILFCIAE(clip_model, config).to(device).train()
+    optimizer = torch.optim.AdamW(model.param_groups(1e-5, 1e-4, 0.05), fused=device.type == "cuda")
+    resolution = clip_model.visual.input_resolution
+    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    ages = torch.rand(batch, device=device) * 100
+    amp_dtype = autocast_dtype(device)
+    model.text_embeddings()   # a frozen text tower runs once per run, not per step: keep that out
+
+    def step():
+        with autocast(device, amp_dtype):
+            loss, _ = model.loss(model(images), ages)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before, exact = torch.cuda.memory_allocated(), True
+    else:
+        exact = _reset_peak()
+        before = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    times = []
+    for _ in range(gpu_steps if device.type == "cuda" else cpu_steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    else:
+        peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = max(peak - before, 0) / 1024
+    print(json.dumps({"backbone": backbone, "mixer": mixer, "device": device.type, "batch": batch,
+                      "images_per_s": batch / statistics.median(times), "peak_mb": peak_mb, "exact": exact}))
+
+
+def run_case(backbone, mixer, device, batch):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", backbone, mixer, device,
+                          str(batch)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{backbone} / {mixer} / {device} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"], help="devices to measure")
+    p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    p.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
+    p.add_argument("--gpu-batch", type=int, default=None, help="batch on CUDA for every backbone (default: the "
+                   "CPU's, demo 64 and ViT-B/16 8)")
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)   # internal: one case per subprocess
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    start = time.time()
+    results = {}
+    for backbone in args.backbones:
+        for mixer in args.mixers:
+            for device in args.devices:
+                batch = args.gpu_batch if device == "cuda" and args.gpu_batch else BACKBONES[backbone][0]
+                results[backbone, mixer, device] = run_case(backbone, mixer, device, batch)
+    cell = lambda r, key, fmt: format(r[key], fmt) if r else "-"
+    print(f"{'backbone':<10}{'mixer':<9}{'CPU batch':>10}{'CPU img/s':>10}{'CPU peak MiB':>14}"
+          f"{'GPU batch':>10}{'GPU img/s':>10}{'GPU peak MiB':>14}")
+    for backbone in args.backbones:
+        for mixer in args.mixers:
+            cpu, gpu = results.get((backbone, mixer, "cpu")), results.get((backbone, mixer, "cuda"))
+            print(f"{backbone:<10}{mixer:<9}{cell(cpu, 'batch', 'd'):>10}{cell(cpu, 'images_per_s', '.1f'):>10}"
+                  f"{cell(cpu, 'peak_mb', '.0f'):>14}{cell(gpu, 'batch', 'd'):>10}"
+                  f"{cell(gpu, 'images_per_s', '.1f'):>10}{cell(gpu, 'peak_mb', '.0f'):>14}")
+    exact = all(r["exact"] for r in results.values())
+    print(f"full training step (forward, loss, backward, clip, AdamW), {THREADS} CPU threads, float32 on the CPU, "
+          f"bf16 autocast on CUDA; peak = {'VmHWM - VmRSS' if exact else 'ru_maxrss increase (upper bound)'} "
+          f"on the CPU, max_memory_allocated on CUDA; '-' = not run. {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Evaluation of CILF-CIAE age estimators: the field's metrics, a trained model rebuilt from its checkpoint
+alone, zero-shot CLIP, and predictions for any folder of images.
+
+METHOD.md section 7 asks for MAE, the cumulative score CS(theta) for theta = 0..10, the epsilon-error
+where an apparent-age standard deviation is given, the MAE per age decade, and how well the predicted
+uncertainty ranks the actual error. The last one is abstract claim 4 made measurable: the error feedback
+is said to "tell the model how good its prediction is", so its uncertainty should rank |error| (Spearman);
+the MAE after each feedback step shows whether the correction corrects.
+
+Run:
+    python eval.py --ckpt runs/demo/best.pt                      # the run's own dataset, test split
+    python eval.py --ckpt RUN/best.pt --split val --out RUN/eval_val
+    python eval.py --ckpt RUN/best.pt --dataset utkface --data-root /data/UTKFace --split test
+    python eval.py --zero-shot --clip ViT-B-16.pt --dataset utkface --data-root /data/UTKFace
+    python eval.py --ckpt RUN/best.pt --images photos/ face.jpg  # no labels: writes predictions.csv
+    python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
+
+Outputs (in --out, default: beside the checkpoint, eval_<dataset>_<split>/): metrics.json and
+predictions.csv (path, age, predicted_age, uncertainty); the table is printed.
+
+Public names: mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics,
+format_table, select_device, autocast_dtype, move_to, load_checkpoint, model_from_checkpoint,
+predict, main.
+"""
+import argparse
+import contextlib
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import clip_loader
+import data
+from model import CILFCIAE, CILFConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def mae(pred, true):
+    """Mean absolute error, in years."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    return float(np.abs(pred - true).mean())
+
+
+def cumulative_score(pred, true, thetas=range(11)):
+    """CS(theta): the fraction of images whose absolute error is at most theta years, for each theta."""
+    err = np.abs(np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64))
+    return {int(t): float((err <= t).mean()) for t in thetas}
+
+
+def epsilon_error(pred, mu, sigma):
+    """ChaLearn LAP epsilon-error: mean of 1 - exp(-(y_hat - mu)^2 / (2 sigma^2)).
+
+    mu and sigma are the mean and standard deviation of the apparent age given by the annotators;
+    0 is a perfect score, 1 the worst.
+    """
+    pred, mu, sigma = (np.asarray(a, dtype=np.float64) for a in (pred, mu, sigma))
+    if np.any(sigma <= 0):
+        raise ValueError("epsilon_error needs every apparent-age standard deviation > 0")
+    return float(np.mean(1.0 - np.exp(-((pred - mu) ** 2) / (2.0 * sigma ** 2))))
+
+
+def mae_per_decade(pred, true):
+    """MAE within each true-age decade: {"0-9": {"n": count, "mae": years}, "10-19": ...}, sorted."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    decade = (np.floor(true / 10) * 10).astype(int)
+    return {f"{d}-{d + 9}": {"n": int((decade == d).sum()),
+                             "mae": float(np.abs(pred - true)[decade == d].mean())}
+            for d in sorted(set(decade.tolist()))}
+
+
+def _average_ranks(x):
+    """1-based ranks; tied values share the mean of the ranks they occupy (as scipy's rankdata)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2.0   # mean of ranks start+1 .. end
+            start = end
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman rank correlation (Pearson correlation of average ranks); nan if either side is constant."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def compute_metrics(pred, true, ages_per_step=None, uncertainty=None, age_std=None):
+    """Every metric of METHOD.md section 7 as one JSON-able dict.
+
+    ages_per_step (N, R+1): predictions after each feedback step (step 0 = before any correction);
+    uncertainty (N,): the model's predicted |error|; age_std (N,) with nan where unknown.
+    """
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    metrics = {"n": int(len(true)), "mae": mae(pred, true), "cs": cumulative_score(pred, true),
+               "mae_per_decade": mae_per_decade(pred, true)}
+    if ages_per_step is not None:
+        steps = np.asarray(ages_per_step, dtype=np.float64)
+        metrics["mae_per_feedback_step"] = [mae(steps[:, r], true) for r in range(steps.shape[1])]
+    if uncertainty is not None and np.any(np.asarray(uncertainty) != 0):
+        metrics["spearman_uncertainty_error"] = spearman(uncertainty, np.abs(pred - true))
+    if age_std is not None:
+        std = np.asarray(age_std, dtype=np.float64)
+        known = np.isfinite(std) & (std > 0)
+        if known.any():   # apparent-age datasets (ChaLearn LAP / APPA-REAL): true is the mean vote
+            metrics["epsilon_error"] = epsilon_error(pred[known], true[known], std[known])
+            metrics["epsilon_n"] = int(known.sum())
+    return metrics
+
+
+def format_table(metrics, title=""):
+    """The metrics as a plain-text table for the terminal."""
+    lines = [title] if title else []
+    lines.append(f"{'images':<28}{metrics['n']:>10d}")
+    lines.append(f"{'MAE (years)':<28}{metrics['mae']:>10.3f}")
+    if "epsilon_error" in metrics:
+        lines.append(f"{'epsilon-error':<28}{metrics['epsilon_error']:>10.4f}")
+    if "spearman_uncertainty_error" in metrics:
+        lines.append(f"{'Spearman(uncertainty,|err|)':<28}{metrics['spearman_uncertainty_error']:>10.3f}")
+    for r, value in enumerate(metrics.get("mae_per_feedback_step", [])):
+        lines.append(f"{f'MAE after feedback step {r}':<28}{value:>10.3f}")
+    lines.append("CS(theta), % of images with |error| <= theta years:")
+    thetas = sorted(metrics["cs"])
+    lines.append("  theta " + "".join(f"{t:>6d}" for t in thetas))
+    lines.append("  CS %  " + "".join(f"{100 * metrics['cs'][t]:>6.1f}" for t in thetas))
+    lines.append("MAE per true-age decade:")
+    for decade, row in metrics["mae_per_decade"].items():
+        lines.append(f"  {decade:<8}n={row['n']:<7d}MAE {row['mae']:.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- devices
+
+def select_device(name="auto"):
+    """'auto' -> CUDA when available, else CPU; an explicit 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
+    return device
+
+
+def autocast_dtype(device):
+    """bf16 autocast on GPUs that support it, fp16 on older ones, None (plain fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, dtype):
+    """An autocast context for dtype, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_to(tensor, device):
+    """Copy to device; non-blocking from pinned memory to a GPU (a no-op flag on the CPU)."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with errors that name the file and say what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated file, not a torch file, or pickled code we refuse to run
+        raise SystemExit(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]):
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' "
+                         f"and 'config'; found {keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
+    return ckpt
+
+
+def config_from_dict(fields):
+    """CILFConfig from the plain dict saved by train.py (JSON turns tuples into lists: undo that)."""
+    defaults = CILFConfig()
+    return CILFConfig(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
+                         for k, v in fields.items()})
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's architecture is inferred from the shapes
+    of the "clip." weights (clip_loader.build_model), the method's modules from the saved CILFConfig."""
+    state = ckpt["model"]
+    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    if not clip_state:
+        raise SystemExit(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+    try:
+        clip_model = clip_loader.build_model(clip_state)
+        model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise SystemExit(f"{path}: weights do not fit the CILF-CIAE model they describe "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@torch.no_grad()
+def predict(model, loader, device, amp_dtype=None, zero_shot=False):
+    """Run model over loader (in order). Returns numpy arrays: age (N,), ages_per_step (N, R+1),
+    uncertainty (N,), target (N,) (nan where the loader has no labels)."""
+    model.eval()
+    out = {"age": [], "ages_per_step": [], "uncertainty": [], "target": []}
+    for images, target in loader:
+        with autocast(device, amp_dtype):
+            result = (model.zero_shot if zero_shot else model)(move_to(images, device))
+        out["age"].append(result.age.float().cpu())
+        out["ages_per_step"].append(result.ages_per_step.float().cpu())
+        out["uncertainty"].append(result.uncertainty.float().cpu())
+        out["target"].append(target.float())
+    return {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Unlabelled images (for --images): (image tensor, nan)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            image = data.load_image(self.paths[i])
+        except Exception as e:   # PIL raises many types on corrupt data
+            raise SystemExit(f"{self.paths[i]}: not a readable image ({type(e).__name__}: {e})") from None
+        return self.transform(image), torch.tensor(float("nan"))
+
+
+def image_paths(items):
+    """Files given directly, plus every image file under each directory given (sorted)."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise SystemExit(f"--images: {item} does not exist")
+    if not paths:
+        raise SystemExit(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {' '.join(items)}")
+    return [str(p) for p in paths]
+
+
+def write_predictions(path, paths, result):
+    """predictions.csv: one row per image, in loader order."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "age", "predicted_age", "uncertainty"])
+        for p, age, pred, unc in zip(paths, result["target"], result["age"], result["uncertainty"]):
+            writer.writerow([p, "" if math.isnan(age) else f"{age:g}", f"{pred:.4f}", f"{unc:.4f}"])
+
+
+def pyplot():
+    """matplotlib.pyplot (file output only), or a clear way to get it: it is an optional extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib  (or, in this repository, "
+                         "pip install -e \".[plot]\")") from None
+    return plt
+
+
+def plot(metrics, result, out_dir):
+    """cs_curve.png (CS(theta) against theta) and scatter.png (predicted against true age)."""
+    plt = pyplot()
+    thetas = sorted(metrics["cs"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot(thetas, [100 * metrics["cs"][t] for t in thetas], marker="o")
+    ax.set(xlabel="error tolerance theta (years)", ylabel="CS(theta) %", ylim=(0, 100),
+           title=f"cumulative score, MAE {metrics['mae']:.2f}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cs_curve.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(result["target"], result["age"], s=6, alpha=0.5)
+    lo, hi = float(np.min(result["target"])), float(np.max(result["target"]))
+    ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
+    ax.set(xlabel="true age", ylabel="predicted age", title="predicted vs true")
+    fig.tight_layout()
+    fig.savefig(out_dir / "scatter.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="a train.py checkpoint (RUN/best.pt); its dataset and split are the defaults")
+    p.add_argument("--zero-shot", action="store_true", help="raw CLIP prompt classification (needs --clip)")
+    p.add_argument("--clip", help="CLIP checkpoint for --zero-shot (an OpenAI .pt file)")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file names")
+    p.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset (default: the run's)")
+    p.add_argument("--data-root", help="dataset folder (default: the run's)")
+    p.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
+                   help="split to evaluate (default: test)")
+    p.add_argument("--protocol", help="split protocol, e.g. random|subject5fold (default: the run's)")
+    p.add_argument("--fold", type=int, help="cross-validation fold (default: the run's)")
+    p.add_argument("--age-target", choices=["apparent", "real"], help="appa-real: which age (default: the run's)")
+    p.add_argument("--images", nargs="+", metavar="FILE_OR_DIR", help="predict ages for these images "
+                   "(files or folders, no labels needed) instead of a dataset")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint, eval_<dataset>_<split>)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--plot", action="store_true", help="also write cs_curve.png and scatter.png (matplotlib)")
+    args = p.parse_args(argv)
+    if args.zero_shot == bool(args.ckpt):
+        p.error("give exactly one of --ckpt RUN/best.pt or --zero-shot --clip CHECKPOINT")
+    if args.zero_shot and not args.clip:
+        p.error("--zero-shot needs --clip CHECKPOINT (e.g. ViT-B-16.pt)")
+    return args
+
+
+def dataset_options(args, train_config):
+    """Dataset name/root/options for this evaluation: command line first, else those the run used."""
+    name = args.dataset or train_config.get("dataset")
+    if name is None:
+        raise SystemExit("--dataset is needed (the checkpoint does not name one)")
+    root = args.data_root if args.data_root is not None else train_config.get("data_root")
+    options = dict(train_config.get("dataset_options", {})) if name == train_config.get("dataset") else {}
+    if args.protocol is not None:
+        options["protocol"] = args.protocol
+    if args.age_target is not None:
+        options["age_target"] = args.age_target
+    fold = args.fold if args.fold is not None else train_config.get("fold", 0)
+    return name, root, fold, options
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        pyplot()   # a missing matplotlib is reported before any work
+    device = select_device(args.device)
+    if args.zero_shot:
+        try:
+            clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--clip: {e}") from None
+        model, train_config, source = CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
+    else:
+        ckpt = load_checkpoint(args.ckpt)
+        model, train_config, source = model_from_checkpoint(ckpt, args.ckpt), ckpt["config"]["train"], \
+            Path(args.ckpt)
+    model = model.to(device).eval()
+    resolution = model.clip.visual.input_resolution
+    amp_dtype = autocast_dtype(device)
+    if args.images:
+        paths = image_paths(args.images)
+        dataset, samples = ImageFiles(paths, data.eval_transform(resolution)), None
+        tag, split = "images", None
+    else:
+        name, root, fold, options = dataset_options(args, train_config)
+        split = args.split or "test"
+        try:
+            dataset = data.build_dataset(name, root, split=split, fold=fold, seed=train_config.get("seed", 0),
+                                         transform=data.eval_transform(resolution), **options)
+        except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
+            raise SystemExit(f"--dataset {name}: {e}") from None
+        samples = dataset.samples
+        paths = [s.path for s in samples]
+        tag = f"{name}_{split}"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = predict(model, loader, device, amp_dtype, zero_shot=args.zero_shot)
+    skipped = set(getattr(dataset, "skipped", ()))
+    if skipped:   # data.AgeDataset stood in the next image for these: their rows would be wrong, drop them
+        keep = [i for i, p in enumerate(paths) if p not in skipped]
+        print(f"warning: {len(skipped)} unreadable image(s) left out, e.g. {sorted(skipped)[0]}", file=sys.stderr)
+        paths, result = [paths[i] for i in keep], {k: v[keep] for k, v in result.items()}
+        samples = [samples[i] for i in keep]
+    write_predictions(out_dir / "predictions.csv", paths, result)
+    if args.images:
+        print(f"{len(paths)} predictions written to {out_dir / 'predictions.csv'}")
+        return None
+    std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
+    metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
+                              std)
+    metrics.update(checkpoint=str(source), dataset=tag.rsplit("_", 1)[0], split=split,
+                   mode="zero-shot" if args.zero_shot else "trained")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(format_table(metrics, f"{metrics['mode']} {source} on {tag}"))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+    if args.plot:
+        plot(metrics, result, out_dir)
+        print(f"wrote {out_dir / 'cs_curve.png'} and {out_dir / 'scatter.png'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

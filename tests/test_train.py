@@ -1,0 +1,216 @@
+"""train.py: the schedule, seeds and checkpoint helpers; the demo in a shortened form learns; a run killed
+with SIGKILL and resumed ends with bit-identical weights; two torchrun processes (gloo) match one; gradient
+accumulation matches a full batch; a non-finite loss stops the run with its message and the last good
+checkpoint intact; a rerun with other options into the same folder is refused."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny but complete model: every module on (fusion with the linear mixer, contrastive, feedback).
+TINY = ["--synthetic-n", "96", "32", "32", "--depth", "1", "--width", "32", "--heads", "2",
+        "--feedback-hidden", "32", "--batch-size", "16"]
+
+
+def run_script(args, env=None, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def comparable(state):
+    """The weights whose gradient is not zero by construction. The key bias of softmax attention has a true
+    gradient of 0 (softmax ignores a constant added to every logit of a query), so AdamW turns its rounding
+    noise, which depends on how a batch is split, into steps of size lr: left out of the comparison."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("attn.in_proj_bias"):   # [q; k; v] biases
+            w = v.shape[0] // 3
+            v = torch.cat([v[:w], v[2 * w:]])
+        out[k] = v
+    return out
+
+
+def log_lines(out, kind):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["type"] == kind]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_lr_factor_warmup_then_cosine():
+    f = lambda step: train.lr_factor(step, total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])   # linear warm-up
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)   # half way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    decay = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert train.lr_factor(0, 10, 0) == pytest.approx(1.0)   # no warm-up
+
+
+def test_mix_seed_is_deterministic_and_spreads():
+    assert train.mix_seed(0, 1, 2) == train.mix_seed(0, 1, 2)
+    seeds = {train.mix_seed(s, e, r) for s in range(3) for e in range(20) for r in range(4)}
+    assert len(seeds) == 240 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    train.seed_all(123)
+    train.save_checkpoint(tmp_path / "rng.pt", {"rng": train.rng_state()})
+    draw = lambda: (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(2))
+    first = draw()
+    train.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    second = draw()
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.save_checkpoint(path, {"epoch": 1})
+    real_save = torch.save
+
+    def torn_save(obj, f):   # a write that dies half way, as a kill or a full disk would
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}   # the old checkpoint is intact
+    train.save_checkpoint(path, {"epoch": 3})
+    assert torch.load(path, weights_only=True) == {"epoch": 3}
+
+
+def test_defaults_depend_on_the_mode():
+    demo = train.parse_args([])
+    assert demo.dataset == "synthetic" and demo.clip is None and demo.clip_lr == demo.lr
+    assert demo.out == "runs/demo" and demo.width == train.DEMO_MODEL["width"]
+    real = train.parse_args(["--dataset", "utkface", "--data-root", "x", "--clip", "ViT-B-16.pt"])
+    assert real.clip_lr < real.lr and real.out == "runs/utkface" and real.width == train.CILFConfig().width
+    assert not train.build_config(demo).freeze_text_tower and train.build_config(real).freeze_text_tower
+    config = train.build_config(train.parse_args(["--mixer", "fourier", "--contrastive-weight", "0",
+                                                  "--feedback-steps", "0", "--image-tower", "freeze"]))
+    assert (config.mixer, config.contrastive_weight, config.feedback_steps) == ("fourier", 0.0, 0)
+    assert config.freeze_image_tower and not config.freeze_text_tower
+
+
+# --------------------------------------------------------------------------- training runs
+
+def test_short_demo_learns(tmp_path, capsys):
+    result = train.main(["--out", str(tmp_path), "--synthetic-n", "256", "64", "64", "--epochs", "3",
+                         "--batch-size", "32"])
+    printed = capsys.readouterr().out
+    steps = log_lines(tmp_path, "step")
+    assert len(steps) == 3 * (256 // 32)
+    first, last = np.mean([s["loss"] for s in steps[:4]]), np.mean([s["loss"] for s in steps[-4:]])
+    assert last < 0.9 * first, (first, last)
+    assert {"distribution", "l1", "contrastive", "feedback", "uncertainty"} <= set(steps[0])
+    epochs = log_lines(tmp_path, "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(math.isfinite(e["val_mae"]) for e in epochs)
+    assert result["test_mae"] > 0 and result["baseline_mae"] > 0
+    assert f"test MAE {result['test_mae']:.3f}" in printed and f"{result['baseline_mae']:.3f}" in printed
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["mixer"] == "linear" and config["train"]["epochs"] == 3
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["best_val_mae"] == min(e["val_mae"] for e in epochs)
+    assert set(best) >= {"model", "optimizer", "scheduler", "step", "epoch", "rng", "config", "history"}
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    args = [sys.executable, "train.py", *TINY, "--epochs", "3"]
+    straight = tmp_path / "straight"
+    done = run_script(args + ["--out", str(straight)])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it in the middle of its second epoch (6 steps an epoch): once step 8 is in the log
+    deadline, log = time.time() + 200, killed / "log.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (
+            log.exists() and '"step": 8,' in log.read_text()):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 3, "the kill should land before the run finished"
+    resumed = run_script([sys.executable, "train.py", *TINY, "--epochs", "3", "--out", str(killed)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed after epoch {state['epoch']}" in resumed.stdout
+
+    a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.cat([v.flatten() for v in weights(straight / "best.pt").values()]),
+                       torch.cat([v.flatten() for v in weights(killed / "best.pt").values()]))
+    # the log holds each step once, with the same losses
+    strip = lambda lines: [{k: v for k, v in l.items() if k not in ("seconds", "train_images_per_s")} for l in lines]
+    assert strip(log_lines(straight, "step")) == strip(log_lines(killed, "step"))
+    assert strip(log_lines(straight, "epoch")) == strip(log_lines(killed, "epoch"))
+    # a finished run rerun into its folder only reports its result again
+    again = run_script([sys.executable, "train.py", *TINY, "--epochs", "3", "--out", str(killed)])
+    assert again.returncode == 0 and "resumed after epoch 3" in again.stdout and "test MAE" in again.stdout
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    # Same global batch; the contrastive loss is left out because it compares the images of a batch
+    # with each other, which each process does on its own shard (the other losses are per image).
+    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0", "--device", "cpu"]
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"n{n}"
+        done = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           "train.py", *common, "--out", str(outs[n])])
+        assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((outs[2] / "config.json").read_text())
+    assert config["train"]["world_size"] == 2
+    a, b = comparable(weights(outs[1] / "last.pt")), comparable(weights(outs[2] / "last.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    e1, e2 = log_lines(outs[1], "epoch")[-1], log_lines(outs[2], "epoch")[-1]
+    assert e1["val_mae"] == pytest.approx(e2["val_mae"], rel=1e-4)   # all-reduced over exact shards
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0"]
+    train.main([*common, "--out", str(tmp_path / "full")])
+    train.main([*common, "--accum-steps", "2", "--out", str(tmp_path / "accum")])
+    a, b = comparable(weights(tmp_path / "full" / "last.pt")), comparable(weights(tmp_path / "accum" / "last.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    steps_per_epoch = 96 // 16
+    with pytest.raises(SystemExit) as stop:
+        train.main([*TINY, "--epochs", "3", "--out", str(tmp_path), "--nan-at-step", str(steps_per_epoch + 2)])
+    message = str(stop.value)
+    assert f"non-finite loss at step {steps_per_epoch + 2} (epoch 2" in message
+    assert "distribution=nan" in message and "after epoch 1" in message
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values()
+                                      if v.is_floating_point())
+    assert log_lines(tmp_path, "step")[-1]["step"] == steps_per_epoch + 1   # nothing logged past the failure
+
+
+def test_rerun_with_other_options_is_refused(tmp_path):
+    train.main([*TINY, "--epochs", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--mixer: 'linear' in the run, 'fourier' now"):
+        train.main([*TINY, "--epochs", "1", "--out", str(tmp_path), "--mixer", "fourier"])
+    with pytest.raises(SystemExit, match="no checkpoint to continue from"):
+        train.main([*TINY, "--out", str(tmp_path / "empty"), "--resume"])

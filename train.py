@@ -1,0 +1,615 @@
+"""Training CILF-CIAE: one plain loop, the demo by default, real datasets with a CLIP checkpoint, one CPU,
+one GPU or many (torchrun), and runs that survive being killed.
+
+Every part of the method (METHOD.md, abstract claims 1-4) is trained here end to end: the CLIP towers
+(claim 1, lr --clip-lr, or frozen), the sub-quadratic fusion Transformer (claim 2, --mixer/--depth/--width),
+the image-text contrastive loss (claim 3, --contrastive-weight) and the error-feedback correction
+(claim 4, --feedback-steps/--feedback-weight). Evaluation practice follows METHOD.md section 7: the test
+MAE reported at the end is that of the checkpoint chosen on the validation split (best.pt), next to the
+MAE of always predicting the training mean.
+
+Run:
+    python train.py                                   # the demo: synthetic data, random CLIP (~2 min, 2 CPU cores)
+    python train.py --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt --out runs/utk
+    python train.py --dataset morph2 --data-root /data/MORPH --protocol subject5fold --fold 0 \\
+        --clip ViT-B-16.pt --out runs/morph_f0
+    python train.py --out runs/utk --resume           # continue a stopped run (rerunning into --out does too)
+    torchrun --nproc_per_node=4 --standalone train.py --dataset utkface --data-root /data/UTKFace \\
+        --clip ViT-B-16.pt --out runs/utk4            # DDP: NCCL on GPUs, gloo on CPUs
+    python eval.py --ckpt runs/utk/best.pt            # the full metric table
+
+Run folder (--out): config.json (resolved options and model config), log.jsonl (one line per optimizer
+step with the loss parts, one per epoch with the metrics, one with the final test result), last.pt and
+best.pt (by validation MAE). Both checkpoints hold model, optimizer, scheduler, step, epoch, RNG states,
+config (plain data), best_val_mae and history; they are written atomically, so a run killed at any moment
+(even SIGKILL) resumes from its last finished epoch and ends with the same weights as a run never stopped:
+each epoch's shuffle, augmentation and dropout are functions of (seed, epoch, rank) alone.
+
+Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
+per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
+hardware. Defaults written "demo: X / real: Y" depend on whether a CLIP checkpoint is given.
+
+Public names: DEMO_CLIP, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
+set_rng_state, setup_distributed, save_checkpoint, build_clip, build_config, build_splits, EpochSeeded,
+evaluate_mae, train_epoch, main.
+"""
+import os
+
+# OpenMP threads that spin while waiting make a CPU shared with other processes up to 50x slower (measured:
+# 0.25 s vs 12 s per demo step with 2 threads on 2 busy cores); sleeping threads cost little when it is idle.
+# Read once, when torch loads OpenMP: so before `import torch`; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import clip_loader
+import data
+from eval import autocast, autocast_dtype, load_checkpoint, move_to, predict, select_device
+from model import CILFCIAE, CILFConfig
+
+# The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
+# 49408-token vocabulary so that the prompts go through the real tokenizer (16 tokens hold the longest
+# prompt, "a photo of a 100 year old person.", with room to spare; 77 would only cost time). Heads are
+# width // 64 in both towers, as clip_loader.build_model infers them back from a checkpoint.
+DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=96, vision_patch_size=8,
+                 context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=1)
+# CILFConfig fields the demo sets differently (a fusion width matching the tiny CLIP); real runs keep
+# CILFConfig's defaults unless an option says otherwise.
+DEMO_MODEL = dict(width=64, heads=4)
+
+# Options that only say how a run is executed, not what it computes: they may change on resume.
+RUNTIME_OPTIONS = {"out", "resume", "device", "workers", "compile", "check_images", "world_size"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' except where the help text already explains a mode-dependent default."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "demo:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    m = CILFConfig()   # the model's defaults, shown in --help
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=sorted(data.DATASETS),
+                   help="; ".join(f"{k}: {v}" for k, v in sorted(data.DATASETS.items())).replace("%", "%%"))
+    g.add_argument("--data-root", default=None, help="dataset folder or file (not needed for synthetic)")
+    g.add_argument("--protocol", default=None, help="split protocol where a dataset has several (morph2: "
+                   "subject5fold|random); default: the dataset's own")
+    g.add_argument("--fold", type=int, default=0, help="test fold of fold protocols (fgnet, morph2)")
+    g.add_argument("--age-target", default=None, choices=["apparent", "real"], help="appa-real: which age to "
+                   "learn; default: apparent")
+    g.add_argument("--synthetic-n", type=int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
+                   help="synthetic dataset: images per split")
+    g.add_argument("--no-augment", action="store_true", help="train on the evaluation transform (no random "
+                   "crop, flip or colour jitter)")
+    g.add_argument("--check-images", action="store_true", help="decode every image once before training and "
+                   "stop with the list of unreadable files")
+    g.add_argument("--workers", type=int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
+                   "the synthetic images) with training; results do not depend on it")
+    g = p.add_argument_group("model (CILFConfig)")
+    g.add_argument("--clip", default=None, help="CLIP checkpoint (OpenAI's RN50.pt, RN101.pt, ViT-B-16.pt, ...); "
+                   "none: the small random demo CLIP")
+    g.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file "
+                   "names (renamed or converted files)")
+    g.add_argument("--mixer", default=m.mixer, choices=["linear", "fourier", "softmax", "none"],
+                   help="token mixer of the fusion Transformer (claim 2); none: global token only")
+    g.add_argument("--depth", type=int, default=m.depth, help="fusion blocks (0: no fusion)")
+    g.add_argument("--width", type=int, default=None, help=f"fusion width; demo: {DEMO_MODEL['width']} / "
+                   f"real: {m.width}")
+    g.add_argument("--heads", type=int, default=None, help=f"attention heads; demo: {DEMO_MODEL['heads']} / "
+                   f"real: {m.heads}")
+    g.add_argument("--mlp-ratio", type=float, default=m.mlp_ratio, help="fusion MLP hidden size / width")
+    g.add_argument("--dropout", type=float, default=m.dropout, help="dropout on the fusion's residual branches")
+    g.add_argument("--no-cross-attention", action="store_true", help="image tokens do not attend to the "
+                   "age-text embeddings")
+    g.add_argument("--feedback-steps", type=int, default=m.feedback_steps, help="error-feedback corrections "
+                   "(claim 4; 0: off)")
+    g.add_argument("--feedback-hidden", type=int, default=m.feedback_hidden, help="width of the error head")
+    g.add_argument("--sigma-y", type=float, default=m.sigma_y, help="std (years) of the label distribution")
+    g.add_argument("--distribution-weight", type=float, default=m.distribution_weight,
+                   help="weight of KL(label distribution || p)")
+    g.add_argument("--l1-weight", type=float, default=m.l1_weight, help="weight of |y0 - y|")
+    g.add_argument("--contrastive-weight", type=float, default=m.contrastive_weight,
+                   help="weight of the image-text contrastive loss (claim 3; 0: off)")
+    g.add_argument("--contrastive-sigma", type=float, default=m.contrastive_sigma,
+                   help="std (years) of the soft contrastive targets")
+    g.add_argument("--feedback-weight", type=float, default=m.feedback_weight, help="weight of the corrected "
+                   "ages' |y_r - y|")
+    g.add_argument("--uncertainty-weight", type=float, default=m.uncertainty_weight, help="weight of the "
+                   "predicted-error loss")
+    g.add_argument("--min-age", type=float, default=m.min_age, help="first age class")
+    g.add_argument("--max-age", type=float, default=m.max_age, help="last age class")
+    g.add_argument("--prompt-template", default=m.prompt_template, help="one prompt per age class")
+    g.add_argument("--image-tower", default="train", choices=["train", "freeze"], help="CLIP's image tower "
+                   "(trained at --clip-lr, or frozen)")
+    g.add_argument("--text-tower", default=None, choices=["train", "freeze"], help="CLIP's text tower; demo: "
+                   "train (a random tower's age prompts carry no order until trained) / real: freeze (prompt "
+                   "embeddings computed once and cached)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs; demo: 20 / real: 30")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch: images per optimizer step, "
+                   "summed over processes and accumulation steps")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: micro-batches per step")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate of the new modules; "
+                   "demo: 1e-3 / real: 1e-4")
+    g.add_argument("--clip-lr", type=float, default=None, help="peak learning rate of the CLIP towers; demo: "
+                   "the --lr (a random CLIP must learn everything) / real: 1e-6 (keep the pretrained features)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, "
+                   "embeddings)")
+    g.add_argument("--warmup", type=float, default=1.0, help="linear warm-up length in epochs (then cosine)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate / peak")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, splits, data order, augmentation, dropout")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder; demo: runs/demo / real: runs/<dataset>")
+    g.add_argument("--resume", action="store_true", help="insist on continuing the run in --out (rerunning "
+                   "into a folder that holds last.pt continues it anyway)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU per process)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--nan-at-step", type=int, default=-1, help="testing aid: feed NaN images at this optimizer "
+                   "step to exercise the stop on a non-finite loss (-1: never)")
+    return resolve_defaults(p.parse_args(argv))
+
+
+def resolve_defaults(args):
+    """Fill the mode-dependent defaults: the random demo CLIP must learn everything, a pretrained one
+    should move little (small --clip-lr, METHOD.md section 7)."""
+    demo, m = args.clip is None, CILFConfig()
+    pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
+    args.epochs = pick(args.epochs, 20, 30)
+    args.lr = pick(args.lr, 1e-3, 1e-4)
+    args.clip_lr = pick(args.clip_lr, args.lr, 1e-6)
+    args.text_tower = pick(args.text_tower, "train", "freeze")
+    args.width = pick(args.width, DEMO_MODEL["width"], m.width)
+    args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
+    args.out = pick(args.out, "runs/demo", f"runs/{args.dataset}")
+    return args
+
+
+# ----------------------------------------------------------------------------- schedule, seeds, devices
+
+def lr_factor(step, total_steps, warmup_steps, min_ratio=0.0):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up from
+    1/warmup_steps to 1, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mix_seed(*numbers):
+    """One well-mixed 63-bit seed from several non-negative integers, e.g. (run seed, epoch, process):
+    randomness that depends on such tuples alone is what makes a resumed run equal an uninterrupted one."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_all(seed):
+    """Seed python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every global RNG state as plain data (tensors, ints, tuples) that torch.load(weights_only=True)
+    accepts. (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device). Under torchrun (RANK in the environment) joins the process group:
+    NCCL with one GPU per process, gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1, select_device(device_name)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values, device, world):
+    """Sum a list of floats over processes (float64, exact enough for counts and error sums)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, obj):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then renamed over `path`.
+    A kill at any moment leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def build_clip(args):
+    """The demo's random CLIP (seeded by the caller), or the checkpoint given with --clip."""
+    if args.clip is None:
+        clip_model = clip_loader.CLIP(**DEMO_CLIP)
+        # Every released CLIP ends pretraining with its temperature at the cap, 100; a random one starts at
+        # 1/0.07, a softmax over the 101 age prompts too flat for the demo's few hundred steps to sharpen
+        # (its predictions then shrink towards the mean age). CILFCIAE starts its own temperature here.
+        with torch.no_grad():
+            clip_model.logit_scale.fill_(math.log(100.0))
+        return clip_model
+    try:
+        clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--clip: {e}") from None
+    return clip_model
+
+
+def build_config(args):
+    """CILFConfig from the options (every field has one)."""
+    return CILFConfig(min_age=args.min_age, max_age=args.max_age, prompt_template=args.prompt_template,
+                      mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
+                      mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
+                      feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
+                      freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
+                      sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
+                      contrastive_weight=args.contrastive_weight, contrastive_sigma=args.contrastive_sigma,
+                      feedback_weight=args.feedback_weight, uncertainty_weight=args.uncertainty_weight)
+
+
+def dataset_options(args, resolution):
+    """Keyword options for data.build_dataset beyond name/root/split/fold/transform/seed."""
+    if args.dataset == "synthetic":
+        # drawn at the size train_transform resizes to anyway (256/224 of the input), so no detail is lost
+        return {"n": dict(zip(("train", "val", "test"), args.synthetic_n)),
+                "image_size": round(resolution * 256 / 224)}
+    options = {}
+    if args.protocol is not None:
+        options["protocol"] = args.protocol
+    if args.age_target is not None:
+        options["age_target"] = args.age_target
+    return options
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Sample i's random augmentation in epoch e depends on (seed, e, i) alone: not on the process, the
+    worker or the order it is drawn in. So a resumed run, a run with more workers and a run on more
+    processes see the same augmented images. The epoch lives in shared memory so that persistent
+    DataLoader workers see it change."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
+            torch.manual_seed(mix_seed(self.seed, int(self.epoch), i))
+            return self.dataset[i]
+
+
+def build_splits(args, resolution):
+    """train (augmented, EpochSeeded), val and test datasets, and the dataset options used."""
+    options = dataset_options(args, resolution)
+    splits = {}
+    for split in ("train", "val", "test"):
+        augment = split == "train" and not args.no_augment
+        transform = data.train_transform(resolution) if augment else data.eval_transform(resolution)
+        try:
+            splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
+                                               transform=transform, seed=args.seed, **options)
+        except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
+            raise SystemExit(f"--dataset {args.dataset}: {e}") from None
+    return splits, options
+
+
+@torch.no_grad()
+def evaluate_mae(model, dataset, args, device, amp_dtype, rank, world):
+    """Exact MAE of model on dataset under DDP: each process takes every world-th image (no padding, no
+    duplicates, unlike DistributedSampler), then the sums of |error| and the counts are all-reduced."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world), shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    result = predict(model, loader, device, amp_dtype)
+    abs_sum, count = all_reduce_sum([float(np.abs(result["age"] - result["target"]).sum()), len(shard)],
+                                    device, world)
+    return abs_sum / count
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_epoch(model, raw_model, loader, optimizer, schedule, state, args, device, amp_dtype, world, log):
+    """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place.
+    Returns (mean loss, mean absolute error) over the epoch, averaged over processes."""
+    model.train()
+    n_batches = len(loader)
+    totals = np.zeros(3)   # loss * n, |error| sum, n (this process)
+    group_values = 0.0     # loss parts summed over the micro-batches of the current optimizer step
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
+               disable=state["rank"] != 0 or not sys.stderr.isatty())
+    for i, (images, ages) in enumerate(bar):
+        group_start = i - i % args.accum_steps
+        group_size = min(args.accum_steps, n_batches - group_start)   # last group of an epoch may be short
+        last_in_group = i == group_start + group_size - 1
+        images, ages = move_to(images, device), move_to(ages.float(), device)
+        if state["step"] == args.nan_at_step:
+            images = images * float("nan")
+        # DDP all-reduces gradients on every backward unless told not to: only on a group's last micro-batch
+        sync = model.no_sync() if (world > 1 and not last_in_group) else contextlib.nullcontext()
+        with sync:
+            with autocast(device, amp_dtype):
+                out = model(images)
+                loss, parts = raw_model.loss(out, ages)
+            (loss / group_size).backward()
+        names = sorted(parts)
+        values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
+        if world > 1:
+            dist.all_reduce(values)
+        values = (values / world).tolist()   # also the one host sync of the step
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLoss(f"non-finite loss at step {state['step']} (epoch {state['epoch'] + 1}, batch "
+                                f"{i}): loss={values[0]} " + " ".join(f"{k}={v}" for k, v in zip(names, values[1:])))
+        err = (out.age.detach().float() - ages).abs()
+        totals += [values[0] * len(ages), float(err.sum()), len(ages)]
+        group_values = group_values + np.array(values)
+        bar.set_postfix(loss=f"{values[0]:.3f}", mae=f"{totals[1] / totals[2]:.2f}")
+        if not last_in_group:
+            continue
+        values, group_values = (group_values / group_size).tolist(), 0.0
+        factor = schedule(state["step"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
+             "loss": values[0], **dict(zip(names, values[1:]))})
+        state["step"] += 1
+    loss_sum, err_sum, n = all_reduce_sum(totals.tolist(), device, world)
+    return loss_sum / n, err_sum / n
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device):
+    if args.batch_size % (world * args.accum_steps):
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --accum-steps "
+                         f"({world} x {args.accum_steps})")
+    out = Path(args.out)
+    ckpt = resume_checkpoint(args, out)
+    if device.type == "cuda":   # TF32 matmuls: ~free speed on Ampere+, the loss of precision does not matter here
+        torch.set_float32_matmul_precision("high")
+    amp_dtype = autocast_dtype(device)
+
+    seed_all(args.seed)
+    clip_model = build_clip(args)
+    config = build_config(args)
+    raw_model = CILFCIAE(clip_model, config)
+    resolution = raw_model.clip.visual.input_resolution
+    splits, options = build_splits(args, resolution)
+    if args.check_images:
+        check_images(splits)
+    train_set = EpochSeeded(splits["train"], args.seed)
+    run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
+                  "model": dataclasses.asdict(config),
+                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP)}}
+    if ckpt is not None:
+        check_same_run(ckpt["config"], run_config, out)
+        raw_model.load_state_dict(ckpt["model"])
+    raw_model.to(device)
+
+    # A new loader every epoch, seeded from (seed, epoch): its order then needs no saved state, and the
+    # first epoch after a resume draws from its generator exactly as that epoch did in the uninterrupted
+    # run (a persistent DataLoader iterator draws its worker seed only once, which shifts later orders).
+    make_loader = lambda epoch: data.build_loader(train_set, args.batch_size // (world * args.accum_steps),
+                                                  train=True, num_workers=args.workers, device=str(device),
+                                                  seed=mix_seed(args.seed, epoch))
+    steps_per_epoch = math.ceil(len(make_loader(0)) / args.accum_steps)
+    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
+    schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
+    groups = raw_model.param_groups(args.clip_lr, args.lr, args.weight_decay)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+
+    state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
+                     history=ckpt["history"], log_offset=ckpt["log_offset"])
+    model = raw_model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = open_log(out, state["log_offset"], rank)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
+        where = f"resumed after epoch {state['epoch']}" if ckpt else "new run"
+        print(f"{where}: {args.dataset} ({len(splits['train'])} train / {len(splits['val'])} val / "
+              f"{len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+              f"parameters, {world} process(es) on {device}, {args.epochs} epochs of {steps_per_epoch} steps "
+              f"-> {out}")
+
+    while state["epoch"] < args.epochs:
+        epoch_start = time.time()
+        # every source of randomness restarts from (seed, epoch): the order (same on every process, which
+        # DistributedSampler shards), each image's augmentation (EpochSeeded) and, per process, dropout
+        seed_all(mix_seed(args.seed, state["epoch"], rank))
+        loader = make_loader(state["epoch"])
+        data.set_epoch(loader, state["epoch"])
+        train_set.epoch.fill_(state["epoch"])
+        try:
+            train_loss, train_mae = train_epoch(model, raw_model, loader, optimizer, schedule, state, args,
+                                                device, amp_dtype, world, log)
+            train_seconds = time.time() - epoch_start
+        except NonFiniteLoss as e:
+            kept = f"{out / 'last.pt'} (after epoch {state['epoch']})" if state["epoch"] else "none yet"
+            raise SystemExit(f"{e}\nstopped. Last good checkpoint: {kept}. Lower --lr/--clip-lr or "
+                             f"--grad-clip, then rerun into {out} to continue from it.") from None
+        val_mae = evaluate_mae(raw_model, splits["val"], args, device, amp_dtype, rank, world)
+        state["epoch"] += 1
+        improved = val_mae < state["best_val_mae"]
+        if improved:
+            state["best_val_mae"] = val_mae
+        seconds = time.time() - epoch_start
+        record = {"type": "epoch", "epoch": state["epoch"], "step": state["step"], "train_loss": train_loss,
+                  "train_mae": train_mae, "val_mae": val_mae, "best_val_mae": state["best_val_mae"],
+                  "seconds": seconds, "train_images_per_s": len(loader) * loader.batch_size * world / train_seconds}
+        state["history"].append(record)
+        log(record)
+        if rank == 0:
+            print(f"epoch {state['epoch']:3d}/{args.epochs}  loss {train_loss:.4f}  train MAE {train_mae:.3f}  "
+                  f"val MAE {val_mae:.3f}{'  *best' if improved else ''}  ({seconds:.1f}s)")
+            state["log_offset"] = log.offset()
+            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
+                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
+                    "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
+                    "log_offset": state["log_offset"]}
+            # best first: a kill between the two writes leaves last.pt older than best.pt, and the rerun
+            # of that epoch rewrites both identically
+            if improved:
+                save_checkpoint(out / "best.pt", ckpt)
+            save_checkpoint(out / "last.pt", ckpt)
+        if world > 1:
+            dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
+
+    return final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log)
+
+
+def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log):
+    """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean."""
+    best = load_checkpoint(out / "best.pt")
+    raw_model.load_state_dict(best["model"])
+    test_mae = evaluate_mae(raw_model, splits["test"], args, device, amp_dtype, rank, world)
+    train_mean = float(np.mean([s.age for s in splits["train"].samples]))
+    baseline = float(np.mean([abs(s.age - train_mean) for s in splits["test"].samples]))
+    result = {"type": "test", "best_epoch": best["epoch"], "val_mae": best["best_val_mae"], "test_mae": test_mae,
+              "train_mean": train_mean, "baseline_mae": baseline}
+    log(result)
+    if rank == 0:
+        print(f"test MAE {test_mae:.3f} (best.pt: epoch {best['epoch']}, val MAE {best['best_val_mae']:.3f}); "
+              f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
+    return result
+
+
+def resume_checkpoint(args, out):
+    """The checkpoint to continue from (out/last.pt), None for a new run; --resume demands one."""
+    path = out / "last.pt"
+    for leftover in out.glob(".*.pt.tmp*") if out.is_dir() else []:
+        leftover.unlink(missing_ok=True)   # a write interrupted by a kill; the real file is intact
+    if not path.exists():
+        if args.resume:
+            raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
+        return None
+    return load_checkpoint(path)
+
+
+def check_same_run(saved, current, out):
+    """Refuse to continue a run with different options: the result would match neither."""
+    a, b = saved["train"], json.loads(json.dumps(current["train"]))
+    diff = [f"--{k.replace('_', '-')}: {a.get(k)!r} in the run, {b.get(k)!r} now"
+            for k in sorted((set(a) | set(b)) - RUNTIME_OPTIONS) if a.get(k) != b.get(k)]
+    if diff:
+        raise SystemExit(f"{out} holds a run with other options ({'; '.join(diff)}). Rerun with the run's "
+                         f"options (see {out / 'config.json'}) or choose another --out.")
+
+
+def check_images(splits):
+    """Decode every image once, so that a bad file stops the run now, by name, not hours into training
+    (during training an unreadable image is replaced by the next one, with a warning)."""
+    bad = [f"{path}: {reason}" for dataset in splits.values()
+           for path, reason in data.check_images(dataset, progress=sys.stderr.isatty())]
+    if bad:
+        raise SystemExit(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad[:20])
+                         + ("\n..." if len(bad) > 20 else ""))
+
+
+def open_log(out, offset, rank):
+    """log.jsonl appender for rank 0 (others get a no-op). On resume the lines written after the
+    checkpoint (steps that will be redone) are cut off, so the log matches an uninterrupted run."""
+    if rank != 0:
+        logger = lambda record: None
+        logger.offset = lambda: 0
+        return logger
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "log.jsonl"
+    f = open(path, "r+b" if path.exists() else "wb")
+    f.truncate(offset)
+    f.seek(offset)
+
+    def logger(record):
+        f.write((json.dumps(record) + "\n").encode("utf-8"))
+        f.flush()
+    logger.offset = f.tell
+    return logger
+
+
+if __name__ == "__main__":
+    main()
