@@ -20,11 +20,12 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+import peak_rss  # bench/peak_rss.py, beside this file
 
 B, H, D = 1, 8, 64
 THREADS = 2
@@ -33,24 +34,6 @@ BASE_SIZES = (256, 1024, 4096, 16384)
 LONG = 65536                       # only the (log-)linear methods
 LINEAR_METHODS = ("linear", "linear causal", "fourier")
 METHODS = LINEAR_METHODS + ("SDPA softmax", "materialized softmax")
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak():
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_case(method, n):
@@ -84,20 +67,12 @@ def run_case(method, n):
     with torch.no_grad():
         make_case(method, 256)()                          # load kernels and libraries before measuring
         fn = make_case(method, n)
-        rss0 = _status_kb("VmRSS")
-        if _reset_peak():
-            how = "VmHWM"
-            start = time.perf_counter()
-            out = fn()
-            first = time.perf_counter() - start
-            peak = _status_kb("VmHWM") - rss0
-        else:
-            how = "ru_maxrss"
-            max0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            start = time.perf_counter()
-            out = fn()
-            first = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(max0, rss0)
+        begun = peak_rss.start()
+        how = "VmHWM" if begun[0] else "ru_maxrss"
+        start = time.perf_counter()
+        out = fn()
+        first = time.perf_counter() - start
+        peak = peak_rss.rise_kib(begun)
         del out
         times = [first]
         if first < 5:

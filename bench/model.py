@@ -34,33 +34,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for a run without `pip install -e .`
 
+import peak_rss  # noqa: E402  (bench/peak_rss.py, beside this file)
+
 B, E, K = 1, 512, 101
 SIDES = (7, 14, 28, 56)  # N = 49, 196, 784, 3136
 MIXERS = ("linear", "fourier", "softmax", "none")
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak():
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(mixer, side, threads):
     """One (mixer, grid side) case in this process; prints a JSON line."""
-    import resource
-
     import torch
 
     from model import CILFConfig, FusionTransformer
@@ -75,17 +57,17 @@ def worker(mixer, side, threads):
         fusion.zero_grad(set_to_none=True)
         fusion(g, tokens, (side, side), text).sum().backward()
 
-    exact = _reset_peak()
-    before = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    begun = peak_rss.start()
+    exact = begun[0]
     step()
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rise_kib = peak_rss.rise_kib(begun)
     times, start = [], time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < 2.0 and len(times) < 20):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     print(json.dumps({"mixer": mixer, "n": side * side, "ms": 1e3 * min(times),
-                      "mb": max(peak - before, 0) / 1024, "exact": exact}))
+                      "mb": rise_kib / 1024, "exact": exact}))
 
 
 def run_case(mixer, side, threads):

@@ -31,6 +31,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for a run without `pip install -e .`
 
+import peak_rss  # noqa: E402  (bench/peak_rss.py, beside this file)
+
 THREADS = 2
 MIXERS = ("linear", "fourier", "softmax", "none")
 VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -40,28 +42,8 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
 BACKBONES = {"demo": (64, 5, 20), "ViT-B/16": (8, 2, 20)}
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak():
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(backbone, mixer, device_name, batch):
     """One (backbone, mixer, device, batch) case in this process; prints a JSON line."""
-    import resource
-
     import torch
 
     import clip_loader
@@ -104,8 +86,8 @@ def worker(backbone, mixer, device_name, batch):
         torch.cuda.reset_peak_memory_stats()
         before, exact = torch.cuda.memory_allocated(), True
     else:
-        exact = _reset_peak()
-        before = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        begun = peak_rss.start()
+        exact = begun[0]
     step()
     times = []
     for _ in range(gpu_steps if device.type == "cuda" else cpu_steps):
@@ -115,8 +97,7 @@ def worker(backbone, mixer, device_name, batch):
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     else:
-        peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_mb = max(peak - before, 0) / 1024
+        peak_mb = peak_rss.rise_kib(begun) / 1024
     print(json.dumps({"backbone": backbone, "mixer": mixer, "device": device.type, "batch": batch,
                       "images_per_s": batch / statistics.median(times), "peak_mb": peak_mb, "exact": exact}))
 
