@@ -8,6 +8,7 @@ wall time and trainable parameter count.
 
     python bench/ablation.py                          # 7 variants x 3 seeds, 2 runs at a time, ~40 min on 2 cores
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
+    python bench/ablation.py --variants feedback-off-l1x2 --out runs/ablation_control   # a control, see CONTROLS
 
 Nothing is chosen on the test split: every run trains with the demo's settings, and its test figure is
 the one of the checkpoint that train.py selected by validation MAE.
@@ -39,6 +40,11 @@ VARIANTS = {
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
 }
+# Controls that separate a component's effect from its loss term; run with --variants NAME.
+CONTROLS = {
+    "feedback-off-l1x2": ["--feedback-steps", "0", "--l1-weight", "2"],  # feedback off, but y0 gets the
+}                                                                        # second L1 the feedback loss adds
+RUNS = {**VARIANTS, **CONTROLS}
 
 
 def run(variant, seed, args):
@@ -46,7 +52,7 @@ def run(variant, seed, args):
     out = Path(args.out) / f"{variant}_seed{seed}"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     train = [sys.executable, "train.py", "--out", str(out), "--seed", str(seed), "--device", "cpu",
-             *VARIANTS[variant], *args.train_args]
+             *RUNS[variant], *args.train_args]
     start = time.time()
     subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - start
@@ -72,7 +78,7 @@ def trainable_parameters(path):
 def summarise(rows):
     """One line per variant: means and stds over seeds."""
     table = []
-    for variant in VARIANTS:
+    for variant in RUNS:
         mine = [r for r in rows if r["variant"] == variant]
         if not mine:
             continue
@@ -102,7 +108,8 @@ def markdown(table):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(RUNS),
+                   help="the ablations; controls: " + ", ".join(CONTROLS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
