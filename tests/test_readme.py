@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}  # take no value
 
 RUNNER = r"""
-import argparse, contextlib, io, json, runpy, sys
+import argparse, contextlib, io, json, os, runpy, sys
 PARSED = 99
 _parse = argparse.ArgumentParser.parse_args
 def parse_args(self, *a, **k):
@@ -29,6 +29,8 @@ results = []
 for rest in json.loads(sys.stdin.read()):
     sys.argv = list(rest)
     err = io.StringIO()
+    saved_path = list(sys.path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(rest[0])))   # as `python script.py` does
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             runpy.run_path(rest[0], run_name='__main__')
@@ -37,6 +39,7 @@ for rest in json.loads(sys.stdin.read()):
         status = 'ok' if stop.code == PARSED else f'exit {stop.code}: ' + err.getvalue()[-800:]
     except BaseException as e:
         status = f'{type(e).__name__}: {e}'
+    sys.path[:] = saved_path
     results.append(status)
 print(json.dumps(results))
 """
