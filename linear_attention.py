@@ -208,21 +208,23 @@ class FourierMixer(nn.Module):
     """Learnable global filter on the 2-D FFT of the token grid (GFNet): x -> irfft2(rfft2(x) * W).
 
     x (B, G + h*w, dim): the first G = num_global_tokens tokens (e.g. CLIP's global embedding) bypass the
-    filter and come out unchanged; the rest are a row-major h x w grid. W is one complex filter per
-    channel, (h, w//2 + 1, dim); multiplying spectra is a circular convolution of every channel of the
-    grid with the spatial kernel irfft2(W), in O(N log N).
+    filter; the rest are a row-major h x w grid. W is one complex filter per channel, (h, w//2 + 1, dim);
+    multiplying spectra is a circular convolution of every channel of the grid with the spatial kernel
+    irfft2(W), in O(N log N).
 
-    Initialisation: W = 1 + small complex noise (std 0.02), a near-identity filter, so grid tokens start out
-    passed through like the global tokens, at the unit scale of an attention branch's output. (GFNet draws
-    W = 0.02 randn, a near-zero branch; with tokens that bypass the filter unchanged that would start the
-    global and grid tokens at different scales.)
+    The mixer is a residual branch (z + mixer(LN(z))): the global tokens' output is 0, so a block's mixing
+    step leaves them exactly as they were (a true bypass), while the grid tokens get the filtered grid.
 
-    A grid of another size at run time (the same face at another input resolution) resamples the
-    frequency response, not the spatial kernel: W is read as a function of frequency in cycles per
-    image and linearly interpolated at the new grid's frequencies (periodically along the full-FFT axis,
-    clamped along the half-spectrum axis). The filter then acts on the same image structures at any
-    resolution; interpolating the spatial kernel instead would need an fftshift and a choice of how to
-    stretch a kernel that wraps around the grid. Sampled at the built size, the filter is returned exactly.
+    Initialisation: W = 1 + small complex noise (std 0.02), a near-identity filter, so the grid's branch
+    starts at the unit scale of an attention branch's output. (GFNet draws W = 0.02 randn, a near-zero
+    branch.) Being the identity, not 0, at rest, W must not be weight-decayed (model.param_groups).
+
+    A grid of another size at run time (the same face at another input resolution) keeps the filter's
+    response in cycles per image: FFT index k of any grid is k cycles across the image, so the new grid's
+    frequency k reads W at the same k. Frequencies the built grid cannot represent (above its Nyquist
+    frequency, only on a larger grid) take the value at the built grid's highest frequency of that sign;
+    on a smaller grid the filter is W at the frequencies that grid has. No interpolation is needed, and
+    at the built size the filter is W exactly.
     """
 
     def __init__(self, dim: int, grid_size: Tuple[int, int] = (14, 14), num_global_tokens: int = 1):
@@ -236,7 +238,7 @@ class FourierMixer(nn.Module):
         self.complex_weight = nn.Parameter(weight + 0.02 * torch.randn_like(weight))
 
     def filter(self, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """The complex filter (h, w//2 + 1, dim) for a grid of grid_size, resampled if it is not the built one."""
+        """The complex filter (h, w//2 + 1, dim) for a grid of grid_size, in cycles per image (class docstring)."""
         param = self.complex_weight
         weight = torch.view_as_complex(param.to(torch.promote_types(param.dtype, torch.float32)))
         # weight: (h0, w0//2 + 1, dim) complex
@@ -244,21 +246,14 @@ class FourierMixer(nn.Module):
         if (h, w) == self.grid_size:
             return weight
         h0, w0 = self.grid_size
-        # Rows: full FFT frequencies, signed index k in [-h/2, h/2) is k/h cycles per image; periodic.
-        k = (torch.arange(h, device=weight.device) + h // 2) % h - h // 2   # fftfreq order: 0, 1, .., -1
-        pos = k.double() * (h0 / h)                                 # same frequency in source row units
-        lo = pos.floor()
-        t = (pos - lo).to(weight.real.dtype)[:, None, None]
-        lo = lo.long()
-        weight = weight[lo % h0] * (1 - t) + weight[(lo + 1) % h0] * t             # (h, W0//2+1, dim)
-        # Columns: half spectrum 0..w/2; frequencies past the source's Nyquist clamp to it.
-        pos = torch.arange(w // 2 + 1, device=weight.device, dtype=torch.float64) * (w0 / w)
-        pos = pos.clamp(max=w0 // 2)
-        lo = pos.floor()
-        t = (pos - lo).to(weight.real.dtype)[None, :, None]
-        lo = lo.long()
-        hi = (lo + 1).clamp(max=w0 // 2)
-        return weight[:, lo] * (1 - t) + weight[:, hi] * t                        # (h, w//2+1, dim)
+        # Rows: the full FFT, row r holds the signed frequency k = r, or r - h past the middle (fftfreq
+        # order 0, 1, .., -1), k cycles per image. Clamp k to the built grid's range [-(h0//2), h0//2]
+        # (for even h0 both ends are its one Nyquist row) and read that row.
+        k = (torch.arange(h, device=weight.device) + h // 2) % h - h // 2
+        weight = weight[k.clamp(-(h0 // 2), h0 // 2) % h0]                        # (h, w0//2+1, dim)
+        # Columns: the half spectrum, column j is j cycles per image; past the built Nyquist, clamp.
+        j = torch.arange(w // 2 + 1, device=weight.device)
+        return weight[:, j.clamp(max=w0 // 2)]                                    # (h, w//2+1, dim)
 
     def forward(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """x (B, G + h*w, dim) -> same shape; grid_size (h, w) defaults to the built one."""
@@ -273,7 +268,8 @@ class FourierMixer(nn.Module):
             grid = x[:, G:].to(dtype).reshape(B, h, w, C)                          # (B, h, w, C)
             spec = torch.fft.rfft2(grid, dim=(1, 2))                               # (B, h, w//2+1, C)
             grid = torch.fft.irfft2(spec * self.filter((h, w)), s=(h, w), dim=(1, 2))
-        return torch.cat([x[:, :G], grid.reshape(B, h * w, C).to(x.dtype)], dim=1)  # (B, G + h*w, C)
+        # zeros for the global tokens: the residual z + 0 passes them through the block's mixing unchanged
+        return torch.cat([torch.zeros_like(x[:, :G]), grid.reshape(B, h * w, C).to(x.dtype)], dim=1)  # (B, G+h*w, C)
 
 
 def build_token_mixer(name: str, dim: int, num_heads: int, grid_size: Tuple[int, int],

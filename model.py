@@ -16,6 +16,9 @@ Abstract claim -> code:
     s_k = scale * cos(f, T_k);  p = softmax(s);  y0 = sum_k p_k a_k                         (B, K)
     L = KL(N(y, sigma_y^2) over A || p) + l1 |y0 - y| + con L_con + fb mean_r |y_r - y| + unc L_unc
 
+The temperature scale = exp(logit_scale) starts at CLIP's and trains (capped at 100 after each optimizer
+step, CILFCIAE.clamp_logit_scale); the reported age y_R is clipped to the class range [a_1, a_K].
+
 W_out starts at zero, so an untrained model is CLIP's prompt classifier (with CLIP's temperature, up
 to rounding) followed by a feedback loop that changes nothing; everything switched off (depth 0,
 feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
@@ -63,6 +66,7 @@ class CILFConfig:
     # CLIP towers (claim 1)
     freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
     freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode
+    clip_bn: str = "frozen"                 # BatchNorm of a trained ResNet tower: frozen (eval mode) | train
     # loss (METHOD.md section 6); a part whose weight is 0 is not computed
     sigma_y: float = 2.0                    # std (years) of the Gaussian label distribution
     distribution_weight: float = 1.0        # KL(label distribution || p)
@@ -90,8 +94,8 @@ class AgeOutput:
     """Everything the model says about a batch of B images over K age classes and R feedback steps."""
     logits: torch.Tensor                    # (B, K) scale * cos(f, T)
     probs: torch.Tensor                     # (B, K) age distribution p
-    ages_per_step: torch.Tensor             # (B, R+1) [y0, y1, .., yR]
-    age: torch.Tensor                       # (B,) final prediction y_R
+    ages_per_step: torch.Tensor             # (B, R+1) [y0, y1, .., yR], unclipped (the losses read these)
+    age: torch.Tensor                       # (B,) final prediction y_R clipped to [a_1, a_K]
     uncertainty: torch.Tensor               # (B,) predicted |y - y_R|; zeros when R = 0
     embedding: torch.Tensor                 # (B, E) fused embedding f, unit norm
     uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
@@ -118,8 +122,10 @@ def contrastive_loss(image_emb, text_emb, ages, y, logit_scale, sigma):
 
     image_emb (B, E), text_emb (K, E) for the classes ages (K,), y (B,) true ages, logit_scale the
     multiplier (not its log). Ages repeat inside a batch, so the one-hot InfoNCE target would call a
-    same-age pair a negative; q_ij (soft_contrastive_targets) is symmetric, so it serves as the target
-    of both directions.
+    same-age pair a negative; q (soft_contrastive_targets) replaces it. q itself is not symmetric (each
+    row is normalised by its own sum), but its row j is the target of text j too: text j stands for age
+    y_j, the kernel exp(-(y_i - y_j)^2 / 2 sigma^2) is symmetric in i and j, so text j's target over the
+    images i is that kernel normalised over i, which is row j of q.
     """
     t = F.normalize(interpolate_age_embedding(text_emb, ages, y), dim=-1)  # (B, E) t_{y_j}
     sim = logit_scale * F.normalize(image_emb, dim=-1) @ t.t()  # (B, B) image i vs text j
@@ -228,6 +234,8 @@ class CILFCIAE(nn.Module):
             raise ValueError(f"CILFConfig.mixer must be one of {MIXERS + ('none',)}, got {config.mixer!r}")
         if config.feedback_steps < 0 or config.depth < 0:
             raise ValueError("CILFConfig: feedback_steps and depth must be >= 0")
+        if config.clip_bn not in ("frozen", "train"):
+            raise ValueError(f"CILFConfig.clip_bn must be 'frozen' or 'train', got {config.clip_bn!r}")
         self.config = config
         self.clip = clip_model
         E = clip_model.embed_dim
@@ -240,6 +248,9 @@ class CILFCIAE(nn.Module):
         self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
         # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
         # zero_shot() keeps CLIP's value untouched.
+        # The cap is enforced by clamp_logit_scale() after each optimizer step, as open_clip does, not by a
+        # clamp in forward: every released CLIP sits at the cap (in float32 just above log 100), where a
+        # clamp in forward would pass a gradient of exactly 0 and the temperature would never train.
         start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
         self.logit_scale = nn.Parameter(torch.tensor(start))
         span = float(self.ages[-1] - self.ages[0]) or 1.0
@@ -264,10 +275,17 @@ class CILFCIAE(nn.Module):
         return [p for n, p in self.clip.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
 
     def train(self, mode: bool = True):
-        """As nn.Module.train, but frozen towers stay in eval mode (no dropout, no BatchNorm drift)."""
+        """As nn.Module.train, but frozen towers stay in eval mode (no dropout, no BatchNorm drift), and so
+        do the BatchNorm layers of a trained ResNet tower unless clip_bn is "train": their running
+        statistics would otherwise move at momentum 0.1 whatever the tower's small learning rate, away
+        from the pretrained ones (and per process under DDP). Their affine weights still train."""
         super().train(mode)
         if self.config.freeze_image_tower:
             self.clip.visual.eval()
+        elif self.config.clip_bn == "frozen":
+            for module in self.clip.visual.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         if self.config.freeze_text_tower:
             for name, child in self.clip.named_children():
                 if name != "visual":
@@ -275,21 +293,33 @@ class CILFCIAE(nn.Module):
         return self
 
     def _encode_prompts(self):
-        return F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)  # (K, E)
+        # float32 whatever the caller's autocast: adjacent age prompts differ by ~1e-4 per coordinate,
+        # which bf16 (8 significant bits) rounds away, making neighbouring ages identical.
+        with torch.autocast(device_type=self.prompt_tokens.device.type, enabled=False):
+            return F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)  # (K, E)
 
     def text_embeddings(self):
-        """Unit-norm age-text embeddings T (K, E), float32.
+        """Unit-norm age-text embeddings T (K, E), computed in float32.
 
-        Frozen text tower: encoded once in float32 and cached (not saved in the state dict; dropped on
+        Frozen text tower: encoded once and cached (not saved in the state dict; dropped on
         load_state_dict and on a change of device). Trained text tower: encoded at every call, on the graph.
         """
         if not self.config.freeze_text_tower:
             return self._encode_prompts()
         device = self.prompt_tokens.device
         if self._text_cache is None or self._text_cache.device != device:
-            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            with torch.no_grad():
                 self._text_cache = self._encode_prompts()
         return self._text_cache
+
+    def temperature(self):
+        """The multiplier exp(logit_scale) of the age logits and the contrastive loss."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """Keep the temperature at or below CLIP's cap, 100: call after every optimizer step."""
+        self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, images):
@@ -300,8 +330,7 @@ class CILFCIAE(nn.Module):
         else:
             g, tokens, grid = self.clip.encode_image_tokens(images)  # (B, E), (B, N, E), (h, w)
             f = self.fusion(g, tokens, grid, text)  # (B, E)
-        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        return self._predict(f, text, scale, self.feedback)
+        return self._predict(f, text, self.temperature(), self.feedback)
 
     def zero_shot(self, images):
         """Raw CLIP prompt classification: softmax(CLIP's logit_scale * cos(g, T)); no fusion, no feedback."""
@@ -322,7 +351,9 @@ class CILFCIAE(nn.Module):
             else:
                 fb = feedback(y0, f, text, self.ages)
         uncertainty = fb.uncertainty[:, -1]
-        return AgeOutput(logits=logits, probs=probs, ages_per_step=fb.ages, age=fb.ages[:, -1],
+        # The corrections may step outside the classes; an age the classes do not cover is not predicted.
+        age = fb.ages[:, -1].clamp(self.ages[0], self.ages[-1])  # (B,)
+        return AgeOutput(logits=logits, probs=probs, ages_per_step=fb.ages, age=age,
                          uncertainty=uncertainty, embedding=f, uncertainty_per_step=fb.uncertainty,
                          text_embeddings=text)
 
@@ -345,9 +376,8 @@ class CILFCIAE(nn.Module):
             if weights["l1"]:
                 parts["l1"] = (out.ages_per_step[:, 0] - y).abs().mean()
             if weights["contrastive"]:
-                scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-                parts["contrastive"] = contrastive_loss(out.embedding, out.text_embeddings, self.ages, y, scale,
-                                                        c.contrastive_sigma)
+                parts["contrastive"] = contrastive_loss(out.embedding, out.text_embeddings, self.ages, y,
+                                                        self.temperature(), c.contrastive_sigma)
             fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step), y)
             parts.update({k: v for k, v in fb.items() if weights[k]})
         total = sum((weights[k] * v for k, v in parts.items()), out.logits.new_zeros(()))
@@ -356,16 +386,17 @@ class CILFCIAE(nn.Module):
     def param_groups(self, clip_lr, new_lr, weight_decay):
         """AdamW groups: CLIP towers at clip_lr, new modules at new_lr; each with and without weight decay.
 
-        No decay on norms, biases, embeddings (token, position, class, global) and the temperature:
-        every parameter with fewer than 2 dimensions or "embedding" in its name. Frozen parameters are
-        left out; empty groups are dropped.
+        No decay on norms, biases, embeddings (token, position, class, global), the temperature and the
+        Fourier filter: every parameter with fewer than 2 dimensions, "embedding" in its name, or the
+        filter's complex_weight (it starts at the identity, 1; decay would pull it toward 0, toward
+        deleting the branch). Frozen parameters are left out; empty groups are dropped.
         """
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             part = "clip" if name.startswith("clip.") else "new"
-            decay = p.ndim >= 2 and "embedding" not in name
+            decay = p.ndim >= 2 and "embedding" not in name and not name.endswith("complex_weight")
             key = f"{part}_{'decay' if decay else 'no_decay'}"
             if key not in groups:
                 groups[key] = {"name": key, "params": [], "lr": clip_lr if part == "clip" else new_lr,

@@ -414,6 +414,7 @@ def train_epoch(model, raw_model, loader, optimizer, schedule, state, args, devi
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
+        raw_model.clamp_logit_scale()   # the temperature's cap, after the step (not a clamp in forward)
         optimizer.zero_grad(set_to_none=True)
         log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
              "loss": values[0], **dict(zip(names, values[1:]))})

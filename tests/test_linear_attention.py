@@ -276,27 +276,41 @@ def test_fourier_is_circular_convolution(grid, G):
     kernel = torch.fft.irfft2(m.filter(grid), s=grid, dim=(0, 1))    # (h, w, dim) spatial kernel
     ref = circular_conv(x[:, G:].reshape(2, h, w, 3), kernel).reshape(2, h * w, 3)
     torch.testing.assert_close(out[:, G:], ref, atol=1e-10, rtol=0)
-    assert torch.equal(out[:, :G], x[:, :G])                         # global tokens bypass the filter
+    assert torch.equal(out[:, :G], torch.zeros_like(x[:, :G]))       # global tokens: a zero residual branch
     assert (out[:, G:] - x[:, G:]).abs().max() > 0.1
 
 
 def test_fourier_resampled_filter():
     m = random_fourier(2, (4, 6), 1)
-    base = m.filter()
+    base = m.filter()                                                # (4, 4, 2): rows k = 0, 1, -2|2, -1
     assert torch.equal(m.filter((4, 6)), base)
-    up = m.filter((8, 12))                                           # (8, 7, 2)
+    up = m.filter((8, 12))                                           # rows k = 0, 1, 2, 3, -4|4, -3, -2, -1
     assert up.shape == (8, 7, 2)
-    # Shared frequencies (k/8 = (k/2)/4 cycles per image) keep the filter's value exactly.
-    for k in range(-4, 4, 2):
-        for j in range(0, 7, 2):
-            torch.testing.assert_close(up[k % 8, j], base[(k // 2) % 4, j // 2], atol=1e-12, rtol=0)
-    # Halfway frequencies are linear interpolations of their neighbours; rows are periodic in frequency:
-    # 3/8 lies between 1/4 and the Nyquist row 2/4 = -2/4, and -1/8 between -1/4 (row 3) and 0 (row 0).
-    torch.testing.assert_close(up[1, 2], (base[0, 1] + base[1, 1]) / 2, atol=1e-12, rtol=0)
-    torch.testing.assert_close(up[3, 0], (base[1, 0] + base[2, 0]) / 2, atol=1e-12, rtol=0)
-    torch.testing.assert_close(up[7, 4], (base[3, 2] + base[0, 2]) / 2, atol=1e-12, rtol=0)
-    torch.testing.assert_close(up[0, 3], (base[0, 1] + base[0, 2]) / 2, atol=1e-12, rtol=0)
-    assert m.filter((3, 5)).shape == (3, 3, 2)
+    # The same k cycles per image reads the same value; past the built grid's Nyquist (2 rows, 3 columns)
+    # the value at the Nyquist frequency (row 2 = -2, column 3) is kept.
+    for (r, c), (r0, c0) in {(1, 2): (1, 2), (2, 3): (2, 3), (6, 1): (2, 1), (7, 0): (3, 0),
+                             (3, 0): (2, 0), (5, 6): (2, 3), (4, 4): (2, 3), (0, 5): (0, 3)}.items():
+        assert torch.equal(up[r, c], base[r0, c0]), (r, c)
+    down = m.filter((3, 5))                                          # rows k = 0, 1, -1; columns 0..2
+    assert down.shape == (3, 3, 2)
+    assert torch.equal(down[1, 2], base[1, 2]) and torch.equal(down[2, 1], base[3, 1])
+
+
+@pytest.mark.parametrize("run_grid", [(8, 8), (16, 16), (12, 10), (7, 9)])
+def test_fourier_pass_band_is_in_cycles_per_image(run_grid):
+    """A filter built on 8x8 that passes only 2 cycles per image (down the rows) passes a 2-cycle pattern
+    whole and blocks 1- and 3-cycle patterns on any grid: the same face structure at any resolution."""
+    m = la.FourierMixer(1, (8, 8), num_global_tokens=1).double()
+    with torch.no_grad():
+        m.complex_weight.zero_()
+        m.complex_weight[[2, -2], 0, 0, 0] = 1.0                     # rows k = +-2, column 0: real gain 1
+    h, w = run_grid
+    rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+    for cycles, gain in ((2, 1.0), (1, 0.0), (3, 0.0)):
+        pattern = torch.cos(2 * math.pi * cycles * rows / h + 0.3)   # (h, w), `cycles` periods down the image
+        x = torch.cat([torch.zeros(1), pattern.flatten()]).reshape(1, 1 + h * w, 1)
+        out = m(x, grid_size=run_grid)[0, 1:, 0].reshape(h, w)
+        torch.testing.assert_close(out, gain * pattern, atol=1e-10, rtol=0, msg=f"{cycles} cycles on {run_grid}")
 
 
 @pytest.mark.parametrize("run_grid", [(5, 7), (2, 3), (8, 8)])
@@ -334,8 +348,8 @@ def test_build_token_mixer_residual_friendly(name):
     assert 0.1 < ratio < 3, ratio
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-    if name == "fourier":                                            # near-identity initialisation
-        assert (out - x).abs().max() < 0.5
+    if name == "fourier":            # near-identity initialisation of the grid; a zero branch for the global token
+        assert (out[:, 1:] - x[:, 1:]).abs().max() < 0.5 and torch.equal(out[:, 0], torch.zeros_like(x[:, 0]))
 
 
 def test_bad_inputs_raise_clear_errors():

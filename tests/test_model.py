@@ -449,3 +449,100 @@ def test_other_input_resolutions(kind, resolution, mixer):
     assert grid == (resolution // stride,) * 2 and tokens.shape[1] == grid[0] * grid[1]
     assert out.embedding.shape == (2, 32) and torch.isfinite(out.logits).all()
     assert model.fusion._positions(grid).shape == (1, grid[0] * grid[1], 32)
+
+
+# ---- findings of the independent review (issue #11) ---------------------------------------------
+
+def test_temperature_trains_from_clips_cap():
+    """Every released CLIP ends at the cap, log 100 (just above it in float32): the temperature must still
+    get a gradient at step 0, and the cap holds after each optimizer step (clamp_logit_scale)."""
+    clip = tiny_clip("vit")
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(100.0))
+    model = build(clip)
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+    x = images(clip)
+    total, _ = model.loss(model(x), TARGET)
+    total.backward()
+    grad = model.logit_scale.grad
+    assert grad is not None and grad.item() != 0.0 and math.isfinite(grad.item())
+    # A step that raises the temperature is cut back to the cap; one that lowers it is kept.
+    cap = torch.tensor(math.log(100.0), dtype=torch.float32)
+    for direction in (-1.0, 1.0):
+        with torch.no_grad():
+            model.logit_scale.fill_(cap.item() - direction * 0.5)
+        model.clamp_logit_scale()
+        assert model.logit_scale.item() == pytest.approx(min(cap.item(), cap.item() - direction * 0.5))
+    assert model.logit_scale <= cap
+
+
+@pytest.mark.parametrize("freeze_text_tower", [False, True])
+def test_age_prompts_are_float32_under_bf16_autocast(vit, freeze_text_tower):
+    model = build(vit, freeze_text_tower=freeze_text_tower)
+    with torch.no_grad():
+        reference = hand_text_embeddings(vit, model.ages)            # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):                # the frozen cache is filled in here
+        text = model.text_embeddings()
+        out = model(images(vit))
+    assert text.dtype == torch.float32
+    torch.testing.assert_close(text, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.text_embeddings, reference, atol=1e-5, rtol=0)
+
+
+def _batchnorms(clip):
+    return [m for m in clip.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("clip_bn", ["frozen", "train"])
+def test_trained_resnet_tower_batchnorm_statistics_frozen_by_default(clip_bn):
+    clip = tiny_clip("resnet")
+    options = {} if clip_bn == "frozen" else {"clip_bn": "train"}   # frozen is the default
+    model = build(clip, freeze_image_tower=False, **options).train()
+    assert _batchnorms(clip) and clip.visual.training and model.fusion.training
+    assert all(bn.training == (clip_bn == "train") for bn in _batchnorms(clip))
+    stats = {n: b.clone() for n, b in clip.visual.named_buffers() if "running" in n}
+    total, _ = model.loss(model(images(clip)), TARGET)
+    total.backward()
+    moved = [n for n, b in clip.visual.named_buffers() if "running" in n and not torch.equal(b, stats[n])]
+    assert bool(moved) == (clip_bn == "train")
+    assert all(bn.weight.grad is not None for bn in _batchnorms(clip))   # the affine weights still train
+    with pytest.raises(ValueError, match="clip_bn"):
+        build(clip, clip_bn="sync")
+
+
+def test_no_weight_decay_on_the_fourier_filter(vit):
+    model = build(vit, mixer="fourier", depth=2)
+    groups = model.param_groups(clip_lr=1e-5, new_lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    filters = [n for n in decay if n.endswith("mix.complex_weight")]
+    assert len(filters) == 2 and all(decay[n] == 0.0 for n in filters)
+    assert decay["fusion.blocks.0.mlp.0.weight"] == 0.05
+
+
+def test_age_classes_reach_116_and_predictions_are_clipped_to_them(vit):
+    model = build(vit, max_age=116.0)
+    assert model.ages[-1].item() == 116.0 and model.config.prompts()[-1] == "a photo of a 116 year old person."
+    wake(model)
+    with torch.no_grad():                                            # corrections far past both ends
+        model.feedback.head[-1].bias[0] = 50.0
+        high = model(images(vit))
+        model.feedback.head[-1].bias[0] = -50.0
+        low = model(images(vit))
+    assert (high.ages_per_step[:, -1] > 116).all() and torch.equal(high.age, torch.full((4,), 116.0))
+    assert (low.ages_per_step[:, -1] < 0).all() and torch.equal(low.age, torch.zeros(4))
+
+
+def test_fourier_global_token_passes_the_mixing_step_unchanged(vit):
+    """The global token bypasses the Fourier mixer: with no cross-attention and a zero MLP output layer,
+    a block returns it exactly as it came in (it used to get LN(z_g) added)."""
+    from model import FusionBlock
+    torch.manual_seed(0)
+    block = FusionBlock(16, 2, 2.0, 0.0, "fourier", (3, 3), cross_attention=False)
+    with torch.no_grad():
+        block.mlp[-1].weight.zero_()
+        block.mlp[-1].bias.zero_()
+    z = torch.randn(2, 1 + 9, 16)
+    out = block(z, None, (3, 3))
+    assert torch.equal(out[:, 0], z[:, 0])
+    assert not torch.allclose(out[:, 1:], z[:, 1:])                  # the grid tokens are mixed
