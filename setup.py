@@ -21,8 +21,8 @@ setup(
     py_modules=["clip_loader", "linear_attention", "feedback", "model", "data", "train", "eval"],
     data_files=[("share/cilf-ciae", ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP"])],
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.3",          # torch.amp.GradScaler(device)
+        "torchvision>=0.18",
         "ftfy>=6.0",
         "regex>=2022.1",
         "tqdm>=4.60",

@@ -20,18 +20,19 @@ Run:
 
 Run folder (--out): config.json (resolved options and model config), log.jsonl (one line per optimizer
 step with the loss parts, one per epoch with the metrics, one with the final test result), last.pt and
-best.pt (by validation MAE). Both checkpoints hold model, optimizer, scheduler, step, epoch, RNG states,
-config (plain data), best_val_mae and history; they are written atomically, so a run killed at any moment
-(even SIGKILL) resumes from its last finished epoch and ends with the same weights as a run never stopped:
-each epoch's shuffle, augmentation and dropout are functions of (seed, epoch, rank) alone.
+best.pt (by validation MAE). Both checkpoints hold model, optimizer, scaler (the fp16 GradScaler's state),
+scheduler, step, epoch, RNG states, config (plain data), best_val_mae and history; they are written
+atomically, so a run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends
+with the same weights as a run never stopped: each epoch's shuffle, augmentation and dropout are
+functions of (seed, epoch, rank) alone.
 
 Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
 per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
 hardware. Defaults written "demo: X / real: Y" depend on whether a CLIP checkpoint is given.
 
 Public names: DEMO_CLIP, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
-set_rng_state, setup_distributed, save_checkpoint, build_clip, build_config, build_splits, EpochSeeded,
-evaluate_mae, train_epoch, main.
+set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max, resolve_max_age, build_config,
+sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, main.
 """
 import os
 
@@ -73,7 +74,8 @@ DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_widt
 DEMO_MODEL = dict(width=64, heads=4)
 
 # Options that only say how a run is executed, not what it computes: they may change on resume.
-RUNTIME_OPTIONS = {"out", "resume", "device", "workers", "compile", "check_images", "world_size"}
+RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "check_images", "world_size"}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,13 +139,17 @@ def parse_args(argv=None):
     g.add_argument("--uncertainty-weight", type=float, default=m.uncertainty_weight, help="weight of the "
                    "predicted-error loss")
     g.add_argument("--min-age", type=float, default=m.min_age, help="first age class")
-    g.add_argument("--max-age", type=float, default=m.max_age, help="last age class")
+    g.add_argument("--max-age", type=float, default=None, help="last age class; default: the oldest training "
+                   f"age rounded up onto the class grid, at least {m.max_age:g}")
     g.add_argument("--prompt-template", default=m.prompt_template, help="one prompt per age class")
     g.add_argument("--image-tower", default="train", choices=["train", "freeze"], help="CLIP's image tower "
                    "(trained at --clip-lr, or frozen)")
     g.add_argument("--text-tower", default=None, choices=["train", "freeze"], help="CLIP's text tower; demo: "
                    "train (a random tower's age prompts carry no order until trained) / real: freeze (prompt "
                    "embeddings computed once and cached)")
+    g.add_argument("--clip-bn", default=m.clip_bn, choices=["frozen", "train"], help="BatchNorm statistics of a "
+                   "trained ResNet image tower: frozen (pretrained, eval mode; affine weights still train) or "
+                   "train (moving, synchronised across processes under torchrun on GPUs)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs; demo: 20 / real: 30")
     g.add_argument("--batch-size", type=int, default=64, help="global batch: images per optimizer step, "
@@ -164,6 +170,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="insist on continuing the run in --out (rerunning "
                    "into a folder that holds last.pt continues it anyway)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU per process)")
+    g.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES], help="autocast dtype; auto: bf16 on "
+                   "GPUs that have it, fp16 (with a GradScaler) on older ones, off on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--nan-at-step", type=int, default=-1, help="testing aid: feed NaN images at this optimizer "
                    "step to exercise the stop on a non-finite loss (-1: never)")
@@ -291,16 +299,47 @@ def build_clip(args):
     return clip_model
 
 
+def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=CILFConfig.max_age):
+    """The last age class: the oldest training age rounded up onto the grid min_age + k * age_step, and at
+    least `at_least` (100), so the classes, the feedback's inverse map and the predictions cover every
+    training age (UTKFace goes to 116)."""
+    top = max(max(train_ages), at_least)
+    return min_age + math.ceil((top - min_age) / age_step - 1e-9) * age_step
+
+
 def build_config(args):
-    """CILFConfig from the options (every field has one)."""
+    """CILFConfig from the options (every field has one; --max-age resolved by the caller)."""
     return CILFConfig(min_age=args.min_age, max_age=args.max_age, prompt_template=args.prompt_template,
                       mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
                       mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
                       feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
                       freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
+                      clip_bn=args.clip_bn,
                       sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
                       contrastive_weight=args.contrastive_weight, contrastive_sigma=args.contrastive_sigma,
                       feedback_weight=args.feedback_weight, uncertainty_weight=args.uncertainty_weight)
+
+
+def resolve_max_age(args, train_ages):
+    """Fill --max-age from the training split (age_classes_max); refuse one below the oldest training age."""
+    oldest = max(train_ages)
+    if args.max_age is None:
+        args.max_age = float(age_classes_max(train_ages, args.min_age))
+    elif args.max_age < oldest:
+        raise SystemExit(f"--max-age {args.max_age:g} is below the oldest training age, {oldest:g}: the model could "
+                         f"not predict it (leave --max-age out to cover the training split)")
+
+
+def sync_batchnorm(raw_model, args, device, world):
+    """Under DDP with --clip-bn train, BatchNorm statistics computed over all processes' images
+    (SyncBatchNorm; weights and buffers keep their names), not one set per process."""
+    if world == 1 or args.clip_bn != "train" or args.image_tower == "freeze" or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw_model.modules()):
+        return raw_model
+    if device.type != "cuda":
+        raise SystemExit("--clip-bn train under torchrun needs GPUs: torch's SyncBatchNorm has no CPU kernel "
+                         "(use --clip-bn frozen, the default, or one process)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
 
 
 def dataset_options(args, resolution):
@@ -370,9 +409,11 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_epoch(model, raw_model, loader, optimizer, schedule, state, args, device, amp_dtype, world, log):
-    """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place.
-    Returns (mean loss, mean absolute error) over the epoch, averaged over processes."""
+def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args, device, amp_dtype, world, log):
+    """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place. scaler: a
+    torch.amp.GradScaler, enabled on the fp16 path only (small gradients would underflow to zero in fp16;
+    a step whose scaled gradients overflow is skipped and the scale lowered). Returns (mean loss, mean
+    absolute error) over the epoch, averaged over processes."""
     model.train()
     n_batches = len(loader)
     totals = np.zeros(3)   # loss * n, |error| sum, n (this process)
@@ -392,7 +433,7 @@ def train_epoch(model, raw_model, loader, optimizer, schedule, state, args, devi
             with autocast(device, amp_dtype):
                 out = model(images)
                 loss, parts = raw_model.loss(out, ages)
-            (loss / group_size).backward()
+            scaler.scale(loss / group_size).backward()
         names = sorted(parts)
         values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
         if world > 1:
@@ -411,13 +452,16 @@ def train_epoch(model, raw_model, loader, optimizer, schedule, state, args, devi
         factor = schedule(state["step"])
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
+        scaler.unscale_(optimizer)   # true gradients for the clipping (a no-op unless fp16)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         raw_model.clamp_logit_scale()   # the temperature's cap, after the step (not a clamp in forward)
         optimizer.zero_grad(set_to_none=True)
         log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
-             "loss": values[0], **dict(zip(names, values[1:]))})
+             "loss": values[0], **dict(zip(names, values[1:])),
+             **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
         state["step"] += 1
     loss_sum, err_sum, n = all_reduce_sum(totals.tolist(), device, world)
     return loss_sum / n, err_sum / n
@@ -441,16 +485,16 @@ def run(args, rank, world, device):
     ckpt = resume_checkpoint(args, out)
     if device.type == "cuda":   # TF32 matmuls: ~free speed on Ampere+, the loss of precision does not matter here
         torch.set_float32_matmul_precision("high")
-    amp_dtype = autocast_dtype(device)
+    amp_dtype = autocast_dtype(device) if args.amp == "auto" else AMP_DTYPES[args.amp]
 
     seed_all(args.seed)
     clip_model = build_clip(args)
-    config = build_config(args)
-    raw_model = CILFCIAE(clip_model, config)
-    resolution = raw_model.clip.visual.input_resolution
-    splits, options = build_splits(args, resolution)
+    splits, options = build_splits(args, clip_model.visual.input_resolution)
     if args.check_images:
         check_images(splits)
+    resolve_max_age(args, [s.age for s in splits["train"].samples])
+    config = build_config(args)
+    raw_model = CILFCIAE(clip_model, config)
     train_set = EpochSeeded(splits["train"], args.seed)
     run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
                   "model": dataclasses.asdict(config),
@@ -459,6 +503,7 @@ def run(args, rank, world, device):
         check_same_run(ckpt["config"], run_config, out)
         raw_model.load_state_dict(ckpt["model"])
     raw_model.to(device)
+    raw_model = sync_batchnorm(raw_model, args, device, world)
 
     # A new loader every epoch, seeded from (seed, epoch): its order then needs no saved state, and the
     # first epoch after a resume draws from its generator exactly as that epoch did in the uninterrupted
@@ -474,10 +519,13 @@ def run(args, rank, world, device):
         group["base_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
                      history=ckpt["history"], log_offset=ckpt["log_offset"])
@@ -506,7 +554,7 @@ def run(args, rank, world, device):
         data.set_epoch(loader, state["epoch"])
         train_set.epoch.fill_(state["epoch"])
         try:
-            train_loss, train_mae = train_epoch(model, raw_model, loader, optimizer, schedule, state, args,
+            train_loss, train_mae = train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args,
                                                 device, amp_dtype, world, log)
             train_seconds = time.time() - epoch_start
         except NonFiniteLoss as e:
@@ -529,6 +577,7 @@ def run(args, rank, world, device):
                   f"val MAE {val_mae:.3f}{'  *best' if improved else ''}  ({seconds:.1f}s)")
             state["log_offset"] = log.offset()
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),   # {} unless fp16
                     "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
                     "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
                     "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],

@@ -214,3 +214,100 @@ def test_rerun_with_other_options_is_refused(tmp_path):
         train.main([*TINY, "--epochs", "1", "--out", str(tmp_path), "--mixer", "fourier"])
     with pytest.raises(SystemExit, match="no checkpoint to continue from"):
         train.main([*TINY, "--out", str(tmp_path / "empty"), "--resume"])
+
+
+# --------------------------------------------------------------------------- findings of issue #11
+
+def test_fp16_path_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
+    """--amp fp16 (the path of GPUs without bf16, run here on the CPU, which torch supports): a GradScaler
+    scales the loss, skips the steps whose fp16 gradients overflow and lowers its scale; its state is in
+    the checkpoint, so a run stopped after epoch 1 and resumed ends with the same weights and scale."""
+    common = [*TINY, "--epochs", "2", "--amp", "fp16", "--device", "cpu"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    scales = [s["grad_scale"] for s in log_lines(tmp_path / "straight", "step")]
+    assert len(scales) == 12 and scales[0] < 65536.0 and min(scales) < scales[5]   # it acted in both epochs
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert straight["scaler"]["scale"] == scales[-1]
+
+    real_epoch, calls = train.train_epoch, []
+
+    def stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt   # as a kill would, after epoch 1's checkpoint
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*common, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    train.main([*common, "--out", str(tmp_path / "stopped")])
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert resumed["scaler"] == straight["scaler"]
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert [s["grad_scale"] for s in log_lines(tmp_path / "stopped", "step")] == scales
+
+
+def test_other_precisions_have_no_scaler_state(tmp_path):
+    train.main([*TINY, "--epochs", "1", "--amp", "bf16", "--out", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["scaler"] == {} and "grad_scale" not in log_lines(tmp_path, "step")[0]
+
+
+def test_age_classes_max_by_hand():
+    assert train.age_classes_max([3, 40.5, 80], min_age=0) == 100       # at least 100
+    assert train.age_classes_max([3, 116], min_age=0) == 116
+    assert train.age_classes_max([2, 100.2], min_age=0) == 101           # rounded up
+    assert train.age_classes_max([16, 116], min_age=0.5) == 116.5        # onto the grid 0.5 + k
+
+
+def test_age_classes_cover_the_training_split_up_to_116(tmp_path):
+    """UTKFace goes to 116: the classes must reach the oldest training age, saved in config and checkpoint."""
+    from PIL import Image
+    import data
+    ages, splits = [2, 30, 61, 88, 104, 116, 45, 70, 20, 50], ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    rows = ["path,age,split"]
+    for i, (age, split) in enumerate(zip(ages, splits)):
+        Image.fromarray(data.render_synthetic(age, np.random.default_rng(i), 32)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{age},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    common = ["--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"), "--depth", "1", "--width", "32",
+              "--heads", "2", "--feedback-hidden", "32", "--batch-size", "3", "--epochs", "1"]
+    train.main([*common, "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["max_age"] == 116 and config["train"]["max_age"] == 116
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ckpt["model"]["ages"][-1].item() == 116 and ckpt["config"]["model"]["max_age"] == 116
+    with pytest.raises(SystemExit, match="below the oldest training age, 116"):
+        train.main([*common, "--max-age", "100", "--out", str(tmp_path / "run100")])
+
+
+def test_clip_bn_option_and_syncbatchnorm_under_ddp():
+    import clip_loader
+    from model import CILFCIAE
+    assert train.build_config(train.parse_args(["--max-age", "100"])).clip_bn == "frozen"
+    args = train.parse_args(["--clip-bn", "train", "--max-age", "100"])
+    assert train.build_config(args).clip_bn == "train"
+    torch.manual_seed(0)
+    clip = clip_loader.CLIP(32, 64, (1, 1, 1, 1), 8, None, 16, 49408, 32, 2, 1)   # a tiny ResNet CLIP
+    model = CILFCIAE(clip, train.build_config(args))
+    keys = list(model.state_dict())
+    assert train.sync_batchnorm(model, args, torch.device("cpu"), world=1) is model   # one process: nothing
+    with pytest.raises(SystemExit, match="SyncBatchNorm has no CPU kernel"):
+        train.sync_batchnorm(model, args, torch.device("cpu"), world=2)
+    synced = train.sync_batchnorm(model, args, torch.device("cuda"), world=2)   # converted, not run, here
+    kinds = {type(m) for m in synced.clip.visual.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert list(synced.state_dict()) == keys
+    frozen = train.parse_args(["--max-age", "100"])
+    assert train.sync_batchnorm(model, frozen, torch.device("cuda"), world=2) is model
+
+
+def test_gpu_check_runs_the_fp16_path():
+    """bench/gpu_check.sh cannot run without a GPU; its train.py commands parse, and one takes the fp16 path."""
+    import shlex
+    script = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line.split("|")[0].split(" 2>")[0].replace('"$out', '"/tmp/x'))
+                for line in script.splitlines() if " train.py " in line and not line.lstrip().startswith("#")]
+    parsed = [train.parse_args(c[c.index("train.py") + 1:]) for c in commands]
+    assert len(parsed) >= 3 and all(a.device == "cuda" for a in parsed)
+    assert any(a.amp == "fp16" for a in parsed) and any(a.amp == "auto" for a in parsed)
