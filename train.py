@@ -308,8 +308,10 @@ def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=
 
 
 def build_config(args):
-    """CILFConfig from the options (every field has one; --max-age resolved by the caller)."""
-    return CILFConfig(min_age=args.min_age, max_age=args.max_age, prompt_template=args.prompt_template,
+    """CILFConfig from the options (every field has one). run() resolves --max-age from the training split
+    first (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
+    max_age = CILFConfig.max_age if args.max_age is None else args.max_age
+    return CILFConfig(min_age=args.min_age, max_age=max_age, prompt_template=args.prompt_template,
                       mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
                       mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
                       feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
