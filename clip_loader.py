@@ -4,7 +4,9 @@ CILF-CIAE stands on CLIP: the image tower gives every face a global embedding an
 tokens in the joint space, the text tower embeds the age prompts ("a photo of a 37 year old person.").
 This file rebuilds OpenAI's CLIP (ViT and ModifiedResNet towers) with the exact state-dict key names
 of OpenAI's checkpoints, so one `build_model(state_dict)` reads RN50 ... ViT-L/14@336px and
-open_clip's copies of those weights, and gives the same numbers as OpenAI's own code.
+open_clip's copies of those weights, and gives the same numbers as OpenAI's own code. `load` also
+reads Hugging Face CLIPModel folders and open_clip's other CLIPs (GELU, wider heads, other MLP
+ratios, non-square images), taking what no weight file tells from the config file beside it.
 
 What differs from OpenAI's clip package, on purpose:
 - checkpoints are data, never code: OpenAI's TorchScript archives are read by a restricted reader of
@@ -14,12 +16,25 @@ What differs from OpenAI's clip package, on purpose:
   on CPU and turn to NaN under Adam); attention is torch's scaled_dot_product_attention;
 - `encode_image_tokens` returns every image location in the joint space, and the models run at
   input resolutions other than the built one (positional embeddings resampled bicubically);
-- 16-bit and float PIL images are scaled to 8 bits instead of clipped (see `to_rgb`).
+- 16-bit and float PIL images are scaled to 8 bits instead of clipped (see `to_rgb`);
+- no silent guess: a file nothing describes loads with a warning naming the assumed architecture,
+  and families this CLIP cannot run (SigLIP, CoCa, CLIPA, EVA, timm towers, other vocabularies)
+  are refused by name.
 
-Public names: CLIP, CLIPConfig, infer_config, build_model, load, read_state_dict, verify_checkpoint,
-OPENAI_SHA256, SimpleTokenizer, tokenize, default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
+Contents (sections in this order):
+- Model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
+- Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
+- Reading checkpoint files as data: verify_checkpoint, OPENAI_SHA256, read_state_dict (safetensors,
+  TorchScript archives, torch.load)
+- Hugging Face and open_clip files: from_hf_state_dict, hf_settings, open_clip_settings, load
+- Tokenizer: SimpleTokenizer, tokenize, default_bpe
+- Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
+
+Public names: CLIP, CLIPConfig, ACTIVATIONS, SETTINGS, infer_config, unservable_family, build_model,
+load, read_state_dict, verify_checkpoint, OPENAI_SHA256, is_hf_layout, from_hf_state_dict, hf_settings,
+open_clip_settings, SimpleTokenizer, tokenize, default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
 Typical use (`import clip_loader as clip`):
-    model, preprocess = clip.load("ViT-B-16.pt")
+    model, preprocess = clip.load("ViT-B-16.pt")           # or a Hugging Face folder, open_clip file
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
 """
 import gzip
@@ -30,8 +45,10 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -47,9 +64,10 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-__all__ = ["CLIP", "CLIPConfig", "infer_config", "build_model", "load", "read_state_dict",
-           "verify_checkpoint", "OPENAI_SHA256", "SimpleTokenizer", "tokenize", "default_bpe",
-           "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
+           "load", "read_state_dict", "verify_checkpoint", "OPENAI_SHA256", "is_hf_layout", "from_hf_state_dict",
+           "hf_settings", "open_clip_settings", "SimpleTokenizer", "tokenize", "default_bpe", "image_transform",
+           "to_rgb", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,17 +84,27 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def resample_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(1 + g*g, C) embedding of a square g x g grid -> (1 + h*w, C) for an h x w grid.
+# The MLP activations CLIP weights were trained with. Nothing in a weight file tells them apart, and
+# the wrong one changes every feature: OpenAI's (and open_clip's "-quickgelu" / "openai" / metaclip /
+# dfn) weights need QuickGELU, most of open_clip's LAION/DataComp weights need the exact GELU.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+def resample_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int],
+                                  base: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """(1 + gh*gw, C) embedding of the base grid (gh, gw) (square by default) -> (1 + h*w, C) for an
+    h x w grid.
 
     The first row (class / pooled token) is kept; the grid part is resized bicubically with
     antialiasing, as open_clip's resize_pos_embed does.
     """
-    g = math.isqrt(pos.shape[0] - 1)
-    if (g, g) == tuple(grid):
+    if base is None:
+        g = math.isqrt(pos.shape[0] - 1)
+        base = (g, g)
+    if tuple(base) == tuple(grid):
         return pos
     cls, cells = pos[:1], pos[1:]
-    cells = cells.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, C, g, g)
+    cells = cells.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()  # (1, C, gh, gw)
     cells = F.interpolate(cells, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
     cells = cells.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)  # (h*w, C)
     return torch.cat([cls, cells])
@@ -125,6 +153,8 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
         super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"{num_heads} attention heads cannot split the pooled width {embed_dim}")
         self.grid = spacial_dim
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
@@ -158,6 +188,7 @@ class ModifiedResNet(nn.Module):
         super().__init__()
         self.output_dim = output_dim
         self.input_resolution = input_resolution
+        self.image_size = (input_resolution, input_resolution)
         self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.relu1 = nn.ReLU(inplace=True)
@@ -220,19 +251,22 @@ class MultiheadSelfAttention(nn.Module):
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block. causal=True is the text tower's mask: OpenAI's additive
-    triu(-inf) mask, whose every bottom-right square slice is again causal."""
+    triu(-inf) mask, whose every bottom-right square slice is again causal. OpenAI's blocks have an
+    MLP of 4 x d_model, QuickGELU and LayerNorm eps 1e-5; other CLIPs change all three."""
 
-    def __init__(self, d_model: int, n_head: int, causal: bool = False):
+    def __init__(self, d_model: int, n_head: int, causal: bool = False, mlp_width: Optional[int] = None,
+                 activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
+        mlp_width = mlp_width or 4 * d_model
         self.causal = causal
         self.attn = MultiheadSelfAttention(d_model, n_head)
-        self.ln_1 = nn.LayerNorm(d_model)
+        self.ln_1 = nn.LayerNorm(d_model, eps=eps)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
+            ("c_fc", nn.Linear(d_model, mlp_width)),
+            ("gelu", ACTIVATIONS[activation]()),
+            ("c_proj", nn.Linear(mlp_width, d_model)),
         ]))
-        self.ln_2 = nn.LayerNorm(d_model)
+        self.ln_2 = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=self.causal)
@@ -242,31 +276,45 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks, batch first: (B, N, width) -> (B, N, width)."""
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, **block_options):
         super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"{heads} attention heads cannot split a width of {width}")
         self.width = width
         self.layers = layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, **block_options)
+                                         for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
 
 
-class VisionTransformer(nn.Module):
-    """ViT image tower: patches + class token, pre-LN transformer, ln_post and a linear projection."""
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int):
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patches + class token, pre-LN transformer, ln_post and a linear projection.
+
+    input_resolution and patch_size are an int (square) or (height, width), as open_clip allows.
+    self.input_resolution is the one side the age pipeline crops squares to: the longer side of a
+    non-square tower (its positional embeddings are resampled to the square grid)."""
+
+    def __init__(self, input_resolution: Union[int, Tuple[int, int]], patch_size: Union[int, Tuple[int, int]],
+                 width: int, layers: int, heads: int, output_dim: int, **block_options):
         super().__init__()
-        self.input_resolution = input_resolution
+        self.image_size, patch = _pair(input_resolution), _pair(patch_size)
+        self.grid_size = (self.image_size[0] // patch[0], self.image_size[1] // patch[1])
+        self.input_resolution = max(self.image_size)
         self.output_dim = output_dim
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         scale = width ** -0.5
+        eps = block_options.get("eps", 1e-5)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = nn.LayerNorm(width)
+        self.positional_embedding = nn.Parameter(scale * torch.randn(math.prod(self.grid_size) + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=eps)
+        self.transformer = Transformer(width, layers, heads, **block_options)
+        self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def _encode(self, x: torch.Tensor):
@@ -275,7 +323,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, W)
-        x = x + resample_positional_embedding(self.positional_embedding, grid)
+        x = x + resample_positional_embedding(self.positional_embedding, grid, self.grid_size)
         return self.transformer(self.ln_pre(x)), grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,39 +338,65 @@ class VisionTransformer(nn.Module):
 
 @dataclass
 class CLIPConfig:
-    """The constructor arguments of CLIP, as build_model infers them from a state dict."""
+    """The constructor arguments of CLIP. The first ten are OpenAI's, inferred by build_model from a
+    state dict's shapes; the rest are what shapes cannot tell, with OpenAI's values as defaults, set
+    from a config file beside the weights or by the caller (see load)."""
     embed_dim: int
-    image_resolution: int
+    image_resolution: Union[int, Tuple[int, int]]  # (height, width) for a non-square ViT
     vision_layers: Union[int, Tuple[int, int, int, int]]  # int: ViT depth; 4 ints: ResNet blocks per stage
     vision_width: int
-    vision_patch_size: Optional[int]  # None for ResNets
+    vision_patch_size: Optional[Union[int, Tuple[int, int]]]  # None for ResNets
     context_length: int
     vocab_size: int
     transformer_width: int
     transformer_heads: int
     transformer_layers: int
+    activation: str = "quick_gelu"  # the MLP non-linearity of both towers: "quick_gelu" or "gelu"
+    vision_head_width: int = 64  # channels per attention head of the image tower (heads = width / this)
+    vision_mlp_width: Optional[int] = None  # None: 4 x vision_width
+    text_mlp_width: Optional[int] = None  # None: 4 x transformer_width
+    vision_ln_eps: float = 1e-5
+    text_ln_eps: float = 1e-5
+    text_eos_id: Optional[int] = None  # None: text read at the highest id (OpenAI); else at its first occurrence
 
 
 class CLIP(nn.Module):
-    """OpenAI's CLIP with its constructor signature; float32 weights; batch-first inside."""
+    """OpenAI's CLIP with its constructor signature (plus CLIPConfig's later fields); float32 weights;
+    batch-first inside. self.config is the CLIPConfig it was built from; self.image_mean/image_std
+    the normalisation its weights were trained with (load sets them from a config file)."""
 
-    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: Union[int, Sequence[int]],
-                 vision_width: int, vision_patch_size: Optional[int], context_length: int, vocab_size: int,
-                 transformer_width: int, transformer_heads: int, transformer_layers: int):
+    def __init__(self, embed_dim: int, image_resolution: Union[int, Tuple[int, int]],
+                 vision_layers: Union[int, Sequence[int]], vision_width: int,
+                 vision_patch_size: Optional[Union[int, Tuple[int, int]]], context_length: int, vocab_size: int,
+                 transformer_width: int, transformer_heads: int, transformer_layers: int,
+                 activation: str = "quick_gelu", vision_head_width: int = 64, vision_mlp_width: Optional[int] = None,
+                 text_mlp_width: Optional[int] = None, vision_ln_eps: float = 1e-5, text_ln_eps: float = 1e-5,
+                 text_eos_id: Optional[int] = None):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.config = CLIPConfig(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                                 context_length, vocab_size, transformer_width, transformer_heads,
+                                 transformer_layers, activation, vision_head_width, vision_mlp_width,
+                                 text_mlp_width, vision_ln_eps, text_ln_eps, text_eos_id)
+        self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         self.embed_dim = embed_dim
         self.context_length = context_length
         self.vocab_size = vocab_size
+        self.text_eos_id = text_eos_id
+        # OpenAI's rule, with heads of vision_head_width channels: width // 64 heads, at least one
         if isinstance(vision_layers, (tuple, list)):
-            self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
+            self.visual = ModifiedResNet(vision_layers, embed_dim, heads=max(1, vision_width * 32 // vision_head_width),
                                          input_resolution=image_resolution, width=vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            heads=vision_width // 64, output_dim=embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+                                            heads=max(1, vision_width // vision_head_width), output_dim=embed_dim,
+                                            mlp_width=vision_mlp_width, activation=activation, eps=vision_ln_eps)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True,
+                                       mlp_width=text_mlp_width, activation=activation, eps=text_ln_eps)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.ln_final = nn.LayerNorm(transformer_width)
+        self.ln_final = nn.LayerNorm(transformer_width, eps=text_ln_eps)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature, log scale
         self.initialize_parameters()
@@ -365,10 +439,13 @@ class CLIP(nn.Module):
         return self.visual.forward_tokens(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """(K, L) token ids -> (K, E), read at each row's end-of-text token (its highest id)."""
+        """(K, L) token ids -> (K, E), read at each row's end-of-text token: its highest id (OpenAI,
+        open_clip), or with text_eos_id set, the first position holding that id (0 if none), which is
+        what Hugging Face's CLIPTextTransformer does when its config's eos_token_id is not 2."""
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (K, L, W)
         x = self.transformer(x)
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # (K, W)
+        end = text.argmax(dim=-1) if self.text_eos_id is None else (text == self.text_eos_id).int().argmax(dim=-1)
+        x = x[torch.arange(x.shape[0], device=x.device), end]  # (K, W)
         return self.ln_final(x) @ self.text_projection  # (K, E)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
@@ -383,6 +460,10 @@ class CLIP(nn.Module):
 
 # tensors some checkpoints carry that are not weights: cached masks, JIT archives' metadata scalars
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_VOCAB_SIZE = 49408  # what SimpleTokenizer serves; other vocabularies need other tokenizers
+# CLIPConfig fields no state dict can tell (its shapes tell the rest): build_model's keyword settings
+SETTINGS = ("image_resolution", "transformer_heads", "activation", "vision_head_width", "vision_ln_eps",
+            "text_ln_eps", "text_eos_id")
 
 
 def _count(state_dict: dict, prefix: str, depth: int) -> int:
@@ -390,55 +471,117 @@ def _count(state_dict: dict, prefix: str, depth: int) -> int:
     return len({k.split(".")[depth] for k in state_dict if k.startswith(prefix)})
 
 
-def infer_config(state_dict: Dict[str, torch.Tensor]) -> CLIPConfig:
-    """Every hyper-parameter from tensor shapes and key counts, as OpenAI's build_model (no size table)."""
+def unservable_family(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The model family of a state dict this CLIP cannot run (its keys say which), else None."""
+    keys = set(state_dict)
+    vocab = state_dict.get("token_embedding.weight")
+    if vocab is not None and vocab.shape[0] != OPENAI_VOCAB_SIZE:
+        return (f"a CLIP with a vocabulary of {vocab.shape[0]} tokens, not OpenAI's {OPENAI_VOCAB_SIZE:,} (trained with "
+                "another tokenizer: multilingual, BERT, SentencePiece), which this project's BPE tokenizer cannot serve")
+    has = lambda *fragments: any(f in k for k in keys for f in fragments)
+    if "logit_bias" in keys:
+        return "SigLIP (a sigmoid-loss model: logit_bias, its own text tower and vocabulary)"
+    if has("text_decoder.", "visual.attn_pool"):
+        return "CoCa (attentional pooler and captioning text decoder)"
+    if has(".mlp.w1", ".mlp.w12", ".mlp.w3", "fc1_g", "visual.blocks."):
+        return "EVA-CLIP (SwiGLU MLPs, EVA's own image tower)"
+    if has("visual.trunk."):
+        return "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, MobileCLIP, ...)"
+    if any(k.startswith("text.") for k in keys):
+        return "open_clip CustomTextCLIP (a custom or Hugging Face text tower under 'text.')"
+    if has(".ls_1.", ".ls_2."):
+        return "open_clip ViT with layer scale (ls_init_value)"
+    if has(".ln_inner.", ".ln_attn.", ".head_scale", ".ln_q.", ".ln_k.", ".logit_scale"):
+        return "open_clip with custom attention blocks (qk_norm / scaled cosine attention / scale_*)"
+    if "visual.proj" in keys and "visual.conv1.weight" in keys and "visual.ln_pre.weight" not in keys:
+        return "CLIPA (an image tower without ln_pre, average pooling, a BERT vocabulary)"
+    if "text_projection.weight" in keys or "text_projection.bias" in keys:
+        return "open_clip with a linear/MLP text projection layer (proj_type / proj_bias)"
+    return None
+
+
+def _unless_default(c_fc: torch.Tensor, width: int) -> Optional[int]:
+    """An MLP's hidden width, None when it is OpenAI's 4 x width (so OpenAI's configs compare equal)."""
+    return None if c_fc.shape[0] == 4 * width else c_fc.shape[0]
+
+
+def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
+    """Every size from tensor shapes and key counts, as OpenAI's build_model (no size table); the
+    SETTINGS shapes cannot tell come from `settings`, else OpenAI's: QuickGELU, heads of 64, eps 1e-5,
+    text read at the highest id. A non-square image_resolution must fit the positional embedding."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}; build_model takes {SETTINGS}")
+    family = unservable_family(state_dict)
+    if family:
+        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
     common = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
     if "visual.proj" in state_dict:
-        tower = ["visual.conv1.weight", "visual.positional_embedding"]
+        tower = ["visual.conv1.weight", "visual.positional_embedding", "visual.transformer.resblocks.0.mlp.c_fc.weight"]
     elif "visual.attnpool.positional_embedding" in state_dict:
         tower = ["visual.layer1.0.conv1.weight"]
     else:
         some = ", ".join(list(state_dict)[:5]) or "none"
         raise ValueError("not a CLIP state dict: it has neither 'visual.proj' (ViT image tower) nor "
                          f"'visual.attnpool.positional_embedding' (ResNet image tower); its first keys: {some}")
-    missing = [k for k in common + tower if k not in state_dict]
+    missing = [k for k in common + tower + ["transformer.resblocks.0.mlp.c_fc.weight"] if k not in state_dict]
     if missing:
         raise ValueError(f"not a CLIP state dict: missing {', '.join(missing)}")
+    vocab_size = state_dict["token_embedding.weight"].shape[0]
 
+    vision_mlp_width = None
     if "visual.proj" in state_dict:
-        conv = state_dict["visual.conv1.weight"]  # (width, 3, patch, patch)
+        conv = state_dict["visual.conv1.weight"]  # (width, 3, patch_h, patch_w)
         vision_layers = _count(state_dict, "visual.transformer.resblocks.", 3)
-        vision_width, patch = conv.shape[0], conv.shape[-1]
-        grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
-        image_resolution = patch * grid
+        vision_width, patch = conv.shape[0], tuple(conv.shape[-2:])
+        cells = state_dict["visual.positional_embedding"].shape[0] - 1
+        if "image_resolution" in settings:
+            size = _pair(settings["image_resolution"])
+            if (size[0] // patch[0]) * (size[1] // patch[1]) != cells:
+                raise ValueError(f"image size {size} with patches {patch} does not fit its {cells} positions")
+            image_resolution = size if size[0] != size[1] else size[0]
+        elif math.isqrt(cells) ** 2 == cells and patch[0] == patch[1]:
+            image_resolution = patch[0] * math.isqrt(cells)
+        else:
+            raise ValueError(f"its {cells} image positions with patches {patch} are not a square grid: "
+                             "give the image size (open_clip_config.json's vision_cfg.image_size)")
+        patch = patch[0] if patch[0] == patch[1] else patch
+        vision_mlp_width = _unless_default(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"], vision_width)
     else:
         vision_layers = tuple(_count(state_dict, f"visual.layer{i}.", 2) for i in (1, 2, 3, 4))
         vision_width, patch = state_dict["visual.layer1.0.conv1.weight"].shape[0], None
         image_resolution = 32 * math.isqrt(state_dict["visual.attnpool.positional_embedding"].shape[0] - 1)
+        if settings.get("image_resolution", image_resolution) != image_resolution:
+            raise ValueError(f"image size {settings['image_resolution']} does not fit the ResNet's attention "
+                             f"pool, built for {image_resolution}")
     width = state_dict["ln_final.weight"].shape[0]
+    settings = {"transformer_heads": max(1, width // 64), **settings, "image_resolution": image_resolution}
     return CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=image_resolution,
         vision_layers=vision_layers,
         vision_width=vision_width,
         vision_patch_size=patch,
         context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        vocab_size=vocab_size,
         transformer_width=width,
-        transformer_heads=width // 64,
         transformer_layers=_count(state_dict, "transformer.resblocks.", 2),
+        vision_mlp_width=vision_mlp_width,
+        text_mlp_width=_unless_default(state_dict["transformer.resblocks.0.mlp.c_fc.weight"], width),
+        **settings,
     )
 
 
-def build_model(state_dict: Dict[str, torch.Tensor]) -> CLIP:
-    """A float32 CLIP in eval mode holding state_dict's weights; fp16/bf16 weights are cast up.
+def build_model(state_dict: Dict[str, torch.Tensor], **settings) -> CLIP:
+    """A float32 CLIP in eval mode holding state_dict's weights (OpenAI's key layout; fp16/bf16 cast up).
 
+    settings: the CLIPConfig fields named in SETTINGS, which shapes cannot tell (activation, head
+    widths, layer-norm eps, pooling id, a non-square image size); defaults are OpenAI's.
     Checks key names and every shape before copying (like nanoGPT's from_pretrained) and names the
     first mismatch. Non-weight tensors (cached attn_mask, the JIT archives' input_resolution,
     context_length, vocab_size) are ignored."""
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)
                   and k not in _NON_WEIGHTS and not k.endswith("attn_mask")}
-    config = infer_config(state_dict)
+    config = infer_config(state_dict, **settings)
     with torch.device("meta"):  # shapes only: skips a random initialisation that would be overwritten
         model = CLIP(**asdict(config))
     expected = model.state_dict()
@@ -488,17 +631,22 @@ def verify_checkpoint(path: str) -> bool:
     expected = OPENAI_SHA256.get(name)
     if expected is None:
         return False
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
+    digest = _sha256(path)
+    if digest != expected:
         raise ValueError(
-            f"{path}: SHA-256 {digest.hexdigest()} does not match OpenAI's published {expected} for "
+            f"{path}: SHA-256 {digest} does not match OpenAI's published {expected} for "
             f"{name} ({os.path.getsize(path)} bytes read): the download is truncated or corrupted. "
             f"Re-download it from {_OPENAI_URL.format(expected, name)}, or pass verify=False if you "
             "renamed or converted the file on purpose.")
     return True
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -692,25 +840,314 @@ def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, tor
     return state
 
 
-def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
-         verify: bool = True):
-    """Load a CLIP checkpoint file -> (model in eval mode on device, float32; preprocess).
+# ----------------------------------------------------------------------------------------------
+# Hugging Face and open_clip files: their layouts, the config files beside them, load()
+#
+# Three layouts hold the same CLIP: OpenAI's (which open_clip keeps), and Hugging Face's CLIPModel,
+# mapped here onto OpenAI's without loss. What no weight file tells (the activation, head widths,
+# layer-norm eps, how text is pooled, a non-square image size, the normalisation) comes from the
+# config file published beside the weights; load() warns when it has to assume OpenAI's values.
 
-    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt, a state-dict file, or open_clip's .bin/.safetensors.
+HF_CONFIG, OPEN_CLIP_CONFIG, HF_PREPROCESSOR_CONFIG = "config.json", "open_clip_config.json", "preprocessor_config.json"
+# in the order a folder is searched; *.index.json lists the shards of a large model
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Hugging Face model types that are not CLIP's architecture, by family
+_HF_FAMILIES = {"siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP (a BERT text tower)",
+                "altclip": "AltCLIP (an XLM-R text tower)", "clipseg": "CLIPSeg", "owlvit": "OWL-ViT",
+                "owlv2": "OWLv2", "x_clip": "X-CLIP", "metaclip_2": "MetaCLIP 2 (a multilingual vocabulary)"}
+# module names inside a Hugging Face encoder layer -> OpenAI's (q/k/v are concatenated separately)
+_HF_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+             "self_attn.out_proj.": "attn.out_proj."}
+_HF_NAMES = {"vision_model.embeddings.class_embedding": "visual.class_embedding",
+             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+             "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
+             "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias",
+             "logit_scale": "logit_scale"}
+_HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def is_hf_layout(state_dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state_dict)
+
+
+def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A Hugging Face CLIPModel state dict -> OpenAI's layout, losslessly: q/k/v projections
+    concatenated into in_proj, the projection layers' (E, W) weights transposed to OpenAI's (W, E)
+    matrices, layer norms renamed, the position_ids buffers dropped."""
+    out, qkv = {}, {}
+    for key, tensor in hf.items():
+        layer = _HF_LAYER.fullmatch(key)
+        if key.endswith("position_ids"):
+            continue  # an arange buffer that older files saved, not a weight
+        elif key in ("visual_projection.weight", "text_projection.weight"):
+            out["visual.proj" if key.startswith("visual") else "text_projection"] = tensor.t()  # (E, W) -> (W, E)
+        elif key in _HF_NAMES:
+            out[_HF_NAMES[key]] = tensor
+        elif layer:
+            tower, index, name = layer.groups()
+            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
+            module, _, kind = name.rpartition(".")  # kind: weight or bias
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((block, kind), {})[module[len("self_attn.")]] = tensor  # "q", "k" or "v"
+                continue
+            old = next((old for old in _HF_BLOCK if name.startswith(old)), None)
+            if old is None:
+                raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout")
+            out[block + _HF_BLOCK[old] + name[len(old):]] = tensor
+        else:
+            raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout (a CLIPModel has "
+                             "vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)")
+    for (block, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{block}: Hugging Face attention {kind} has only {sorted(parts)} of q, k, v")
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3W, ...)
+    return out
+
+
+def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
+    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
+    if not width or width % heads:
+        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    return width // heads
+
+
+def hf_settings(config: dict) -> dict:
+    """build_model settings from a Hugging Face CLIPModel's config.json (absent keys: Hugging Face's
+    defaults). The text is pooled as that config makes Hugging Face pool it: at the highest id when
+    eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
+        raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
+    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
+    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
+        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
+                         "in both towers")
+    vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
+    if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
+        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
+                         f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
+    image_size = vision.get("image_size", 224)
+    return {"activation": activations.pop(),
+            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
+            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
+            "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
+            "text_eos_id": None if eos == 2 else eos,
+            "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
+
+
+# open_clip settings this CLIP cannot run, with the family that uses them. A setting whose value
+# differs from the one given here refuses the file.
+_OPEN_CLIP_UNSERVABLE = {
+    "vision_cfg": {"timm_model_name": (None, "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, ...)"),
+                   "attentional_pool": (False, "CoCa (attentional pooler)"),
+                   "no_ln_pre": (False, "CLIPA (an image tower without ln_pre)"),
+                   "pool_type": ("tok", "CLIPA-style average pooling"),
+                   "final_ln_after_pool": (False, "CLIPA (layer norm after pooling)"),
+                   "ls_init_value": (None, "a ViT with layer scale"),
+                   "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
+                   "act_kwargs": (None, "a parametrised activation")},
+    "text_cfg": {"hf_model_name": (None, "a Hugging Face text tower (RoBERTa, XLM-R, mT5, ...)"),
+                 "hf_tokenizer_name": (None, "another vocabulary (a Hugging Face tokenizer)"),
+                 "tokenizer_mode": (None, "another tokenizer"),
+                 "tokenizer_kwargs": (None, "another tokenizer's text cleaning (SigLIP)"),
+                 "vocab_size": (OPENAI_VOCAB_SIZE, "another vocabulary"),
+                 "embed_cls": (False, "CoCa (a text class token)"),
+                 "no_causal_mask": (False, "a bidirectional text tower (SigLIP, CLIPA)"),
+                 "proj_bias": (False, "SigLIP (a text projection with bias)"),
+                 "proj_type": ("linear", "a text projection layer"),
+                 "final_ln_after_pool": (False, "layer norm after text pooling"),
+                 "ls_init_value": (None, "a text tower with layer scale"),
+                 "act_kwargs": (None, "a parametrised activation")},
+}
+_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+def _open_clip_eps(tower: dict, name: str) -> float:
+    norm = tower.get("norm_kwargs") or {}
+    if set(norm) - {"eps"}:
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
+    return norm.get("eps", 1e-5)
+
+
+def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
+    """An open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}, or a bare model config as
+    in open_clip's model_configs/) -> (build_model settings, the sizes it states as CLIPConfig fields
+    (checked against the weights), preprocessing: mean, std, interpolation, resize_mode).
+    Defaults are open_clip's (CLIPVisionCfg, CLIPTextCfg): GELU unless quick_gelu, heads of 64."""
+    model_cfg = config.get("model_cfg", config)
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    for key, family in (("init_logit_bias", "SigLIP (logit_bias)"), ("multimodal_cfg", "CoCa (a text decoder)"),
+                        ("custom_text", "CustomTextCLIP (a custom text tower)")):
+        if model_cfg.get(key):
+            raise ValueError(f"{OPEN_CLIP_CONFIG} describes {family}, which this CLIP implementation cannot run")
+    for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
+        for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
+            if tower.get(key, default) not in (default, {} if default is None else default):
+                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
+                                 "CLIP implementation cannot run")
+        custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
+                                                                (None, "default") else [])
+        if custom:
+            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
+                             "which this CLIP implementation cannot run")
+    text_eos_id = None
+    if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
+        text_eos_id = 49407
+    elif text.get("pool_type", "argmax") != "argmax":
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
+                         "is not served: our tokenizer ends every text with 49407")
+    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
+    head_width = vision.get("head_width", 64)
+    settings = {"activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                "vision_head_width": head_width, "transformer_heads": text.get("heads", 8),
+                "vision_ln_eps": _open_clip_eps(vision, "vision_cfg"), "text_ln_eps": _open_clip_eps(text, "text_cfg"),
+                "text_eos_id": text_eos_id, "image_resolution": tuple(size) if isinstance(size, (list, tuple)) else size}
+    layers = vision.get("layers", 12)
+    resnet = isinstance(layers, (list, tuple))
+    stated = {"embed_dim": model_cfg.get("embed_dim"), "vision_layers": tuple(layers) if resnet else layers,
+              "vision_width": width, "transformer_width": text.get("width", 512),
+              "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
+    if not resnet:
+        stated.update(vision_patch_size=tuple(patch) if isinstance(patch, (list, tuple)) else patch,
+                      vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
+    stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
+    pre = config.get("preprocess_cfg") or {}
+    preprocessing = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
+    return settings, stated, preprocessing
+
+
+def _check_stated(config: CLIPConfig, stated: dict, source: str):
+    """Every size a config file states must be what the weights hold (MLP widths: None means 4 x width)."""
+    effective = asdict(config)
+    effective["vision_mlp_width"] = config.vision_mlp_width or 4 * config.vision_width
+    effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
+    for field, value in stated.items():
+        if value is not None and effective[field] != value:
+            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
+                             "config belongs to another model")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
+    return config
+
+
+def _locate(path: str) -> Tuple[str, str]:
+    """A file, or a folder holding one -> (weights file, its folder). A folder is searched for
+    open_clip's file names first (with open_clip_config.json beside them), then Hugging Face's."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        return path, os.path.dirname(os.path.abspath(path))
+    has = lambda name: os.path.isfile(os.path.join(path, name))
+    names = ([n for n in _OPEN_CLIP_WEIGHTS if has(n)] if has(OPEN_CLIP_CONFIG) else []) + \
+            ([n for n in _HF_WEIGHTS if has(n)] if has(HF_CONFIG) else [])
+    if not names:
+        raise FileNotFoundError(f"{path}: a folder without CLIP weights and their config: expected {HF_CONFIG} with one "
+                                f"of {', '.join(_HF_WEIGHTS)}, or {OPEN_CLIP_CONFIG} with one of "
+                                f"{', '.join(_OPEN_CLIP_WEIGHTS)}")
+    return os.path.join(path, names[0]), path
+
+
+def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
+    """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names."""
+    if not path.endswith(".index.json"):
+        return read_state_dict(path, trust_torchscript=trust_torchscript)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path}: no weight_map in this shard index")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(os.path.dirname(path), shard)
+        if os.path.dirname(os.path.normpath(shard_path)) != os.path.dirname(path):
+            raise ValueError(f"{path}: shard {shard!r} is outside the model's folder")
+        state.update(read_state_dict(shard_path))
+    return state
+
+
+def _is_openai(path: str, verified: bool) -> bool:
+    """One of OpenAI's checkpoints: by its official name, or renamed (by its SHA-256)."""
+    return verified or os.path.basename(path) in OPENAI_SHA256 or _sha256(path) in OPENAI_SHA256.values()
+
+
+def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
+         verify: bool = True, activation: Optional[str] = None, vision_head_width: Optional[int] = None,
+         text_head_width: Optional[int] = None):
+    """Load a CLIP checkpoint -> (model in eval mode on device, float32; preprocess).
+
+    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt; a state-dict file or open_clip's .bin/.safetensors
+    (its open_clip_config.json read from beside it); a Hugging Face CLIPModel folder or the
+    model.safetensors / pytorch_model.bin in one (its config.json read from beside it).
+    activation ("quick_gelu" | "gelu"), vision_head_width, text_head_width: override any config.
+    A file with neither a config nor OpenAI's name or SHA-256, loaded without an activation, gets a
+    warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
     verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
     converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
     cannot parse (it runs the archive's code: only for files you trust)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if verify:
-        verify_checkpoint(path)
-    state_dict = read_state_dict(path, trust_torchscript=trust_torchscript)
+    weights, folder = _locate(path)
+    verified = verify_checkpoint(weights) if verify else False
+    state_dict = _read_weights(weights, trust_torchscript)
+    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+    settings, stated, preprocessing, source = {}, {}, {}, None
     try:
-        model = build_model(state_dict)
+        if is_hf_layout(state_dict):
+            source = beside(HF_CONFIG)
+            if source is None:
+                raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
+                                 "beside it (its activation, heads, layer-norm eps and pooling rule)")
+            settings = hf_settings(_read_json(source))
+            state_dict = from_hf_state_dict(state_dict)
+            if beside(HF_PREPROCESSOR_CONFIG):
+                processor = _read_json(beside(HF_PREPROCESSOR_CONFIG))
+                preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
+        elif unservable_family(state_dict):
+            build_model(state_dict)  # refuses it, naming the family (before any warning about it)
+        elif beside(OPEN_CLIP_CONFIG):
+            source = beside(OPEN_CLIP_CONFIG)
+            settings, stated, preprocessing = open_clip_settings(_read_json(source))
+        elif activation is None and not _is_openai(weights, verified):
+            warnings.warn(
+                f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
+                f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
+                "and attention heads of 64 channels. open_clip's laion2b/datacomp/commonpool weights need GELU "
+                "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
+                "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
+                f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
+        if activation is not None:
+            settings["activation"] = activation
+        if vision_head_width is not None:
+            settings["vision_head_width"] = vision_head_width
+        if text_head_width is not None:
+            text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
+            if text_head_width < 1 or text_width % text_head_width:
+                raise ValueError(f"text heads of {text_head_width} cannot split the text width {text_width}")
+            settings["transformer_heads"] = text_width // text_head_width
+        model = build_model(state_dict, **settings)
+        _check_stated(model.config, stated, source)
+        mean, std = tuple(preprocessing.get("mean", CLIP_MEAN)), tuple(preprocessing.get("std", CLIP_STD))
+        preprocess = image_transform(model.visual.image_size, mean, std, preprocessing.get("interpolation", "bicubic"),
+                                     preprocessing.get("resize_mode", "shortest"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return model.to(device).eval(), image_transform(model.visual.input_resolution)
+    model.image_mean, model.image_std = mean, std
+    return model.to(device).eval(), preprocess
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,13 +1332,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_transform(n_px: int) -> Compose:
-    """OpenAI's eval transform: bicubic resize of the short side to n_px, centre crop, RGB,
-    to tensor, CLIP mean/std. PIL image -> (3, n_px, n_px) float tensor."""
-    return Compose([
-        Resize(n_px, interpolation=InterpolationMode.BICUBIC),
-        CenterCrop(n_px),
-        to_rgb,
-        ToTensor(),
-        Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
+                    resize_mode: str = "shortest") -> Compose:
+    """OpenAI's eval transform: resize of the short side to n_px (bicubic), centre crop, RGB, to
+    tensor, normalise. PIL image -> (3, h, w) float tensor. The options are open_clip's
+    preprocess_cfg: another mean/std or interpolation ("bicubic", "bilinear"); resize_mode "squash"
+    resizes to (h, w) without keeping the aspect. A non-square (h, w) in "shortest" mode resizes the
+    short side to max(h, w), then crops (open_clip resizes a little less, keeping more context)."""
+    size = _pair(n_px)
+    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+    if interpolation not in modes or resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"preprocessing with interpolation {interpolation!r} and resize_mode {resize_mode!r} "
+                         f"is not served (interpolation: {sorted(modes)}; resize_mode: shortest, squash)")
+    resize = ([Resize(size, interpolation=modes[interpolation])] if resize_mode == "squash" else
+              [Resize(max(size), interpolation=modes[interpolation]), CenterCrop(size)])
+    return Compose([*resize, to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])

@@ -1,7 +1,7 @@
 """Installs the CILF-CIAE reference implementation as flat top-level modules.
 
     pip install -e .            # the modules, ready to import or run
-    pip install -e ".[test]"    # plus pytest and OpenAI's reference CLIP for the parity tests
+    pip install -e ".[test]"    # plus pytest and the reference CLIPs (OpenAI's, transformers, open_clip) for the parity tests
 
 The CLIP BPE vocabulary ships beside clip_loader.py (found there in an editable install) and, for a
 regular install, under <prefix>/share/cilf-ciae/, where clip_loader also looks.
@@ -30,8 +30,11 @@ setup(
     ],
     extras_require={
         # clip-anytorch is OpenAI's CLIP code, used by the tests as the independent reference;
-        # it imports pkg_resources, which setuptools>=81 no longer ships.
-        "test": ["pytest>=7", "clip-anytorch==2.6.0", "setuptools<81"],
+        # it imports pkg_resources, which setuptools>=81 no longer ships. transformers and
+        # open_clip_torch write the Hugging Face and open_clip files clip_loader reads, and are the
+        # references its features are compared with (tests/test_clip_formats.py).
+        "test": ["pytest>=7", "clip-anytorch==2.6.0", "setuptools<81", "transformers>=4.40,<6",
+                 "open_clip_torch>=2.24,<4", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.5"],
     },
 )
