@@ -7,12 +7,16 @@ subject-exclusive wherever identities are known, seeded, and disjoint (see DATAS
 
 Public names:
     Sample                  one record: path, age, subject (or None), age_std (or None)
-    build_dataset(name, root, split="train", fold=0, transform=None, seed=0, **options) -> AgeDataset
+    build_dataset(name, root, split="train", fold=0, transform=None, seed=0, drop_unreadable=False, **options)
     AgeDataset              torch Dataset of (image, age); .samples, .skipped, .ignored
     DATASETS                name -> one-line layout and protocol (for --help and the README)
+    PROTOCOLS               name -> the split protocol it follows by default
     DatasetError            a bad label file or file name, with the file (and line) in the message
     load_image(path)        any image file -> RGB PIL image (modes, EXIF rotation, huge images)
     check_images(dataset)   [(path, reason)] for every file that does not decode
+    collate_readable        DataLoader collate_fn that leaves out unreadable images (drop_unreadable)
+    check_split_integrity(name, parts, subject_exclusive)   every image once, every subject in one split
+    index_entries(dataset, split), fingerprint(entries), describe_change(old, new)   dataset identity
     train_transform(resolution), eval_transform(resolution)
     build_loader(dataset, batch_size, train, num_workers=0, seed=0, device="cpu", drop_last=None)
     set_epoch(loader, epoch) reshuffles a DistributedSampler; call it at the start of every epoch
@@ -20,6 +24,8 @@ Public names:
     render_synthetic(age, rng, size) the synthetic image for one age (numpy, vectorised)
 """
 import csv
+import hashlib
+import json
 import math
 import os
 import random
@@ -50,9 +56,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # come close, but scans of photographs can; we accept up to MAX_IMAGE_PIXELS and decode anything above
 # LARGE_IMAGE_PIXELS at reduced size (JPEG draft mode decodes at 1/2, 1/4, 1/8 scale without ever
 # building the full image), keeping a short side of at least LARGE_IMAGE_SIDE, far above any CLIP input.
-MAX_IMAGE_PIXELS = 2 ** 28  # 16384 x 16384; a non-JPEG that size still decodes in under 1 GB
+# A pixel count alone does not bound memory: a 1 x 20000 strip is small, but resizing its short side to
+# the CLIP input makes it 224 x 4.5 M pixels; and RGBA costs 4 bytes a pixel. So the guard also bounds the
+# aspect ratio (long side / short side) and the bytes PIL allocates to decode (after JPEG draft), which
+# keeps one image under 1 GB whatever its shape or mode.
+MAX_IMAGE_PIXELS = 2 ** 28  # 16384 x 16384, before JPEG draft
 LARGE_IMAGE_PIXELS = 4096 * 4096
 LARGE_IMAGE_SIDE = 1024
+MAX_ASPECT_RATIO = 16  # faces are near 1; panoramas of 4 still pass
+MAX_DECODED_BYTES = 2 ** 29  # 512 MiB: e.g. 11585^2 RGB (PIL stores RGB as 4 bytes), 23170^2 greyscale
 
 DATASETS = {
     "utkface": "UTKFace, {age}_{gender}_{race}_{date}.jpg[.chip.jpg] in one or more folders; no identities, "
@@ -75,6 +87,10 @@ DATASETS = {
                  "hairline, skin texture and spots; deterministic from the seed, no files; "
                  "train/val/test 2000/300/300",
 }
+# The split protocol each dataset follows unless a protocol option says otherwise (printed by eval.py).
+PROTOCOLS = {"utkface": "random80/10/10", "fgnet": "leave-one-person-out", "morph2": "subject5fold",
+             "cacd": "subject80/10/10", "agedb": "subject80/10/10", "appa-real": "official",
+             "csv": "split-column-or-subject80/10/10", "synthetic": "generated"}
 # Options each dataset accepts beyond the common arguments, so a typo is an error, not a silent default.
 OPTIONS = {"morph2": {"protocol"}, "appa-real": {"age_target"},
            "synthetic": {"n", "image_size", "min_age", "max_age"}}
@@ -94,14 +110,29 @@ class Sample:
     age: float
     subject: Optional[str] = None  # identity, for subject-exclusive splits; None where unknown
     age_std: Optional[float] = None  # spread of the apparent-age votes (APPA-REAL), for the epsilon-error
+    source: Optional[str] = None  # "file:line" of the label row it came from, for error messages
 
 
 # --------------------------------------------------------------------------- images and transforms
 
+def _pil_bytes_per_pixel(mode: str) -> int:
+    """Bytes PIL allocates per pixel: 1 for 1/L/P, 2 for I;16*, 4 for every other mode (RGB included)."""
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+
+
+def _check_regular_file(path):
+    """Raise on a FIFO, device or folder: opening a FIFO blocks forever, a device may never end."""
+    if not os.path.isfile(path):  # follows symlinks; False for FIFOs, sockets, devices and folders
+        kind = "does not exist" if not os.path.lexists(path) else "is not a regular file (a FIFO, device or folder)"
+        raise OSError(f"{path} {kind}")
+
+
 def load_image(path) -> Image.Image:
     """Decode any image file to an RGB PIL image: every PIL mode (via clip_loader.to_rgb), EXIF
     orientation applied, very large images decoded at reduced size. Raises on a file that does not decode
-    (PIL's own errors: empty, truncated, corrupt, not an image)."""
+    (PIL's own errors: empty, truncated, corrupt, not an image), on a non-regular file (OSError), and on
+    an image beyond the size guard above (ValueError, naming the limit)."""
+    _check_regular_file(path)
     # PIL's limit is a module global: raise it only around open() (DataLoader workers are processes,
     # so no other thread sees the change); PIL errors at twice the limit
     previous = Image.MAX_IMAGE_PIXELS
@@ -110,11 +141,12 @@ def load_image(path) -> Image.Image:
         image = Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = previous
-    large = image.size[0] * image.size[1] > LARGE_IMAGE_PIXELS
-    if large and image.format == "JPEG":  # draft keeps both sides >= the request: ask for the short-side target
-        scale = LARGE_IMAGE_SIDE / min(image.size)
-        image.draft("RGB", tuple(math.ceil(side * scale) for side in image.size))
     try:
+        large = image.size[0] * image.size[1] > LARGE_IMAGE_PIXELS
+        if large and image.format == "JPEG":  # draft keeps both sides >= the request: ask for the short-side target
+            scale = LARGE_IMAGE_SIDE / min(image.size)
+            image.draft("RGB", tuple(math.ceil(side * scale) for side in image.size))
+        _check_image_size(image)  # after draft: the size and mode that will really be decoded
         image.load()  # decode now, so a truncated file fails here and not inside a transform
     except Exception:
         image.close()  # PIL leaves the file open when decoding fails
@@ -124,6 +156,16 @@ def load_image(path) -> Image.Image:
     if large and factor > 1:
         image = image.reduce(factor)
     return clip_loader.to_rgb(image)
+
+
+def _check_image_size(image: Image.Image):
+    width, height = image.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{width}x{height} pixels: aspect ratio beyond {MAX_ASPECT_RATIO}:1, not a face image")
+    decoded = width * height * _pil_bytes_per_pixel(image.mode)
+    if decoded > MAX_DECODED_BYTES:
+        raise ValueError(f"{width}x{height} {image.mode} pixels would decode to {decoded / 2 ** 20:.0f} MiB, above "
+                         f"the {MAX_DECODED_BYTES / 2 ** 20:.0f} MiB limit; downscale the file")
 
 
 def train_transform(resolution: int) -> Callable:
@@ -154,14 +196,20 @@ class AgeDataset(Dataset):
     """(image, age) pairs from a list of Samples. Without a transform the image is the RGB PIL image.
 
     A file that does not decode never stops an epoch: it is recorded (shared across DataLoader workers),
-    a warning names it once, and the next readable sample in order is returned in its place, so the
-    substitution is deterministic. `skipped` lists the files replaced so far; check_images() finds them
-    all up front."""
+    a warning names it once, and then either
+      - for training (the default): the next readable sample in order is returned in its place, so the
+        substitution is deterministic and every batch stays full;
+      - with drop_unreadable=True (every evaluation: train.py's and eval.py's): None is returned, which
+        collate_readable leaves out, so a metric covers the readable images exactly once.
+    `skipped` lists the files met so far; check_images() finds them all up front."""
 
-    def __init__(self, samples: list, transform: Optional[Callable] = None, ignored: Optional[list] = None):
+    def __init__(self, samples: list, transform: Optional[Callable] = None, ignored: Optional[list] = None,
+                 drop_unreadable: bool = False):
         self.samples = samples
         self.transform = transform
         self.ignored = ignored or []  # files under the root whose names carry no usable label
+        self.drop_unreadable = drop_unreadable
+        self.root = None  # the dataset's folder (build_dataset sets it), for fingerprint paths
         # one flag per sample in shared memory, so workers' findings reach the main process
         self._bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
@@ -182,6 +230,8 @@ class AgeDataset(Dataset):
         for step in range(n):
             i = (index + step) % n
             if self._bad[i]:
+                if self.drop_unreadable:
+                    return None
                 continue
             try:
                 image = self.image(i)
@@ -189,11 +239,20 @@ class AgeDataset(Dataset):
                 self._bad[i] = True
                 warnings.warn(f"skipping unreadable image {self.samples[i].path} ({error}); "
                               f"{int(self._bad.sum())} skipped so far", ImageSkipWarning)
+                if self.drop_unreadable:
+                    return None
                 continue
             if self.transform is not None:
                 image = self.transform(image)
             return image, torch.tensor(self.samples[i].age, dtype=torch.float32)
         raise RuntimeError(f"none of the {n} images of this dataset could be read; run check_images()")
+
+
+def collate_readable(batch: list):
+    """DataLoader collate_fn for drop_unreadable datasets: the batch without its None items (None when
+    nothing is left)."""
+    batch = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
 
 
 def check_images(dataset: AgeDataset, progress: bool = False) -> list:
@@ -295,18 +354,23 @@ def _check_root(name: str, root: Path):
 
 
 def _image_files(root: Path) -> list:
+    # "._x.jpg": the metadata files macOS writes beside every file on foreign disks; never images
     files = [Path(d) / f for d, _, names in os.walk(root) for f in names
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
+             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._")]
     return sorted(files, key=str)  # os.walk order depends on the file system
 
 
-def _age(text: str, where) -> float:
-    try:
-        age = float(text)
-    except ValueError:
-        raise DatasetError(f"{where}: age {text!r} is not a number") from None
-    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:  # also rejects nan
-        raise DatasetError(f"{where}: age {text} lies outside {AGE_RANGE[0]:g}..{AGE_RANGE[1]:g}")
+# A plain decimal number: float() alone also reads "2_5" as 25, " inf", "nan" and "1e400"
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _age(text: str, where, field: str = "age") -> float:
+    """The number in text, checked to lie in AGE_RANGE; field names the column in the error."""
+    if not _NUMBER.fullmatch(text.strip()):
+        raise DatasetError(f"{where}: {field} {text!r} is not a number")
+    age = float(text)
+    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise DatasetError(f"{where}: {field} {text} lies outside {AGE_RANGE[0]:g}..{AGE_RANGE[1]:g}")
     return age
 
 
@@ -342,7 +406,7 @@ _CACD = re.compile(r"^(\d{1,3})_(.+)_(\d{4})\.jpe?g$", re.IGNORECASE)
 _AGEDB = re.compile(r"^(\d+)_(.+)_(\d{1,3})_([mf])\.jpe?g$", re.IGNORECASE)
 
 
-def _utkface(root: Path, split: str, seed: int):
+def _utkface(root: Path, seed: int):
     _check_root("utkface", root)
     # The release's malformed names (a field missing, '__', ' .jpg', 'jpg.chip') still start with the age,
     # the only label used, so the first field alone decides. The aligned crops (.chip.jpg) and the
@@ -363,67 +427,80 @@ def _utkface(root: Path, split: str, seed: int):
     if not by_base:
         raise DatasetError(f"utkface: no images named like 25_0_1_20170116174525125.jpg.chip.jpg under {root}")
     samples = sorted(by_base.values(), key=lambda s: s.path)
-    return random_split(samples, split, seed), ignored
+    return samples, ignored, lambda split: random_split(samples, split, seed), False
 
 
-def _fgnet(root: Path, split: str, fold: int, seed: int):
+def _fgnet(root: Path, fold: int, seed: int):
     samples, ignored = _parse_names(
         "fgnet", root, _FGNET,
         lambda m, p: Sample(str(p), _age(m.group(2), p), subject=m.group(1)), "001A02.JPG")
-    return leave_one_subject_out(samples, split, fold, seed), ignored
+    leave_one_subject_out(samples, "test", fold, seed)  # a bad fold fails here, for every split
+    return samples, ignored, lambda split: leave_one_subject_out(samples, split, fold, seed), True
 
 
-def _morph2(root: Path, split: str, fold: int, seed: int, protocol: str = "subject5fold"):
+def _morph2(root: Path, fold: int, seed: int, protocol: str = "subject5fold"):
     samples, ignored = _parse_names(
         "morph2", root, _MORPH,
         lambda m, p: Sample(str(p), _age(m.group(4), p), subject=m.group(1)), "012345_1M25.JPG")
     if protocol == "random":
         _single_split("morph2 --protocol random", fold)
-        return random_split(samples, split, seed), ignored
+        return samples, ignored, lambda split: random_split(samples, split, seed), False  # NOT exclusive
     if protocol == "subject5fold":
-        return subject_kfold(samples, split, fold, seed), ignored
+        subject_kfold(samples, "test", fold, seed)  # a bad fold fails here, for every split
+        return samples, ignored, lambda split: subject_kfold(samples, split, fold, seed), True
     raise ValueError(f"morph2: unknown protocol {protocol!r}; use 'subject5fold' or 'random'")
 
 
-def _cacd(root: Path, split: str, seed: int):
+def _cacd(root: Path, seed: int):
     samples, ignored = _parse_names(
         "cacd", root, _CACD,
         lambda m, p: Sample(str(p), _age(m.group(1), p), subject=_name(m.group(2))), "53_Robert_De_Niro_0001.jpg")
-    return subject_split(samples, split, seed), ignored
+    return samples, ignored, lambda split: subject_split(samples, split, seed), True
 
 
-def _agedb(root: Path, split: str, seed: int):
+def _agedb(root: Path, seed: int):
     samples, ignored = _parse_names(
         "agedb", root, _AGEDB,
         lambda m, p: Sample(str(p), _age(m.group(3), p), subject=_name(m.group(2))), "0_MariaCallas_35_f.jpg")
-    return subject_split(samples, split, seed), ignored
+    return samples, ignored, lambda split: subject_split(samples, split, seed), True
 
 
 def _read_csv(path: Path, required: tuple):
     """(header, [(line number, {column: value})]) of a CSV; every row must have the header's length."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM from spreadsheets
-        reader = csv.reader(handle)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DatasetError(f"{path}:1: header {header} lacks column(s) {missing}")
-        rows = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise DatasetError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}")
-            rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in row)))))
+    try:
+        _check_regular_file(path)  # a FIFO would block open() forever
+    except OSError as error:
+        raise DatasetError(str(error)) from None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM from spreadsheets
+            reader = csv.reader(handle)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DatasetError(f"{path}:1: header {header} lacks column(s) {missing}")
+            rows = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise DatasetError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}")
+                rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in row)))))
+    except UnicodeDecodeError as error:  # e.g. Latin-1 from an old spreadsheet
+        line = error.object[:error.start].count(b"\n") + 1 if isinstance(error.object, bytes) else "?"
+        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} near line {line}); "
+                           f"save it as UTF-8") from None
     return header, rows
 
 
-def _appa_real(root: Path, split: str, age_target: str = "apparent"):
+_APPA_FOLDERS = {"train": "train", "val": "valid", "test": "test"}
+
+
+def _appa_real(root: Path, age_target: str = "apparent"):
     _check_root("appa-real", root)
     if age_target not in ("apparent", "real"):
         raise ValueError(f"appa-real: age_target must be 'apparent' or 'real', not {age_target!r}")
-    folders = {"train": ["train"], "val": ["valid"], "test": ["test"], "all": ["train", "valid", "test"]}[split]
-    samples = []
-    for folder in folders:
+    samples, split_of = [], []
+    for split, folder in _APPA_FOLDERS.items():
         labels = root / f"gt_avg_{folder}.csv"
         if not labels.is_file():
             raise FileNotFoundError(f"appa-real: {labels} not found (the release's gt_avg_{folder}.csv)")
@@ -435,19 +512,21 @@ def _appa_real(root: Path, split: str, age_target: str = "apparent"):
             if not path.is_file():
                 raise DatasetError(f"{where}: image {path} not found")
             if age_target == "real":
-                samples.append(Sample(str(path), _age(row["real_age"], where)))
+                samples.append(Sample(str(path), _age(row["real_age"], where, "real_age"), source=where))
             else:
-                samples.append(Sample(str(path), _age(row["apparent_age_avg"], where),
-                                      age_std=_age(row["apparent_age_std"], where)))
+                samples.append(Sample(str(path), _age(row["apparent_age_avg"], where, "apparent_age_avg"),
+                                      age_std=_age(row["apparent_age_std"], where, "apparent_age_std"),
+                                      source=where))
+            split_of.append(split)
     if not samples:
         raise DatasetError(f"appa-real: the label files under {root} list no images")
-    return samples, []
+    return samples, [], lambda split: [s for s, name in zip(samples, split_of) if split in ("all", name)], True
 
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def _csv(root: Path, split: str, seed: int):
+def _csv(root: Path, seed: int):
     _check_root("csv", root)
     if root.is_dir():
         found = sorted(root.glob("*.csv"))
@@ -459,24 +538,25 @@ def _csv(root: Path, split: str, seed: int):
     for line, row in rows:
         where = f"{root}:{line}"
         std = row.get("age_std") or None
-        samples.append(Sample(str(root.parent / row["path"]), _age(row["age"], where),
+        # canonical: absolute and normalised, so img/../img/x.jpg and img/x.jpg are one image
+        samples.append(Sample(os.path.abspath(root.parent / row["path"]), _age(row["age"], where),
                               subject=(_name(row["subject"]) or None) if "subject" in row else None,
-                              age_std=None if std is None else _age(std, where)))
+                              age_std=None if std is None else _age(std, where, "age_std"), source=where))
         if "split" in header:
             if row["split"].lower() not in _SPLIT_NAMES:
                 raise DatasetError(f"{where}: split {row['split']!r} is not one of train, val, test")
             splits.append(_SPLIT_NAMES[row["split"].lower()])
     if not samples:
         raise DatasetError(f"csv: {root} lists no images")
-    missing = [s.path for s in samples if not os.path.isfile(s.path)]
+    missing = [s for s in samples if not os.path.isfile(s.path)]
     if missing:
-        raise DatasetError(f"csv: {len(missing)} image(s) listed in {root} not found, e.g. {missing[0]} "
-                           f"(paths are relative to the CSV)")
+        kind = "not found" if not os.path.lexists(missing[0].path) else "not a regular file"
+        raise DatasetError(f"{missing[0].source}: image {missing[0].path} {kind} (paths are relative to the CSV); "
+                           f"{len(missing)} listed image(s) unusable")
     if splits:
-        chosen = [s for s, name in zip(samples, splits) if split in ("all", name)]
-    else:
-        chosen = subject_split(samples, split, seed)  # with no subject column each image is its own subject
-    return chosen, []
+        return samples, [], lambda split: [s for s, name in zip(samples, splits) if split in ("all", name)], True
+    # with no subject column each image is its own subject
+    return samples, [], lambda split: subject_split(samples, split, seed), True
 
 
 def _single_split(name: str, fold: int):
@@ -484,10 +564,45 @@ def _single_split(name: str, fold: int):
         raise ValueError(f"{name} has a single split; fold must be 0, not {fold}")
 
 
+def _rows(samples: list, limit: int = 3) -> str:
+    """Where samples came from ("file:line", else the image path), the first few, for a message."""
+    shown = ", ".join(s.source or s.path for s in samples[:limit])
+    return shown + (f" and {len(samples) - limit} more" if len(samples) > limit else "")
+
+
+def check_split_integrity(name: str, parts: dict, subject_exclusive: bool = True):
+    """Raise DatasetError unless train/val/test (parts: split -> [Sample]) hold every image once (paths
+    compared canonically: symlinks and '..' resolved) and, where subject_exclusive, every subject in
+    exactly one split. The message names the rows (or files) at fault."""
+    first = {}
+    for split, samples in parts.items():
+        for sample in samples:
+            key = os.path.realpath(sample.path)
+            if key in first:
+                raise DatasetError(f"{name}: {_rows([first[key], sample])} are the same image {key}; "
+                                   f"list each image once")
+            first[key] = sample
+    if not subject_exclusive:
+        return
+    splits_of = {}  # subject -> {split: [Sample]}
+    for split, samples in parts.items():
+        for sample in samples:
+            if sample.subject is not None:
+                splits_of.setdefault(sample.subject, {}).setdefault(split, []).append(sample)
+    shared = {subject: where for subject, where in splits_of.items() if len(where) > 1}
+    if shared:
+        subject, where = sorted(shared.items())[0]
+        sides = "; ".join(f"{split}: {_rows(samples)}" for split, samples in where.items())
+        raise DatasetError(f"{name}: subject {subject!r} is in {len(where)} splits ({sides}); "
+                           f"{len(shared)} subject(s) cross splits; a subject must be in exactly one split")
+
+
 def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
-                  transform: Optional[Callable] = None, seed: int = 0, **options) -> AgeDataset:
+                  transform: Optional[Callable] = None, seed: int = 0, drop_unreadable: bool = False,
+                  **options) -> AgeDataset:
     """The split of a dataset in DATASETS, read from root (unused for "synthetic"). seed fixes the split;
-    fold selects the test fold of fold protocols (fgnet, morph2 subject5fold)."""
+    fold selects the test fold of fold protocols (fgnet, morph2 subject5fold). Every split is built and
+    checked with check_split_integrity before one is returned. drop_unreadable: see AgeDataset."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -498,24 +613,65 @@ def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
                          f"{sorted(OPTIONS.get(name, set())) or 'none'}")
     if name == "synthetic":
         _single_split(name, fold)
-        return SyntheticAgeDataset(split, seed=seed, transform=transform, **options)
+        return SyntheticAgeDataset(split, seed=seed, transform=transform, drop_unreadable=drop_unreadable,
+                                   **options)
     if root is None:
         raise ValueError(f"{name} needs a data root")
-    root = Path(root).expanduser()
+    root = Path(os.path.abspath(Path(root).expanduser()))
     if name == "fgnet":
-        samples, ignored = _fgnet(root, split, fold, seed)
+        samples, ignored, select, exclusive = _fgnet(root, fold, seed)
     elif name == "morph2":
-        samples, ignored = _morph2(root, split, fold, seed, **options)
+        samples, ignored, select, exclusive = _morph2(root, fold, seed, **options)
     else:
         _single_split(name, fold)
         if name == "appa-real":
-            samples, ignored = _appa_real(root, split, **options)
+            samples, ignored, select, exclusive = _appa_real(root, **options)
         else:
-            samples, ignored = {"utkface": _utkface, "cacd": _cacd, "agedb": _agedb, "csv": _csv}[name](
-                root, split, seed)
-    if not samples:
+            samples, ignored, select, exclusive = {"utkface": _utkface, "cacd": _cacd, "agedb": _agedb,
+                                                   "csv": _csv}[name](root, seed)
+    parts = {part: select(part) for part in ("train", "val", "test")}
+    check_split_integrity(name, parts, exclusive)
+    chosen = samples if split == "all" else parts[split]
+    if not chosen:
         raise DatasetError(f"{name}: the {split} split under {root} is empty")
-    return AgeDataset(samples, transform, ignored)
+    dataset = AgeDataset(chosen, transform, ignored, drop_unreadable)
+    dataset.root = str(root.parent if root.is_file() else root)
+    return dataset
+
+
+# --------------------------------------------------------------------------- dataset identity
+
+def index_entries(dataset: AgeDataset, split: str) -> list:
+    """[relative path, size in bytes, age, age_std, subject, split] per sample: what the dataset is made
+    of, with paths relative to its root (so a moved copy reads the same) and sizes standing in for the
+    content (hashing every image would cost a full read of the dataset at every start)."""
+    root = dataset.root
+    entries = []
+    for s in dataset.samples:
+        relative = os.path.relpath(s.path, root) if root else s.path
+        size = os.stat(s.path).st_size if root and os.path.exists(s.path) else -1
+        entries.append([relative, size, s.age, s.age_std, s.subject, split])
+    return entries
+
+
+def fingerprint(entries: list) -> str:
+    """SHA-256 of the sorted (relative path, size, labels) of index_entries rows: the split they fell in
+    is left out, as it follows from the data and the run's seed, fold and protocol."""
+    rows = sorted(json.dumps(entry[:5], ensure_ascii=False) for entry in entries)
+    return hashlib.sha256("\n".join(rows).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def describe_change(old: list, new: list, limit: int = 3) -> str:
+    """What differs between two index_entries lists, in words: files added, removed, changed in size
+    or label, with a few names each ("" when nothing does)."""
+    before = {e[0]: tuple(e[1:5]) for e in old}
+    after = {e[0]: tuple(e[1:5]) for e in new}
+    kinds = {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+             "changed in size": sorted(p for p in set(before) & set(after) if before[p][0] != after[p][0]),
+             "relabelled": sorted(p for p in set(before) & set(after)
+                                  if before[p][0] == after[p][0] and before[p] != after[p])}
+    return "; ".join(f"{len(paths)} file(s) {kind} (e.g. {', '.join(paths[:limit])})"
+                     for kind, paths in kinds.items() if paths)
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -616,7 +772,7 @@ class SyntheticAgeDataset(AgeDataset):
     _CODES = {"train": 0, "val": 1, "test": 2}
 
     def __init__(self, split: str = "train", seed: int = 0, transform: Optional[Callable] = None,
-                 n=None, image_size: int = 64, min_age: int = 0, max_age: int = 100):
+                 n=None, image_size: int = 64, min_age: int = 0, max_age: int = 100, drop_unreadable: bool = False):
         sizes = dict(self.SIZES)
         if isinstance(n, dict):
             sizes.update(n)
@@ -632,7 +788,7 @@ class SyntheticAgeDataset(AgeDataset):
             for i, age in enumerate(ages):
                 self._keys.append((code, i))
                 samples.append(Sample(f"synthetic:{name}/{i}", float(age)))
-        super().__init__(samples, transform)
+        super().__init__(samples, transform, drop_unreadable=drop_unreadable)
 
     def image(self, index: int) -> Image.Image:
         code, i = self._keys[index]

@@ -25,8 +25,12 @@ predict, main.
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +42,118 @@ import data
 from model import CILFCIAE, CILFConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+# ----------------------------------------------------------------------------- option values
+# argparse types shared by train.py and eval.py: a bad value is a one-line usage error naming the option,
+# never a traceback or a run that silently does something else (a negative learning rate, NaN clipping).
+
+def _number(kind, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text):
+    value = _number(int, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
+    return value
+
+
+def positive_float(text):
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
+def fraction(text):
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
+    return value
+
+
+def probability_below_one(text):
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), not {text}")
+    return value
+
+
+def device_name(text):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return text
+
+
+def prompt_template(text):
+    """A template with exactly one '{}' (the age) and no other braces: one distinct prompt per class."""
+    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
+        raise argparse.ArgumentTypeError(f"{text!r} must hold exactly one '{{}}' (where the age goes) and no "
+                                         f"other braces")
+    return text
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write(path, write):
+    """Write a file atomically: write(f) fills a temporary file in the same folder (binary), which is
+    flushed, synced and renamed over path. A kill at any moment leaves the old file or the new one, never a
+    torn one; a failure (disk full, ...) removes the temporary file and raises OSError naming path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):   # torch.save reports a full disk as RuntimeError
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free on its file system"
+        except OSError:
+            free = ""
+        raise OSError(f"could not write {path} ({reason}{free}); nothing was left half-written") from error
+    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path, text):
+    """atomic_write of text as UTF-8; file names that are not UTF-8 (read by Python as surrogate escapes)
+    are written back as the bytes they were, so no name can make the write fail."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")   # ASCII: surrogates become \udcXX escapes
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -178,7 +294,9 @@ def load_checkpoint(path):
     """torch.load(weights_only=True) with errors that name the file and say what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"checkpoint not found: {path}")
+        kind = "is a folder, not a checkpoint file" if path.is_dir() else \
+            "is not a regular file" if os.path.lexists(path) else "not found"
+        raise SystemExit(f"checkpoint {kind}: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # truncated file, not a torch file, or pickled code we refuse to run
@@ -224,55 +342,56 @@ def predict(model, loader, device, amp_dtype=None, zero_shot=False):
     uncertainty (N,), target (N,) (nan where the loader has no labels)."""
     model.eval()
     out = {"age": [], "ages_per_step": [], "uncertainty": [], "target": []}
-    for images, target in loader:
+    for batch in loader:
+        if batch is None:   # every image of the batch was unreadable (data.collate_readable)
+            continue
+        images, target = batch
         with autocast(device, amp_dtype):
             result = (model.zero_shot if zero_shot else model)(move_to(images, device))
         out["age"].append(result.age.float().cpu())
         out["ages_per_step"].append(result.ages_per_step.float().cpu())
         out["uncertainty"].append(result.uncertainty.float().cpu())
         out["target"].append(target.float())
+    if not out["age"]:
+        return {k: np.zeros((0, 1) if k == "ages_per_step" else 0) for k in out}
     return {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Unlabelled images (for --images): (image tensor, nan)."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            image = data.load_image(self.paths[i])
-        except Exception as e:   # PIL raises many types on corrupt data
-            raise SystemExit(f"{self.paths[i]}: not a readable image ({type(e).__name__}: {e})") from None
-        return self.transform(image), torch.tensor(float("nan"))
-
-
 def image_paths(items):
-    """Files given directly, plus every image file under each directory given (sorted)."""
-    paths = []
+    """Files given directly, plus every image file under each directory given (sorted). FIFOs, devices
+    and macOS "._x.jpg" metadata files are skipped with a reason (opening a FIFO would block forever)."""
+    paths, skipped = [], []
     for item in map(Path, items):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                if p.name.startswith("._"):
+                    skipped.append(f"{p} (a macOS metadata file)")
+                elif p.is_file():
+                    paths.append(p)
+                elif not p.is_dir():
+                    skipped.append(f"{p} (not a regular file)")
         elif item.is_file():
             paths.append(item)
+        elif os.path.lexists(item):
+            skipped.append(f"{item} (not a regular file)")
         else:
             raise SystemExit(f"--images: {item} does not exist")
+    if skipped:
+        print(f"--images: skipped {len(skipped)} file(s): " + ", ".join(skipped[:5])
+              + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
     if not paths:
         raise SystemExit(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {' '.join(items)}")
     return [str(p) for p in paths]
 
 
 def write_predictions(path, paths, result):
-    """predictions.csv: one row per image, in loader order."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "age", "predicted_age", "uncertainty"])
-        for p, age, pred, unc in zip(paths, result["target"], result["age"], result["uncertainty"]):
-            writer.writerow([p, "" if math.isnan(age) else f"{age:g}", f"{pred:.4f}", f"{unc:.4f}"])
+    """predictions.csv: one row per image, in loader order; written atomically, any file name."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "age", "predicted_age", "uncertainty"])
+    for p, age, pred, unc in zip(paths, result["target"], result["age"], result["uncertainty"]):
+        writer.writerow([p, "" if math.isnan(age) else f"{age:g}", f"{pred:.4f}", f"{unc:.4f}"])
+    write_text(path, text.getvalue())
 
 
 def pyplot():
@@ -323,14 +442,18 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
                    help="split to evaluate (default: test)")
     p.add_argument("--protocol", help="split protocol, e.g. random|subject5fold (default: the run's)")
-    p.add_argument("--fold", type=int, help="cross-validation fold (default: the run's)")
+    p.add_argument("--fold", type=non_negative_int, help="cross-validation fold (default: the run's)")
+    p.add_argument("--seed", type=non_negative_int, help="seed of the split (default: the run's); a seed whose "
+                   "test split overlaps the run's training images is refused")
+    p.add_argument("--allow-data-change", action="store_true", help="evaluate although the run's dataset "
+                   "changed since training (its fingerprint differs); recorded in metrics.json")
     p.add_argument("--age-target", choices=["apparent", "real"], help="appa-real: which age (default: the run's)")
     p.add_argument("--images", nargs="+", metavar="FILE_OR_DIR", help="predict ages for these images "
                    "(files or folders, no labels needed) instead of a dataset")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval_<dataset>_<split>)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--plot", action="store_true", help="also write cs_curve.png and scatter.png (matplotlib)")
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.ckpt):
@@ -341,18 +464,73 @@ def parse_args(argv=None):
 
 
 def dataset_options(args, train_config):
-    """Dataset name/root/options for this evaluation: command line first, else those the run used."""
+    """Dataset name/root/fold/seed/options for this evaluation: command line first, else those the run used."""
     name = args.dataset or train_config.get("dataset")
     if name is None:
         raise SystemExit("--dataset is needed (the checkpoint does not name one)")
     root = args.data_root if args.data_root is not None else train_config.get("data_root")
+    if args.data_root is None and root is not None and not os.path.isabs(root):
+        raise SystemExit(f"the checkpoint stores the relative --data-root {root!r} (runs before absolute paths "
+                         f"were stored), which means another folder from here: give --data-root")
     options = dict(train_config.get("dataset_options", {})) if name == train_config.get("dataset") else {}
     if args.protocol is not None:
         options["protocol"] = args.protocol
     if args.age_target is not None:
         options["age_target"] = args.age_target
     fold = args.fold if args.fold is not None else train_config.get("fold", 0)
-    return name, root, fold, options
+    seed = args.seed if args.seed is not None else train_config.get("seed", 0)
+    return name, root, fold, seed, options
+
+
+def split_description(name, fold, seed, options):
+    return f"protocol {options.get('protocol', data.PROTOCOLS[name])}, fold {fold}, seed {seed}"
+
+
+def check_data_unchanged(ckpt, args, name, root, fold, seed, options):
+    """Compare the run's dataset fingerprint (train.py stores it) with the data found now, when this
+    evaluation reads the run's own dataset from the run's root. Returns None, or the change in words when
+    --allow-data-change let it pass; refuses otherwise."""
+    saved, train_config = ckpt["config"].get("data"), ckpt["config"]["train"]
+    same_root = args.data_root is None or os.path.abspath(os.path.expanduser(args.data_root)) == train_config.get("data_root")
+    if not saved or name == "synthetic" or name != train_config.get("dataset") or not same_root:
+        return None
+    everything = data.build_dataset(name, root, split="all", fold=fold, seed=seed, **options)
+    entries = data.index_entries(everything, "all")
+    if data.fingerprint(entries) == saved["fingerprint"]:
+        return None
+    change = data.describe_change(ckpt.get("data_index", []), entries) or "the file list differs"
+    if not args.allow_data_change:
+        raise SystemExit(f"the dataset under {root} changed since this run was trained: {change}. Its splits "
+                         f"(seeded from the file list) may now put training images in the test split. Restore the "
+                         f"data, or pass --allow-data-change to evaluate anyway (recorded in metrics.json)")
+    print(f"warning: --allow-data-change: the dataset changed since training: {change}", file=sys.stderr)
+    return change
+
+
+def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
+    """Refuse a val/test evaluation that contains images of the run's training split (same file, or the
+    same relative path and size under a copy of the run's dataset) or, on the run's own dataset, its
+    training subjects: a --fold, --protocol, --seed or dataset that does not match the run."""
+    train_config, index = ckpt["config"]["train"], ckpt.get("data_index")
+    if split not in ("val", "test") or not index or name == "synthetic":
+        return
+    run_root = train_config.get("data_root") or ""
+    trained = [e for e in index if e[5] == "train"]
+    train_files = {os.path.realpath(os.path.join(run_root, e[0])) for e in trained}
+    same_dataset = name == train_config.get("dataset")
+    train_names = {(e[0], e[1]) for e in trained} if same_dataset else set()
+    train_subjects = {e[4] for e in trained if e[4] is not None} if same_dataset else set()
+    ours = data.index_entries(dataset, split)
+    overlap = [s.path for s, e in zip(dataset.samples, ours)
+               if os.path.realpath(s.path) in train_files or (e[0], e[1]) in train_names or e[4] in train_subjects]
+    if overlap:
+        run = split_description(train_config.get("dataset", name), train_config.get("fold", 0),
+                                train_config.get("seed", 0), train_config.get("dataset_options", {}))
+        raise SystemExit(f"refusing to evaluate: {len(overlap)} of the {len(ours)} {split} images are training "
+                         f"images (or training subjects) of this run, e.g. {overlap[0]}. The run trained on "
+                         f"{train_config.get('dataset')} with {run}; this evaluation asks for {name} with "
+                         f"{split_description(name, fold, seed, options)}. Use the run's --fold/--protocol/--seed "
+                         f"(the defaults), or --split train to look at training images on purpose.")
 
 
 def main(argv=None):
@@ -365,7 +543,7 @@ def main(argv=None):
             clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--clip: {e}") from None
-        model, train_config, source = CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
+        ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
     else:
         ckpt = load_checkpoint(args.ckpt)
         model, train_config, source = model_from_checkpoint(ckpt, args.ckpt), ckpt["config"]["train"], \
@@ -373,42 +551,52 @@ def main(argv=None):
     model = model.to(device).eval()
     resolution = model.clip.visual.input_resolution
     amp_dtype = autocast_dtype(device)
+    record = {}   # what this evaluation used, for metrics.json
     if args.images:
         paths = image_paths(args.images)
-        dataset, samples = ImageFiles(paths, data.eval_transform(resolution)), None
+        samples = [data.Sample(p, float("nan")) for p in paths]
+        dataset = data.AgeDataset(samples, data.eval_transform(resolution), drop_unreadable=True)
         tag, split = "images", None
     else:
-        name, root, fold, options = dataset_options(args, train_config)
+        name, root, fold, seed, options = dataset_options(args, train_config)
         split = args.split or "test"
         try:
-            dataset = data.build_dataset(name, root, split=split, fold=fold, seed=train_config.get("seed", 0),
+            change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
+            dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
                                          transform=data.eval_transform(resolution), **options)
         except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
             raise SystemExit(f"--dataset {name}: {e}") from None
+        if ckpt:
+            check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options)
+        print(f"evaluating {name} {split} split: {split_description(name, fold, seed, options)}")
+        record = {"protocol": options.get("protocol", data.PROTOCOLS[name]), "fold": fold, "seed": seed,
+                  **({"data_change_allowed": change} if change else {})}
         samples = dataset.samples
-        paths = [s.path for s in samples]
         tag = f"{name}_{split}"
+    # unreadable images are left out and counted, exactly as in train.py's evaluation (data.AgeDataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_readable)
     out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = predict(model, loader, device, amp_dtype, zero_shot=args.zero_shot)
-    skipped = set(getattr(dataset, "skipped", ()))
-    if skipped:   # data.AgeDataset stood in the next image for these: their rows would be wrong, drop them
-        keep = [i for i, p in enumerate(paths) if p not in skipped]
+    skipped = set(dataset.skipped)
+    if skipped:
         print(f"warning: {len(skipped)} unreadable image(s) left out, e.g. {sorted(skipped)[0]}", file=sys.stderr)
-        paths, result = [paths[i] for i in keep], {k: v[keep] for k, v in result.items()}
-        samples = [samples[i] for i in keep]
+        samples = [s for s in samples if s.path not in skipped]
+    paths = [s.path for s in samples]
     write_predictions(out_dir / "predictions.csv", paths, result)
     if args.images:
         print(f"{len(paths)} predictions written to {out_dir / 'predictions.csv'}")
         return None
+    if not samples:
+        raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
     metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
                               std)
     metrics.update(checkpoint=str(source), dataset=tag.rsplit("_", 1)[0], split=split,
-                   mode="zero-shot" if args.zero_shot else "trained")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(skipped), **record)
+    write_json(out_dir / "metrics.json", metrics)
     print(format_table(metrics, f"{metrics['mode']} {source} on {tag}"))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
     if args.plot:

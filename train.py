@@ -47,6 +47,9 @@ import dataclasses
 import json
 import math
 import random
+import re
+import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -54,12 +57,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl   # the run-folder lock (POSIX)
+except ImportError:
+    fcntl = None
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import autocast, autocast_dtype, load_checkpoint, move_to, predict, select_device
+from eval import (atomic_write, autocast, autocast_dtype, device_name, fraction, load_checkpoint, move_to,
+                  non_negative_float, non_negative_int, positive_float, positive_int, predict,
+                  probability_below_one, prompt_template, select_device, write_json)
 from model import CILFCIAE, CILFConfig
 
 # The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
@@ -74,8 +84,11 @@ DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_widt
 DEMO_MODEL = dict(width=64, heads=4)
 
 # Options that only say how a run is executed, not what it computes: they may change on resume.
-RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "check_images", "world_size"}
+RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "check_images", "world_size",
+                   "allow_data_change", "nan_at_step"}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+# The run folder: what train.py writes there, and the lock a running train.py holds (see claim_run_folder).
+LOCK_FILE = ".lock"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -96,16 +109,16 @@ def parse_args(argv=None):
     g.add_argument("--data-root", default=None, help="dataset folder or file (not needed for synthetic)")
     g.add_argument("--protocol", default=None, help="split protocol where a dataset has several (morph2: "
                    "subject5fold|random); default: the dataset's own")
-    g.add_argument("--fold", type=int, default=0, help="test fold of fold protocols (fgnet, morph2)")
+    g.add_argument("--fold", type=non_negative_int, default=0, help="test fold of fold protocols (fgnet, morph2)")
     g.add_argument("--age-target", default=None, choices=["apparent", "real"], help="appa-real: which age to "
                    "learn; default: apparent")
-    g.add_argument("--synthetic-n", type=int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
+    g.add_argument("--synthetic-n", type=positive_int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
                    help="synthetic dataset: images per split")
     g.add_argument("--no-augment", action="store_true", help="train on the evaluation transform (no random "
                    "crop, flip or colour jitter)")
     g.add_argument("--check-images", action="store_true", help="decode every image once before training and "
                    "stop with the list of unreadable files")
-    g.add_argument("--workers", type=int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
+    g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
                    "the synthetic images) with training; results do not depend on it")
     g = p.add_argument_group("model (CILFConfig)")
     g.add_argument("--clip", default=None, help="CLIP checkpoint (OpenAI's RN50.pt, RN101.pt, ViT-B-16.pt, ...); "
@@ -114,34 +127,35 @@ def parse_args(argv=None):
                    "names (renamed or converted files)")
     g.add_argument("--mixer", default=m.mixer, choices=["linear", "fourier", "softmax", "none"],
                    help="token mixer of the fusion Transformer (claim 2); none: global token only")
-    g.add_argument("--depth", type=int, default=m.depth, help="fusion blocks (0: no fusion)")
-    g.add_argument("--width", type=int, default=None, help=f"fusion width; demo: {DEMO_MODEL['width']} / "
+    g.add_argument("--depth", type=non_negative_int, default=m.depth, help="fusion blocks (0: no fusion)")
+    g.add_argument("--width", type=positive_int, default=None, help=f"fusion width; demo: {DEMO_MODEL['width']} / "
                    f"real: {m.width}")
-    g.add_argument("--heads", type=int, default=None, help=f"attention heads; demo: {DEMO_MODEL['heads']} / "
+    g.add_argument("--heads", type=positive_int, default=None, help=f"attention heads; demo: {DEMO_MODEL['heads']} / "
                    f"real: {m.heads}")
-    g.add_argument("--mlp-ratio", type=float, default=m.mlp_ratio, help="fusion MLP hidden size / width")
-    g.add_argument("--dropout", type=float, default=m.dropout, help="dropout on the fusion's residual branches")
+    g.add_argument("--mlp-ratio", type=positive_float, default=m.mlp_ratio, help="fusion MLP hidden size / width")
+    g.add_argument("--dropout", type=probability_below_one, default=m.dropout, help="dropout on the fusion's residual branches")
     g.add_argument("--no-cross-attention", action="store_true", help="image tokens do not attend to the "
                    "age-text embeddings")
-    g.add_argument("--feedback-steps", type=int, default=m.feedback_steps, help="error-feedback corrections "
+    g.add_argument("--feedback-steps", type=non_negative_int, default=m.feedback_steps, help="error-feedback corrections "
                    "(claim 4; 0: off)")
-    g.add_argument("--feedback-hidden", type=int, default=m.feedback_hidden, help="width of the error head")
-    g.add_argument("--sigma-y", type=float, default=m.sigma_y, help="std (years) of the label distribution")
-    g.add_argument("--distribution-weight", type=float, default=m.distribution_weight,
+    g.add_argument("--feedback-hidden", type=positive_int, default=m.feedback_hidden, help="width of the error head")
+    g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
+    g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
-    g.add_argument("--l1-weight", type=float, default=m.l1_weight, help="weight of |y0 - y|")
-    g.add_argument("--contrastive-weight", type=float, default=m.contrastive_weight,
+    g.add_argument("--l1-weight", type=non_negative_float, default=m.l1_weight, help="weight of |y0 - y|")
+    g.add_argument("--contrastive-weight", type=non_negative_float, default=m.contrastive_weight,
                    help="weight of the image-text contrastive loss (claim 3; 0: off)")
-    g.add_argument("--contrastive-sigma", type=float, default=m.contrastive_sigma,
+    g.add_argument("--contrastive-sigma", type=positive_float, default=m.contrastive_sigma,
                    help="std (years) of the soft contrastive targets")
-    g.add_argument("--feedback-weight", type=float, default=m.feedback_weight, help="weight of the corrected "
+    g.add_argument("--feedback-weight", type=non_negative_float, default=m.feedback_weight, help="weight of the corrected "
                    "ages' |y_r - y|")
-    g.add_argument("--uncertainty-weight", type=float, default=m.uncertainty_weight, help="weight of the "
+    g.add_argument("--uncertainty-weight", type=non_negative_float, default=m.uncertainty_weight, help="weight of the "
                    "predicted-error loss")
-    g.add_argument("--min-age", type=float, default=m.min_age, help="first age class")
-    g.add_argument("--max-age", type=float, default=None, help="last age class; default: the oldest training "
-                   f"age rounded up onto the class grid, at least {m.max_age:g}")
-    g.add_argument("--prompt-template", default=m.prompt_template, help="one prompt per age class")
+    g.add_argument("--min-age", type=non_negative_float, default=m.min_age, help="first age class")
+    g.add_argument("--max-age", type=non_negative_float, default=None, help="last age class; default: the oldest "
+                   f"training age rounded up onto the class grid, at least {m.max_age:g}")
+    g.add_argument("--prompt-template", type=prompt_template, default=m.prompt_template,
+                   help="one prompt per age class")
     g.add_argument("--image-tower", default="train", choices=["train", "freeze"], help="CLIP's image tower "
                    "(trained at --clip-lr, or frozen)")
     g.add_argument("--text-tower", default=None, choices=["train", "freeze"], help="CLIP's text tower; demo: "
@@ -151,31 +165,52 @@ def parse_args(argv=None):
                    "trained ResNet image tower: frozen (pretrained, eval mode; affine weights still train) or "
                    "train (moving, synchronised across processes under torchrun on GPUs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="epochs; demo: 20 / real: 30")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch: images per optimizer step, "
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs; demo: 20 / real: 30")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch: images per optimizer step, "
                    "summed over processes and accumulation steps")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: micro-batches per step")
-    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate of the new modules; "
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation: micro-batches per step")
+    g.add_argument("--lr", type=positive_float, default=None, help="peak AdamW learning rate of the new modules; "
                    "demo: 1e-3 / real: 1e-4")
-    g.add_argument("--clip-lr", type=float, default=None, help="peak learning rate of the CLIP towers; demo: "
+    g.add_argument("--clip-lr", type=non_negative_float, default=None, help="peak learning rate of the CLIP towers; demo: "
                    "the --lr (a random CLIP must learn everything) / real: 1e-6 (keep the pretrained features)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, "
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW weight decay (not on norms, biases, "
                    "embeddings)")
-    g.add_argument("--warmup", type=float, default=1.0, help="linear warm-up length in epochs (then cosine)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate / peak")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights, splits, data order, augmentation, dropout")
+    g.add_argument("--warmup", type=non_negative_float, default=1.0, help="linear warm-up length in epochs (then cosine)")
+    g.add_argument("--min-lr-ratio", type=fraction, default=0.01, help="final learning rate / peak")
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of weights, splits, data order, augmentation, dropout")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder; demo: runs/demo / real: runs/<dataset>")
     g.add_argument("--resume", action="store_true", help="insist on continuing the run in --out (rerunning "
                    "into a folder that holds last.pt continues it anyway)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU per process)")
+    g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU "
+                   "per process)")
     g.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES], help="autocast dtype; auto: bf16 on "
                    "GPUs that have it, fp16 (with a GradScaler) on older ones, off on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--allow-data-change", action="store_true", help="continue a run although its dataset "
+                   "changed (its fingerprint differs); the change is recorded in config.json and the checkpoints")
     g.add_argument("--nan-at-step", type=int, default=-1, help="testing aid: feed NaN images at this optimizer "
                    "step to exercise the stop on a non-finite loss (-1: never)")
-    return resolve_defaults(p.parse_args(argv))
+    args = resolve_defaults(p.parse_args(argv))
+    problem = check_option_combinations(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def check_option_combinations(args):
+    """The first inconsistency between options as a message, or None."""
+    max_age = data.AGE_RANGE[1] if args.max_age is None else args.max_age
+    if not 0 <= args.min_age < max_age <= data.AGE_RANGE[1]:
+        return f"need 0 <= --min-age < --max-age <= {data.AGE_RANGE[1]:g}, got {args.min_age:g} and {max_age:g}"
+    if args.width % args.heads:
+        return f"--width {args.width} must be divisible by --heads {args.heads}"
+    if args.nan_at_step < -1:
+        return f"--nan-at-step must be -1 (never) or a step >= 0, not {args.nan_at_step}"
+    if args.dataset != "synthetic" and args.data_root is None:
+        return f"--dataset {args.dataset} needs --data-root"
+    return None
 
 
 def resolve_defaults(args):
@@ -190,6 +225,9 @@ def resolve_defaults(args):
     args.width = pick(args.width, DEMO_MODEL["width"], m.width)
     args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
     args.out = pick(args.out, "runs/demo", f"runs/{args.dataset}")
+    # absolute from here on: config.json and the checkpoints must name the same files from any folder
+    absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
+    args.data_root, args.clip, args.out = absolute(args.data_root), absolute(args.clip), absolute(args.out)
     return args
 
 
@@ -263,21 +301,9 @@ def all_reduce_sum(values, device, world):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, obj):
-    """Atomic write: a temporary file in the same folder, flushed to disk, then renamed over `path`.
-    A kill at any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Atomic write (eval.atomic_write): a kill at any moment leaves either the old file or the new one,
+    never a torn one; a full disk raises OSError naming the file and leaves no temporary file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -386,7 +412,8 @@ def build_splits(args, resolution):
         transform = data.train_transform(resolution) if augment else data.eval_transform(resolution)
         try:
             splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
-                                               transform=transform, seed=args.seed, **options)
+                                               transform=transform, seed=args.seed,
+                                               drop_unreadable=split != "train", **options)
         except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
             raise SystemExit(f"--dataset {args.dataset}: {e}") from None
     return splits, options
@@ -395,13 +422,21 @@ def build_splits(args, resolution):
 @torch.no_grad()
 def evaluate_mae(model, dataset, args, device, amp_dtype, rank, world):
     """Exact MAE of model on dataset under DDP: each process takes every world-th image (no padding, no
-    duplicates, unlike DistributedSampler), then the sums of |error| and the counts are all-reduced."""
+    duplicates, unlike DistributedSampler), then the sums of |error| and the counts are all-reduced.
+    Unreadable images are left out and counted, as eval.py does (the dataset is built drop_unreadable),
+    so both report the same MAE for the same checkpoint."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world), shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_readable)
     result = predict(model, loader, device, amp_dtype)
-    abs_sum, count = all_reduce_sum([float(np.abs(result["age"] - result["target"]).sum()), len(shard)],
+    abs_sum, count = all_reduce_sum([float(np.abs(result["age"] - result["target"]).sum()), len(result["age"])],
                                     device, world)
+    if count < len(dataset) and rank == 0:
+        print(f"warning: {len(dataset) - int(count)} of {len(dataset)} image(s) unreadable, left out of this MAE",
+              file=sys.stderr)
+    if count == 0:
+        raise SystemExit(f"none of the {len(dataset)} evaluation images could be read; run with --check-images")
     return abs_sum / count
 
 
@@ -470,16 +505,20 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
+    lock = claim_run_folder(Path(args.out)) if rank == 0 else None
     try:
-        return run(args, rank, world, device)
+        return run(args, rank, world, device, argv)
     finally:
+        if lock is not None:
+            lock.close()   # releases the run folder
         if world > 1:
             dist.destroy_process_group()
 
 
-def run(args, rank, world, device):
+def run(args, rank, world, device, argv_of_run=()):
     if args.batch_size % (world * args.accum_steps):
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --accum-steps "
                          f"({world} x {args.accum_steps})")
@@ -496,14 +535,20 @@ def run(args, rank, world, device):
         check_images(splits)
     resolve_max_age(args, [s.age for s in splits["train"].samples])
     config = build_config(args)
+    check_labels(splits["train"], config)
     raw_model = CILFCIAE(clip_model, config)
     train_set = EpochSeeded(splits["train"], args.seed)
+    data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
     run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
                   "model": dataclasses.asdict(config),
-                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP)}}
+                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP)},
+                  "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index), "changes": []}}
     if ckpt is not None:
         check_same_run(ckpt["config"], run_config, out)
+        check_same_data(ckpt, run_config, data_index, args, out)
         raw_model.load_state_dict(ckpt["model"])
+    elif rank == 0:
+        check_best_is_ours(run_config, out)
     raw_model.to(device)
     raw_model = sync_batchnorm(raw_model, args, device, world)
 
@@ -537,10 +582,10 @@ def run(args, rank, world, device):
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if rank == 0:
+        write_json(out / "config.json", run_config)
     log = open_log(out, state["log_offset"], rank)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
         where = f"resumed after epoch {state['epoch']}" if ckpt else "new run"
         print(f"{where}: {args.dataset} ({len(splits['train'])} train / {len(splits['val'])} val / "
               f"{len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
@@ -561,8 +606,9 @@ def run(args, rank, world, device):
             train_seconds = time.time() - epoch_start
         except NonFiniteLoss as e:
             kept = f"{out / 'last.pt'} (after epoch {state['epoch']})" if state["epoch"] else "none yet"
-            raise SystemExit(f"{e}\nstopped. Last good checkpoint: {kept}. Lower --lr/--clip-lr or "
-                             f"--grad-clip, then rerun into {out} to continue from it.") from None
+            raise SystemExit(f"{e}\nstopped. Last good checkpoint: {kept}. A run continues only with its own "
+                             f"options; to try a lower learning rate start a new run:\n  "
+                             f"{retry_command(args, argv_of_run)}") from None
         val_mae = evaluate_mae(raw_model, splits["val"], args, device, amp_dtype, rank, world)
         state["epoch"] += 1
         improved = val_mae < state["best_val_mae"]
@@ -583,12 +629,16 @@ def run(args, rank, world, device):
                     "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
                     "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
                     "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
-                    "log_offset": state["log_offset"]}
+                    "log_offset": state["log_offset"], "data_index": data_index}
             # best first: a kill between the two writes leaves last.pt older than best.pt, and the rerun
             # of that epoch rewrites both identically
-            if improved:
-                save_checkpoint(out / "best.pt", ckpt)
-            save_checkpoint(out / "last.pt", ckpt)
+            try:
+                if improved:
+                    save_checkpoint(out / "best.pt", ckpt)
+                save_checkpoint(out / "last.pt", ckpt)
+            except OSError as e:
+                raise SystemExit(f"{e}. The run stopped; free space and rerun the same command to continue "
+                                 f"from the last checkpoint written.") from None
         if world > 1:
             dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
 
@@ -614,13 +664,55 @@ def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log
 def resume_checkpoint(args, out):
     """The checkpoint to continue from (out/last.pt), None for a new run; --resume demands one."""
     path = out / "last.pt"
-    for leftover in out.glob(".*.pt.tmp*") if out.is_dir() else []:
+    for leftover in out.glob(".*.tmp*") if out.is_dir() else []:
         leftover.unlink(missing_ok=True)   # a write interrupted by a kill; the real file is intact
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise SystemExit(f"{path} is a folder or special file, not a checkpoint: move it away, or choose another --out")
     if not path.exists():
         if args.resume:
             raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
         return None
     return load_checkpoint(path)
+
+
+def claim_run_folder(out):
+    """Create --out if needed, refuse it when it holds files train.py did not write (an unrelated folder
+    would get its config.json and log.jsonl overwritten), and hold its lock file for the rest of the
+    process: a second train.py into the same folder is refused while this one runs. The lock is a POSIX
+    record lock (lockf), which the OS releases when the process ends, even by SIGKILL, so no lock goes
+    stale; unlike flock it is not inherited by DataLoader workers, which may outlive a killed parent."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot be used as a run folder ({e.strerror or e})") from None
+    ours = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not re.fullmatch(r"\..*\.tmp\d+", p.name)]
+    if ours and not is_run_config(out / "config.json"):
+        raise SystemExit(f"--out {out} holds files train.py did not write ({', '.join(sorted(ours)[:5])}"
+                         f"{' ...' if len(ours) > 5 else ''}); choose a new or empty folder")
+    lock = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    if fcntl is not None:   # POSIX; elsewhere runs are not locked
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise SystemExit(f"--out {out} is in use by another train.py ({holder}); wait for it to finish "
+                             f"or choose another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def is_run_config(path):
+    """Whether path is a config.json written by train.py."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("train"), dict) and "model" in config
 
 
 def check_same_run(saved, current, out):
@@ -631,6 +723,60 @@ def check_same_run(saved, current, out):
     if diff:
         raise SystemExit(f"{out} holds a run with other options ({'; '.join(diff)}). Rerun with the run's "
                          f"options (see {out / 'config.json'}) or choose another --out.")
+
+
+def check_best_is_ours(run_config, out):
+    """A new run in a folder that still holds a best.pt (its last.pt deleted) may only be the same run
+    started again: a run with other options would replace that result."""
+    if (out / "best.pt").exists():
+        check_same_run(load_checkpoint(out / "best.pt")["config"], run_config, out)
+
+
+def check_same_data(ckpt, run_config, data_index, args, out):
+    """Refuse to continue a run whose dataset changed (another fingerprint): the seeded split would move
+    images between train and test. With --allow-data-change the change is recorded in run_config."""
+    saved = ckpt["config"].get("data")
+    if not saved:   # a run from before fingerprints were stored
+        return
+    current = run_config["data"]
+    current["changes"] = list(saved.get("changes", []))
+    if saved["fingerprint"] == current["fingerprint"]:
+        return
+    change = data.describe_change(ckpt.get("data_index", []), data_index) or "the file list differs"
+    if not args.allow_data_change:
+        raise SystemExit(f"the dataset changed since the run in {out} started: {change}. Its splits are seeded "
+                         f"from the file list, so images may have moved between train and test. Restore the data, "
+                         f"choose another --out, or pass --allow-data-change to continue anyway (recorded).")
+    current["changes"].append({"after_epoch": ckpt["epoch"], "from": saved["fingerprint"],
+                               "to": current["fingerprint"], "what": change})
+    print(f"warning: --allow-data-change: continuing after epoch {ckpt['epoch']} on changed data: {change}",
+          file=sys.stderr)
+
+
+def check_labels(train_set, config):
+    """Every training age must lie among the age classes (--min-age..--max-age): the distribution over
+    the classes cannot represent others, and their losses would be silently wrong."""
+    outside = [s for s in train_set.samples if not config.min_age <= s.age <= config.max_age]
+    if outside:
+        raise SystemExit(f"{len(outside)} training label(s) lie outside the age classes {config.min_age:g}..."
+                         f"{config.max_age:g} (e.g. {outside[0].source or outside[0].path}: age {outside[0].age:g}); "
+                         f"widen --min-age/--max-age")
+
+
+def retry_command(args, argv):
+    """The command line of this run with a tenfold lower --lr (and the testing aid --nan-at-step dropped),
+    into a new --out: a run that can start, where rerunning into this --out would be refused."""
+    drop = {"--out": 1, "--lr": 1, "--nan-at-step": 1, "--resume": 0}
+    kept, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in drop:
+            i += 1 + (drop[name] if "=" not in argv[i] else 0)
+            continue
+        kept.append(argv[i])
+        i += 1
+    lr = args.lr / 10
+    return shlex.join(["python", "train.py", *kept, "--lr", f"{lr:g}", "--out", f"{args.out}_lr{lr:g}"])
 
 
 def check_images(splits):
@@ -645,7 +791,9 @@ def check_images(splits):
 
 def open_log(out, offset, rank):
     """log.jsonl appender for rank 0 (others get a no-op). On resume the lines written after the
-    checkpoint (steps that will be redone) are cut off, so the log matches an uninterrupted run."""
+    checkpoint (steps that will be redone) are cut off, so the log matches an uninterrupted run. A log
+    shorter than the checkpoint expects (deleted, or cut) is continued where it ends, never padded, with a
+    line saying what is missing."""
     if rank != 0:
         logger = lambda record: None
         logger.offset = lambda: 0
@@ -653,13 +801,19 @@ def open_log(out, offset, rank):
     out.mkdir(parents=True, exist_ok=True)
     path = out / "log.jsonl"
     f = open(path, "r+b" if path.exists() else "wb")
-    f.truncate(offset)
-    f.seek(offset)
+    size = f.seek(0, os.SEEK_END)
+    missing = offset - size if size < offset else 0
+    f.truncate(min(offset, size))   # truncate() past the end would pad with NUL bytes
+    f.seek(min(offset, size))
 
     def logger(record):
         f.write((json.dumps(record) + "\n").encode("utf-8"))
         f.flush()
     logger.offset = f.tell
+    if missing:
+        logger({"type": "note", "text": f"log.jsonl was {missing} bytes shorter than the checkpoint expects: "
+                                        f"the lines before this one are incomplete"})
+        print(f"warning: {path} is shorter than the checkpoint expects; continuing it as it is", file=sys.stderr)
     return logger
 
 

@@ -245,7 +245,8 @@ def test_csv_subject_split_relative_paths_and_split_column(tmp_path):
     ("img/b.jpg,abc,x", r"labels\.csv:3: age 'abc' is not a number"),
     ("img/b.jpg,130,x", r"labels\.csv:3: age 130 lies outside 0\.\.120"),
     ("img/b.jpg,-1,x", r"labels\.csv:3: age -1 lies outside"),
-    ("img/b.jpg,nan,x", r"labels\.csv:3: age nan lies outside"),
+    ("img/b.jpg,nan,x", r"labels\.csv:3: age 'nan' is not a number"),
+    ("img/b.jpg,2_5,x", r"labels\.csv:3: age '2_5' is not a number"),  # float() reads 25
 ])
 def test_csv_bad_rows_name_file_and_line(tmp_path, row, message):
     labels = _csv_tree(tmp_path, ["img/a.jpg,30,x", row], header="path,age,subject")
@@ -259,7 +260,7 @@ def test_csv_bad_header_missing_images_and_bad_split(tmp_path):
     with pytest.raises(data.DatasetError, match=r"x\.csv:1: .*lacks column\(s\) \['path'\]"):
         data.build_dataset("csv", labels)
     labels.write_text("path,age\nmissing.jpg,3\n")
-    with pytest.raises(data.DatasetError, match=r"1 image\(s\) listed in .*x\.csv not found.*missing\.jpg"):
+    with pytest.raises(data.DatasetError, match=r"x\.csv:2: image .*missing\.jpg not found.*1 listed image\(s\) unusable"):
         data.build_dataset("csv", labels)
     _image(tmp_path / "a.jpg")
     labels.write_text("path,age,split\na.jpg,3,holdout\n")
@@ -272,7 +273,7 @@ def test_appa_real_bad_row_names_file_and_line(tmp_path):
     with open(tmp_path / "gt_avg_valid.csv", "a") as handle:
         handle.write("000109.jpg,38,twenty,3.0,22\n")
     _image(tmp_path / "valid" / "000109.jpg")
-    with pytest.raises(data.DatasetError, match=r"gt_avg_valid\.csv:5: age 'twenty'"):
+    with pytest.raises(data.DatasetError, match=r"gt_avg_valid\.csv:5: apparent_age_avg 'twenty'"):
         data.build_dataset("appa-real", tmp_path, split="val")
 
 

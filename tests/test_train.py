@@ -100,9 +100,10 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_defaults_depend_on_the_mode():
     demo = train.parse_args([])
     assert demo.dataset == "synthetic" and demo.clip is None and demo.clip_lr == demo.lr
-    assert demo.out == "runs/demo" and demo.width == train.DEMO_MODEL["width"]
+    assert demo.out == os.path.abspath("runs/demo") and demo.width == train.DEMO_MODEL["width"]
     real = train.parse_args(["--dataset", "utkface", "--data-root", "x", "--clip", "ViT-B-16.pt"])
-    assert real.clip_lr < real.lr and real.out == "runs/utkface" and real.width == train.CILFConfig().width
+    assert real.data_root == os.path.abspath("x") and real.clip == os.path.abspath("ViT-B-16.pt")
+    assert real.clip_lr < real.lr and real.out == os.path.abspath("runs/utkface") and real.width == train.CILFConfig().width
     assert not train.build_config(demo).freeze_text_tower and train.build_config(real).freeze_text_tower
     config = train.build_config(train.parse_args(["--mixer", "fourier", "--contrastive-weight", "0",
                                                   "--feedback-steps", "0", "--image-tower", "freeze"]))
