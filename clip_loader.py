@@ -1130,6 +1130,9 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
                 "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
                 "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
                 f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
+        for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
         if activation is not None:
             settings["activation"] = activation
         if vision_head_width is not None:

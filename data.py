@@ -168,9 +168,10 @@ def _check_image_size(image: Image.Image):
                          f"the {MAX_DECODED_BYTES / 2 ** 20:.0f} MiB limit; downscale the file")
 
 
-def train_transform(resolution: int) -> Callable:
+def train_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader.CLIP_STD) -> Callable:
     """The authors' augmentation scaled to the backbone: random resized crop to the input size (area
-    scale 0.5-1, aspect 3/4-4/3), horizontal flip, small colour jitter, CLIP normalisation.
+    scale 0.5-1, aspect 3/4-4/3), horizontal flip, small colour jitter, the CLIP's normalisation
+    (mean/std: OpenAI's, or what the CLIP's config states, model.clip.image_mean/image_std).
 
     Their pipeline resized the short side to 256 before a 224 crop; a crop's area fraction and aspect do
     not change under that uniform resize, so cropping the original draws the same crops with one
@@ -181,13 +182,13 @@ def train_transform(resolution: int) -> Callable:
         T.RandomHorizontalFlip(),
         T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),  # no hue: skin colour carries age
         T.ToTensor(),
-        T.Normalize(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD),
+        T.Normalize(mean, std),
     ])
 
 
-def eval_transform(resolution: int) -> Callable:
-    """OpenAI's evaluation transform (resize, centre crop, normalise)."""
-    return clip_loader.image_transform(resolution)
+def eval_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader.CLIP_STD) -> Callable:
+    """OpenAI's evaluation transform (resize, centre crop, normalise with the CLIP's mean/std)."""
+    return clip_loader.image_transform(resolution, mean, std)
 
 
 # --------------------------------------------------------------------------- the dataset

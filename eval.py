@@ -317,15 +317,53 @@ def config_from_dict(fields):
                          for k, v in fields.items()})
 
 
+def add_clip_options(p):
+    """--clip and what a CLIP file may not tell (train.py and eval.py share these options)."""
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file "
+                   "names (renamed or converted files)")
+    p.add_argument("--clip-activation", choices=sorted(clip_loader.ACTIVATIONS), default=None,
+                   help="MLP activation the CLIP weights were trained with (default: from the open_clip_config.json "
+                   "or Hugging Face config.json beside --clip, else OpenAI's quick_gelu with a warning); open_clip's "
+                   "laion2b/datacomp/commonpool weights need gelu")
+    p.add_argument("--clip-vision-head-width", type=positive_int, default=None, help="channels per attention head of the "
+                   "image tower (default: from the config beside --clip, else 64); ViT-H-14: 80, ViT-g-14: 88, "
+                   "ViT-bigG-14: 104")
+    p.add_argument("--clip-text-head-width", type=positive_int, default=None, help="channels per attention head of the "
+                   "text tower (default: from the config beside --clip, else 64)")
+
+
+def load_clip(args):
+    """The CLIP of --clip with the --clip-* options; a bad file or option ends the program with one line."""
+    try:
+        clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify,
+                                         activation=args.clip_activation,
+                                         vision_head_width=args.clip_vision_head_width,
+                                         text_head_width=args.clip_text_head_width)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--clip: {e}") from None
+    return clip_model
+
+
+def clip_record(clip_model):
+    """What train.py saves of its CLIP beyond the weights, for model_from_checkpoint: the settings no
+    state dict tells (activation, head widths, eps, pooling, image size) and the normalisation."""
+    return {"settings": {k: getattr(clip_model.config, k) for k in clip_loader.SETTINGS},
+            "image_mean": list(clip_model.image_mean), "image_std": list(clip_model.image_std)}
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's architecture is inferred from the shapes
-    of the "clip." weights (clip_loader.build_model), the method's modules from the saved CILFConfig."""
+    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
+    "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
+    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig."""
     state = ckpt["model"]
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
     if not clip_state:
         raise SystemExit(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+    record = ckpt["config"].get("clip") or {}
     try:
-        clip_model = clip_loader.build_model(clip_state)
+        clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
+        clip_model.image_mean = tuple(record.get("image_mean", clip_loader.CLIP_MEAN))
+        clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
         model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
         model.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
@@ -435,8 +473,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a train.py checkpoint (RUN/best.pt); its dataset and split are the defaults")
     p.add_argument("--zero-shot", action="store_true", help="raw CLIP prompt classification (needs --clip)")
-    p.add_argument("--clip", help="CLIP checkpoint for --zero-shot (an OpenAI .pt file)")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file names")
+    p.add_argument("--clip", help="CLIP checkpoint for --zero-shot (OpenAI's .pt, an open_clip file, a Hugging Face "
+                   "CLIP folder)")
+    add_clip_options(p)
     p.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset (default: the run's)")
     p.add_argument("--data-root", help="dataset folder (default: the run's)")
     p.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
@@ -539,23 +578,20 @@ def main(argv=None):
         pyplot()   # a missing matplotlib is reported before any work
     device = select_device(args.device)
     if args.zero_shot:
-        try:
-            clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--clip: {e}") from None
+        clip_model = load_clip(args)
         ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
     else:
         ckpt = load_checkpoint(args.ckpt)
         model, train_config, source = model_from_checkpoint(ckpt, args.ckpt), ckpt["config"]["train"], \
             Path(args.ckpt)
     model = model.to(device).eval()
-    resolution = model.clip.visual.input_resolution
+    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
     amp_dtype = autocast_dtype(device)
     record = {}   # what this evaluation used, for metrics.json
     if args.images:
         paths = image_paths(args.images)
         samples = [data.Sample(p, float("nan")) for p in paths]
-        dataset = data.AgeDataset(samples, data.eval_transform(resolution), drop_unreadable=True)
+        dataset = data.AgeDataset(samples, transform, drop_unreadable=True)
         tag, split = "images", None
     else:
         name, root, fold, seed, options = dataset_options(args, train_config)
@@ -563,7 +599,7 @@ def main(argv=None):
         try:
             change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
             dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
-                                         transform=data.eval_transform(resolution), **options)
+                                         transform=transform, **options)
         except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
             raise SystemExit(f"--dataset {name}: {e}") from None
         if ckpt:

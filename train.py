@@ -67,9 +67,9 @@ from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import (atomic_write, autocast, autocast_dtype, device_name, fraction, load_checkpoint, move_to,
-                  non_negative_float, non_negative_int, positive_float, positive_int, predict,
-                  probability_below_one, prompt_template, select_device, write_json)
+from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, clip_record, device_name, fraction,
+                  load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int, positive_float,
+                  positive_int, predict, probability_below_one, prompt_template, select_device, write_json)
 from model import CILFCIAE, CILFConfig
 
 # The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
@@ -121,10 +121,10 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
                    "the synthetic images) with training; results do not depend on it")
     g = p.add_argument_group("model (CILFConfig)")
-    g.add_argument("--clip", default=None, help="CLIP checkpoint (OpenAI's RN50.pt, RN101.pt, ViT-B-16.pt, ...); "
-                   "none: the small random demo CLIP")
-    g.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file "
-                   "names (renamed or converted files)")
+    g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
+                   "open_clip file (its open_clip_config.json beside it), a Hugging Face CLIP folder; none: the "
+                   "small random demo CLIP")
+    add_clip_options(g)
     g.add_argument("--mixer", default=m.mixer, choices=["linear", "fourier", "softmax", "none"],
                    help="token mixer of the fusion Transformer (claim 2); none: global token only")
     g.add_argument("--depth", type=non_negative_int, default=m.depth, help="fusion blocks (0: no fusion)")
@@ -318,11 +318,7 @@ def build_clip(args):
         with torch.no_grad():
             clip_model.logit_scale.fill_(math.log(100.0))
         return clip_model
-    try:
-        clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--clip: {e}") from None
-    return clip_model
+    return load_clip(args)
 
 
 def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=CILFConfig.max_age):
@@ -403,13 +399,14 @@ class EpochSeeded(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
-def build_splits(args, resolution):
-    """train (augmented, EpochSeeded), val and test datasets, and the dataset options used."""
+def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD)):
+    """train (augmented, EpochSeeded), val and test datasets, and the dataset options used.
+    normalization: the CLIP's (mean, std)."""
     options = dataset_options(args, resolution)
     splits = {}
     for split in ("train", "val", "test"):
         augment = split == "train" and not args.no_augment
-        transform = data.train_transform(resolution) if augment else data.eval_transform(resolution)
+        transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
         try:
             splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
                                                transform=transform, seed=args.seed,
@@ -530,7 +527,8 @@ def run(args, rank, world, device, argv_of_run=()):
 
     seed_all(args.seed)
     clip_model = build_clip(args)
-    splits, options = build_splits(args, clip_model.visual.input_resolution)
+    splits, options = build_splits(args, clip_model.visual.input_resolution,
+                                   (clip_model.image_mean, clip_model.image_std))
     if args.check_images:
         check_images(splits)
     resolve_max_age(args, [s.age for s in splits["train"].samples])
@@ -541,7 +539,8 @@ def run(args, rank, world, device, argv_of_run=()):
     data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
     run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
                   "model": dataclasses.asdict(config),
-                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP)},
+                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP),
+                           **clip_record(clip_model)},
                   "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index), "changes": []}}
     if ckpt is not None:
         check_same_run(ckpt["config"], run_config, out)

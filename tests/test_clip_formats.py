@@ -335,3 +335,31 @@ def test_configs_of_other_families_are_refused_by_name(tmp_path, cfg_change, fam
     save_open_clip(model, model_cfg, tmp_path / "model")
     with pytest.raises(ValueError, match=family):
         cl.load(tmp_path / "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py / eval.py: the options, saved in the checkpoint, rebuild the same model
+
+def test_train_options_are_saved_and_eval_rebuilds_the_same_clip(tmp_path):
+    import eval as ev
+    import train
+    model, _ = open_clip_model(tmp_path, "quickgelu")
+    torch.save(model.state_dict(), tmp_path / "clip.bin")  # no config beside it: the options describe it
+    options = ["--clip", str(tmp_path / "clip.bin"), "--clip-activation", "gelu", "--clip-vision-head-width", "32",
+               "--clip-text-head-width", "16"]
+    out = tmp_path / "run"
+    train.main(["--out", str(out), "--synthetic-n", "16", "8", "8", "--epochs", "1", "--batch-size", "8",
+                "--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "16", *options])
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    record = ckpt["config"]["clip"]
+    assert record["settings"]["activation"] == "gelu" and record["settings"]["vision_head_width"] == 32
+    assert record["settings"]["transformer_heads"] == 4 and record["image_mean"] == list(cl.CLIP_MEAN)
+    rebuilt = ev.model_from_checkpoint(ckpt)
+    assert rebuilt.clip.config == cl.load(tmp_path / "clip.bin", activation="gelu", vision_head_width=32,
+                                          text_head_width=16)[0].config
+    # the same weights under OpenAI's defaults would be another function: the settings matter
+    clip_state = {k[len("clip."):]: v for k, v in ckpt["model"].items() if k.startswith("clip.")}
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(rebuilt.clip.encode_image(image), cl.build_model(clip_state).encode_image(image),
+                                  atol=1e-4)
