@@ -16,11 +16,17 @@ Run:
     python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
 
 Outputs (in --out, default: beside the checkpoint, eval_<dataset>_<split>/): metrics.json and
-predictions.csv (path, age, predicted_age, uncertainty); the table is printed.
+predictions.csv (path, age, predicted_age, uncertainty), both written atomically; the table is printed.
+A trained run's evaluation is checked against the run: its dataset fingerprint (a changed dataset is
+refused unless --allow-data-change) and its training split (a --fold, --protocol, --seed or dataset whose
+val/test images were trained on is refused); protocol, fold and seed are printed. Unreadable images are
+left out and counted, as in train.py's own evaluation.
 
-Public names: mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics,
-format_table, select_device, autocast_dtype, move_to, load_checkpoint, model_from_checkpoint,
-predict, main.
+Public names: option types (positive_int, non_negative_int, positive_float, non_negative_float, fraction,
+probability_below_one, device_name, prompt_template), atomic_write, write_text, write_json, mae,
+cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics, format_table, select_device,
+autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, predict, image_paths, write_predictions,
+check_data_unchanged, check_no_training_overlap, main.
 """
 import argparse
 import contextlib

@@ -24,7 +24,11 @@ best.pt (by validation MAE). Both checkpoints hold model, optimizer, scaler (the
 scheduler, step, epoch, RNG states, config (plain data), best_val_mae and history; they are written
 atomically, so a run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends
 with the same weights as a run never stopped: each epoch's shuffle, augmentation and dropout are
-functions of (seed, epoch, rank) alone.
+functions of (seed, epoch, rank) alone. Nothing is lost or silently mixed: config.json and the
+checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
+unless --allow-data-change, which is recorded), .lock keeps a second train.py out of a running folder, a
+folder holding files train.py did not write is refused, and best.pt is never replaced by a run with other
+options.
 
 Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
 per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
@@ -32,7 +36,9 @@ hardware. Defaults written "demo: X / real: Y" depend on whether a CLIP checkpoi
 
 Public names: DEMO_CLIP, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
 set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max, resolve_max_age, build_config,
-sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, main.
+sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, main; run-folder handling: LOCK_FILE,
+claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours, check_same_data, check_labels,
+retry_command, open_log.
 """
 import os
 
