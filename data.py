@@ -486,11 +486,21 @@ def _read_csv(path: Path, required: tuple):
                 if len(row) != len(header):
                     raise DatasetError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}")
                 rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in row)))))
-    except UnicodeDecodeError as error:  # e.g. Latin-1 from an old spreadsheet
-        line = error.object[:error.start].count(b"\n") + 1 if isinstance(error.object, bytes) else "?"
-        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} near line {line}); "
-                           f"save it as UTF-8") from None
+    except UnicodeDecodeError:  # e.g. Latin-1 from an old spreadsheet
+        raise DatasetError(f"{path}: not UTF-8 text ({_first_non_utf8(path)}); save it as UTF-8") from None
     return header, rows
+
+
+def _first_non_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, as "byte 0xNN on line L" (the decoder's own error only knows the
+    position inside the chunk it was reading)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"byte 0x{line[error.start]:02x} on line {number}"
+    return "an incomplete character at the end"
 
 
 _APPA_FOLDERS = {"train": "train", "val": "valid", "test": "test"}

@@ -624,7 +624,9 @@ def main(argv=None):
     result = predict(model, loader, device, amp_dtype, zero_shot=args.zero_shot)
     skipped = set(dataset.skipped)
     if skipped:
-        print(f"warning: {len(skipped)} unreadable image(s) left out, e.g. {sorted(skipped)[0]}", file=sys.stderr)
+        names = sorted(skipped)
+        print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(names[:10])}"
+              f"{' ...' if len(names) > 10 else ''}", file=sys.stderr)
         samples = [s for s in samples if s.path not in skipped]
     paths = [s.path for s in samples]
     write_predictions(out_dir / "predictions.csv", paths, result)
