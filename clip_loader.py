@@ -1104,25 +1104,9 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     weights, folder = _locate(path)
     verified = verify_checkpoint(weights) if verify else False
     state_dict = _read_weights(weights, trust_torchscript)
-    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
-    settings, stated, preprocessing, source = {}, {}, {}, None
     try:
-        if is_hf_layout(state_dict):
-            source = beside(HF_CONFIG)
-            if source is None:
-                raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
-                                 "beside it (its activation, heads, layer-norm eps and pooling rule)")
-            settings = hf_settings(_read_json(source))
-            state_dict = from_hf_state_dict(state_dict)
-            if beside(HF_PREPROCESSOR_CONFIG):
-                processor = _read_json(beside(HF_PREPROCESSOR_CONFIG))
-                preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
-        elif unservable_family(state_dict):
-            build_model(state_dict)  # refuses it, naming the family (before any warning about it)
-        elif beside(OPEN_CLIP_CONFIG):
-            source = beside(OPEN_CLIP_CONFIG)
-            settings, stated, preprocessing = open_clip_settings(_read_json(source))
-        elif activation is None and not _is_openai(weights, verified):
+        state_dict, settings, stated, preprocessing, source = _described(state_dict, folder)
+        if source is None and activation is None and not _is_openai(weights, verified):
             warnings.warn(
                 f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
                 f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
@@ -1130,27 +1114,57 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
                 "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
                 "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
                 f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
-        for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
-        if activation is not None:
-            settings["activation"] = activation
-        if vision_head_width is not None:
-            settings["vision_head_width"] = vision_head_width
-        if text_head_width is not None:
-            text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
-            if text_head_width < 1 or text_width % text_head_width:
-                raise ValueError(f"text heads of {text_head_width} cannot split the text width {text_width}")
-            settings["transformer_heads"] = text_width // text_head_width
+        settings.update(_explicit(state_dict, activation, vision_head_width, text_head_width))
         model = build_model(state_dict, **settings)
         _check_stated(model.config, stated, source)
-        mean, std = tuple(preprocessing.get("mean", CLIP_MEAN)), tuple(preprocessing.get("std", CLIP_STD))
-        preprocess = image_transform(model.visual.image_size, mean, std, preprocessing.get("interpolation", "bicubic"),
+        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
+        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
+        preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
+                                     preprocessing.get("interpolation", "bicubic"),
                                      preprocessing.get("resize_mode", "shortest"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    model.image_mean, model.image_std = mean, std
     return model.to(device).eval(), preprocess
+
+
+def _described(state_dict: Dict[str, torch.Tensor], folder: str):
+    """What the config files in folder say about state_dict -> (state dict in OpenAI's layout,
+    build_model settings, sizes stated, preprocessing, the config's path or None if none describes it).
+    A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
+    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+    if is_hf_layout(state_dict):
+        source = beside(HF_CONFIG)
+        if source is None:
+            raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
+                             "beside it (its activation, heads, layer-norm eps and pooling rule)")
+        settings = hf_settings(_read_json(source))  # refuses SigLIP & co. by their model_type
+        processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
+        preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
+        return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
+    family = unservable_family(state_dict)
+    if family:
+        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
+    source = beside(OPEN_CLIP_CONFIG)
+    if source is None:
+        return state_dict, {}, {}, {}, None
+    return (state_dict, *open_clip_settings(_read_json(source)), source)
+
+
+def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
+              text_head_width: Optional[int]) -> dict:
+    """load()'s arguments as build_model settings (they win over any config)."""
+    settings = {} if activation is None else {"activation": activation}
+    for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
+    if vision_head_width is not None:
+        settings["vision_head_width"] = vision_head_width
+    if text_head_width is not None:
+        text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
+        if text_width % text_head_width:
+            raise ValueError(f"text heads of {text_head_width} channels cannot split the text width {text_width}")
+        settings["transformer_heads"] = text_width // text_head_width
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------

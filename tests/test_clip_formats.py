@@ -86,13 +86,16 @@ def test_hugging_face_folder_and_files_match_transformers(tmp_path, activation, 
         assert torch.equal(ours.logit_scale, model.logit_scale)
 
 
-def test_hugging_face_sharded_folder(tmp_path):
+def test_hugging_face_sharded_folder_and_its_image_processor(tmp_path):
     model = hf_model()
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
     image, ids = torch.randn(1, 3, 32, 32), text_ids(16)
     image_ref, text_ref = hf_features(model, image, ids)
+    # the normalisation its image processor states (as transformers' CLIPImageProcessor writes it)
+    transformers.CLIPImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4]).save_pretrained(tmp_path)
     ours, _ = cl.load(tmp_path)
+    assert (ours.image_mean, ours.image_std) == ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
     with torch.no_grad():
         assert_close(ours.encode_image(image), image_ref)
         assert_close(ours.encode_text(ids), text_ref)
