@@ -247,10 +247,9 @@ class CILFCIAE(nn.Module):
 
         self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
         # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
-        # zero_shot() keeps CLIP's value untouched.
-        # The cap is enforced by clamp_logit_scale() after each optimizer step, as open_clip does, not by a
-        # clamp in forward: every released CLIP sits at the cap (in float32 just above log 100), where a
-        # clamp in forward would pass a gradient of exactly 0 and the temperature would never train.
+        # zero_shot() keeps CLIP's value untouched. Its cap is enforced by clamp_logit_scale() after each
+        # optimizer step, as open_clip does, not by a clamp in forward: every released CLIP sits at the cap
+        # (in float32 just above log 100), where such a clamp passes a gradient of exactly 0.
         start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
         self.logit_scale = nn.Parameter(torch.tensor(start))
         span = float(self.ages[-1] - self.ages[0]) or 1.0
