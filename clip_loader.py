@@ -1018,7 +1018,8 @@ def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
               "vision_width": width, "transformer_width": text.get("width", 512),
               "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
     if not resnet:
-        stated.update(vision_patch_size=tuple(patch) if isinstance(patch, (list, tuple)) else patch,
+        patch = _pair(patch)
+        stated.update(vision_patch_size=patch[0] if patch[0] == patch[1] else patch,
                       vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
     stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
     pre = config.get("preprocess_cfg") or {}
@@ -1073,11 +1074,10 @@ def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path}: no weight_map in this shard index")
     state = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(os.path.dirname(path), shard)
-        if os.path.dirname(os.path.normpath(shard_path)) != os.path.dirname(path):
-            raise ValueError(f"{path}: shard {shard!r} is outside the model's folder")
-        state.update(read_state_dict(shard_path))
+    for shard in dict.fromkeys(weight_map.values()):  # each shard once, in order
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{path}: shard {shard!r} is not a file name in the model's folder")
+        state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
     return state
 
 
@@ -1137,7 +1137,7 @@ def _described(state_dict: Dict[str, torch.Tensor], folder: str):
         if source is None:
             raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
                              "beside it (its activation, heads, layer-norm eps and pooling rule)")
-        settings = hf_settings(_read_json(source))  # refuses SigLIP & co. by their model_type
+        settings = _parse(hf_settings, source)  # refuses SigLIP & co. by their model_type
         processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
         preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
         return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
@@ -1147,7 +1147,16 @@ def _described(state_dict: Dict[str, torch.Tensor], folder: str):
     source = beside(OPEN_CLIP_CONFIG)
     if source is None:
         return state_dict, {}, {}, {}, None
-    return (state_dict, *open_clip_settings(_read_json(source)), source)
+    return (state_dict, *_parse(open_clip_settings, source), source)
+
+
+def _parse(reader, path: str):
+    """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
+    text where a number does) reported as such, not as a traceback."""
+    try:
+        return reader(_read_json(path))
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
 
 
 def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
