@@ -559,7 +559,7 @@ def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
     train_config, index = ckpt["config"]["train"], ckpt.get("data_index")
     if split not in ("val", "test") or not index or name == "synthetic":
         return
-    run_root = train_config.get("data_root") or ""
+    run_root = ckpt["config"].get("data", {}).get("root") or ""   # the folder (a CSV's folder), not the CSV
     trained = [e for e in index if e[5] == "train"]
     train_files = {os.path.realpath(os.path.join(run_root, e[0])) for e in trained}
     same_dataset = name == train_config.get("dataset")

@@ -547,7 +547,8 @@ def run(args, rank, world, device, argv_of_run=()):
                   "model": dataclasses.asdict(config),
                   "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP),
                            **clip_record(clip_model)},
-                  "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index), "changes": []}}
+                  "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index),
+                           "root": splits["train"].root, "changes": []}}   # root: what data_index paths are relative to
     if ckpt is not None:
         check_same_run(ckpt["config"], run_config, out)
         check_same_data(ckpt, run_config, data_index, args, out)

@@ -218,6 +218,11 @@ def test_eval_refuses_another_split_seed(run, tmp_path):
         ev.main(["--ckpt", str(out / "best.pt"), "--seed", str(overlapping), "--out", str(tmp_path)])
     metrics = ev.main(["--ckpt", str(out / "best.pt"), "--seed", str(disjoint), "--out", str(tmp_path)])
     assert metrics["seed"] == disjoint
+    # another CSV, elsewhere, listing two of the run's training images by absolute path as its test split
+    train_paths = [s.path for s in data.build_dataset("csv", labels, split="train").samples][:2]
+    other = _write_csv(tmp_path / "other.csv", [[p, 30, "test"] for p in train_paths], ("path", "age", "split"))
+    with pytest.raises(SystemExit, match="2 of the 2 test images are training images"):
+        ev.main(["--ckpt", str(out / "best.pt"), "--data-root", str(other), "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         ev.parse_args(["--ckpt", "x.pt", "--seed", "-1"])
 
