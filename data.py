@@ -361,7 +361,7 @@ def _image_files(root: Path) -> list:
     return sorted(files, key=str)  # os.walk order depends on the file system
 
 
-# A plain decimal number: float() alone also reads "2_5" as 25, " inf", "nan" and "1e400"
+# A plain decimal number: float() alone also reads "2_5" as 25, and "inf" and "nan"
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
