@@ -1,11 +1,14 @@
 """Evaluation of CILF-CIAE age estimators: the field's metrics, a trained model rebuilt from its checkpoint
-alone, zero-shot CLIP, and predictions for any folder of images.
+alone, zero-shot CLIP, age intervals with guaranteed coverage, and predictions for any photos (faces found
+first with --detect-faces), also from other code (load_model, predict_images).
 
 METHOD.md section 7 asks for MAE, the cumulative score CS(theta) for theta = 0..10, the epsilon-error
 where an apparent-age standard deviation is given, the MAE per age decade, and how well the predicted
 uncertainty ranks the actual error. The last one is abstract claim 4 made measurable: the error feedback
 is said to "tell the model how good its prediction is", so its uncertainty should rank |error| (Spearman);
-the MAE after each feedback step shows whether the correction corrects.
+the MAE after each feedback step shows whether the correction corrects. Split conformal prediction turns
+that uncertainty into an interval y_hat -+ q (u + delta) that holds the true age with probability >= the
+level on images exchangeable with the validation split (train.py stores q in best.pt).
 
 Run:
     python eval.py --ckpt runs/demo/best.pt                      # the run's own dataset, test split
@@ -14,9 +17,12 @@ Run:
     python eval.py --zero-shot --clip ViT-B-16.pt --dataset utkface --data-root /data/UTKFace
     python eval.py --ckpt RUN/best.pt --images photos/ face.jpg  # no labels: writes predictions.csv
     python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
+    python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
+    python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
 
 Outputs (in --out, default: beside the checkpoint, eval_<dataset>_<split>/): metrics.json and
-predictions.csv (path, age, predicted_age, uncertainty), both written atomically; the table is printed.
+predictions.csv (path, age, predicted_age, uncertainty, lower, upper; for --images: path, face, x0, y0,
+x1, y1, predicted_age, uncertainty, lower, upper), both written atomically; the table is printed.
 A trained run's evaluation is checked against the run: its dataset fingerprint (a changed dataset is
 refused unless --allow-data-change) and its training split (a --fold, --protocol, --seed or dataset whose
 val/test images were trained on is refused); protocol, fold and seed are printed. Unreadable images are
@@ -26,22 +32,31 @@ Public names: option types (positive_int, non_negative_int, positive_float, non_
 probability_below_one, device_name, prompt_template), atomic_write, write_text, write_json, mae,
 cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics, format_table, select_device,
 autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, predict, image_paths, write_predictions,
-check_data_unchanged, check_no_training_overlap, main.
+check_data_unchanged, check_no_training_overlap, main; conformal intervals: CONFORMAL_LEVELS,
+conformal_quantile, conformal_scores, calibrate, conformal_interval, interval_metrics; the predict API:
+Prediction, load_model, predict_images; faces: face_detector, face_crop, FACE_MARGIN, predict_files.
 """
+import os
+
+# As in train.py: OpenMP threads that spin while waiting make a shared CPU many times slower; must be set
+# before torch loads OpenMP, and an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import csv
 import io
 import json
 import math
-import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import clip_loader
 import data
@@ -103,6 +118,13 @@ def probability_below_one(text):
     value = _number(float, text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), not {text}")
+    return value
+
+
+def coverage_level(text):
+    value = _number(float, text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
     return value
 
 
@@ -251,6 +273,12 @@ def format_table(metrics, title=""):
         lines.append(f"{'epsilon-error':<28}{metrics['epsilon_error']:>10.4f}")
     if "spearman_uncertainty_error" in metrics:
         lines.append(f"{'Spearman(uncertainty,|err|)':<28}{metrics['spearman_uncertainty_error']:>10.3f}")
+    if "interval" in metrics:
+        iv = metrics["interval"]
+        width = lambda w: "inf" if w is None else f"{w:.2f}"
+        label = f"{100 * iv['level']:g}% interval coverage"
+        lines.append(f"{label:<28}{iv['coverage']:>10.3f}   mean width {width(iv['mean_width'])} y "
+                     f"(plain conformal: coverage {iv['plain_coverage']:.3f}, width {width(iv['plain_mean_width'])} y)")
     for r, value in enumerate(metrics.get("mae_per_feedback_step", [])):
         lines.append(f"{f'MAE after feedback step {r}':<28}{value:>10.3f}")
     lines.append("CS(theta), % of images with |error| <= theta years:")
@@ -261,6 +289,85 @@ def format_table(metrics, title=""):
     for decade, row in metrics["mae_per_decade"].items():
         lines.append(f"  {decade:<8}n={row['n']:<7d}MAE {row['mae']:.3f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- conformal intervals
+# Split conformal prediction (Vovk et al. 2005; Lei et al. 2018), normalised by the model's own uncertainty
+# u (the error feedback's predicted |error|, abstract claim 4). On n calibration images with scores
+# s_i = |y_i - y_hat_i| / (u_i + delta), q = the ceil((n + 1)(1 - alpha))-th smallest s_i, the interval
+# y_hat +- q (u + delta) holds the true age of a new image with probability >= 1 - alpha, whatever the
+# model, provided the calibration and test images are exchangeable (same dataset, same protocol). The plain
+# interval (u ignored, score |y - y_hat|) has the same guarantee and a constant width; the normalised one
+# is narrower on average only where u ranks the error.
+
+CONFORMAL_LEVELS = (0.8, 0.9, 0.95)   # stored in best.pt by train.py
+# Years added to u: a model sure of itself (u -> 0) would otherwise get a zero-width interval from any
+# small score, and a model without feedback (u = 0 everywhere) gets the plain interval scaled by 1/delta.
+CONFORMAL_DELTA = 1.0
+
+
+def level_key(level):
+    """The calibration's dict key of a coverage level: 0.9 -> "0.9"."""
+    return f"{level:g}"
+
+
+def conformal_quantile(scores, level):
+    """The ceil((n + 1) level)-th smallest of n scores: the (1 - alpha) quantile with split conformal's
+    finite-sample correction (level = 1 - alpha). inf when n is too small for the level (the interval is
+    then the whole line: n >= 1 / (1 - level) - 1 calibration images are needed for a finite one)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(scores) + 1) * level - 1e-9)   # -1e-9: (n + 1) level is often x.0000000001
+    return float(scores[rank - 1]) if rank <= len(scores) else float("inf")
+
+
+def conformal_scores(pred, target, uncertainty, delta=CONFORMAL_DELTA):
+    """|y - y_hat| / (u + delta) per image (u below 0 counts as 0)."""
+    pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    return np.abs(target - pred) / (np.maximum(np.asarray(uncertainty, dtype=np.float64), 0.0) + delta)
+
+
+def calibrate(pred, target, uncertainty, source, levels=CONFORMAL_LEVELS, delta=CONFORMAL_DELTA):
+    """Split conformal calibration on labelled images the model was not trained or selected on (the
+    validation split): per level, the quantile of the normalised score and of the plain |error|.
+    Plain data (str, float), as stored in a checkpoint."""
+    scores = conformal_scores(pred, target, uncertainty, delta)
+    abs_error = np.abs(np.asarray(target, dtype=np.float64) - np.asarray(pred, dtype=np.float64))
+    return {"source": source, "n": int(len(scores)), "delta": float(delta),
+            "quantiles": {level_key(level): {"normalised": conformal_quantile(scores, level),
+                                             "plain": conformal_quantile(abs_error, level)} for level in levels}}
+
+
+def conformal_interval(pred, uncertainty, calibration, level, plain=False):
+    """(lower, upper) numpy arrays: y_hat -+ q (u + delta), or y_hat -+ q_plain with plain=True."""
+    pred = np.asarray(pred, dtype=np.float64)
+    q = calibration["quantiles"][level_key(level)]
+    if plain:
+        half = np.full_like(pred, q["plain"])
+    else:
+        half = q["normalised"] * (np.maximum(np.asarray(uncertainty, dtype=np.float64), 0.0)
+                                  + calibration["delta"])
+    return pred - half, pred + half
+
+
+def interval_metrics(pred, target, uncertainty, calibration, level):
+    """Coverage (share of true ages inside) and mean width (years) of the normalised interval, and the
+    plain interval's for comparison; widths that are infinite (too few calibration images) are None."""
+    target = np.asarray(target, dtype=np.float64)
+    out = {"level": float(level), "calibration": calibration["source"], "calibration_n": calibration["n"]}
+    for name, plain in (("", False), ("plain_", True)):
+        lower, upper = conformal_interval(pred, uncertainty, calibration, level, plain)
+        width = float(np.mean(upper - lower))
+        out[name + "coverage"] = float(np.mean((lower <= target) & (target <= upper)))
+        out[name + "mean_width"] = width if math.isfinite(width) else None
+    return out
+
+
+def calibration_for(level, calibration, where):
+    """The checkpoint's (or --calibrate-on's) calibration if it holds `level`, else a clear error."""
+    if calibration is not None and level_key(level) not in calibration["quantiles"]:
+        raise SystemExit(f"--interval {level:g}: {where} is calibrated for levels "
+                         f"{', '.join(calibration['quantiles'])} only; add --calibrate-on val for another")
+    return calibration
 
 
 # ----------------------------------------------------------------------------- devices
@@ -401,6 +508,137 @@ def predict(model, loader, device, amp_dtype=None, zero_shot=False):
     return {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
 
 
+# ----------------------------------------------------------------------------- the predict API
+
+@dataclass
+class Prediction:
+    """What predict_images says about N images, as numpy arrays of shape (N,): the age, the model's own
+    uncertainty (its predicted |error|, years) and the conformal interval (nan without a calibration)."""
+    age: np.ndarray
+    uncertainty: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def load_model(path, device="cpu"):
+    """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
+    the conformal calibration train.py stored in it (None for a checkpoint written before there was one)."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
+
+
+def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False):
+    """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
+    crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
+    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    device = next(model.parameters()).device
+    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
+    batches = ((torch.stack([transform(im) for im in chunk]), torch.full((len(chunk),), float("nan")))
+               for chunk in (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
+    result = predict(model, batches, device, autocast_dtype(device), zero_shot)
+    if calibration is None:
+        lower = upper = np.full(len(images), np.nan)
+    else:
+        lower, upper = conformal_interval(result["age"], result["uncertainty"], calibration, level)
+    return Prediction(age=result["age"], uncertainty=result["uncertainty"], lower=lower, upper=upper)
+
+
+# ----------------------------------------------------------------------------- faces in raw photos
+# The model is trained on face crops; a whole photo is not one. --detect-faces finds faces with MTCNN
+# (Zhang et al. 2016; facenet-pytorch's port, MIT licence, its ~2 MB of weights inside the wheel, so it
+# works offline) and crops each one the way the datasets were cropped. Chosen over OpenCV's Haar cascade
+# by measurement (README "Faces in raw photos"): it also finds a face turned aside, and its probability
+# filters the false positives.
+
+FACES_INSTALL = 'pip install "facenet-pytorch>=2.5,<2.6"  (or, in this repository, pip install -e ".[faces]")'
+# Measured on the bundled photos: true faces score >= 0.999, the one false positive (a motorcycle part) 0.93.
+FACE_MIN_PROBABILITY = 0.95
+# APPA-REAL's *_face.jpg crops add 40% of the face box on each side (yu4u/age-gender-estimation #71, the
+# convention IMDB-WIKI crops follow too); a tighter margin than training's costs accuracy.
+FACE_MARGIN = 0.4
+
+
+def face_detector(device="cpu"):
+    """A function PIL image -> [(x0, y0, x1, y1), ...] face boxes in pixels, left to right; a missing
+    facenet-pytorch is a one-line error naming the install command."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise SystemExit(f"--detect-faces needs facenet-pytorch: {FACES_INSTALL}") from None
+    mtcnn = MTCNN(keep_all=True, device=device)
+
+    def detect(image):
+        if min(image.size) < mtcnn.min_face_size:   # 2.5.x crashes on images smaller than its smallest face
+            return []
+        boxes, probs = mtcnn.detect(image)
+        if boxes is None:
+            return []
+        return sorted(tuple(float(v) for v in box) for box, p in zip(boxes, probs) if p >= FACE_MIN_PROBABILITY)
+    return detect
+
+
+def face_crop(image, box, margin=FACE_MARGIN):
+    """The square crop around a face box: centred on the box, side = (1 + 2 margin) x its longer side
+    (margin = the fraction of the box added on each side); beyond the photo's border it is black."""
+    x0, y0, x1, y1 = box
+    side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
+    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+    return image.crop((left, top, left + side, top + side))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Unlabelled image files for --images: (path, RGB PIL image or None, why it did not decode)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.paths[i], data.load_image(self.paths[i]), ""
+        except Exception as e:   # PIL raises many types on corrupt data
+            return self.paths[i], None, f"{type(e).__name__}: {e}"
+
+
+def number(value):
+    """A CSV cell: 4 decimals, empty for nan (no interval without a calibration)."""
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
+PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncertainty", "lower", "upper"]
+
+
+def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MARGIN, batch_size=64, workers=0,
+                  zero_shot=False):
+    """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
+    With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
+    an empty box for a photo without a face; without, one row per file, the box the whole image."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    rows, skipped = [], []
+    for batch in loader:
+        faces = []   # (path, face index, box, image to predict on), in file order
+        for path, image, error in batch:
+            if image is None:
+                skipped.append((path, error))
+                continue
+            boxes = detect(image) if detect else [(0, 0, *image.size)]
+            faces += [(path, j, box, face_crop(image, box, margin) if detect else image)
+                      for j, box in enumerate(boxes)] or [(path, -1, None, None)]
+        found = [face[3] for face in faces if face[3] is not None]
+        pred = predict_images(model, found, calibration, level, batch_size, zero_shot) if found else None
+        values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if found else iter(())
+        for path, j, box, image in faces:
+            if image is None:
+                rows.append([path, -1] + [""] * (len(PHOTO_COLUMNS) - 2))
+            else:
+                rows.append([path, j, *(f"{v:.1f}" for v in box), *map(number, next(values))])
+    return rows, skipped
+
+
 def image_paths(items):
     """Files given directly, plus every image file under each directory given (sorted). FIFOs, devices
     and macOS "._x.jpg" metadata files are skipped with a reason (opening a FIFO would block forever)."""
@@ -428,14 +666,22 @@ def image_paths(items):
     return [str(p) for p in paths]
 
 
-def write_predictions(path, paths, result):
-    """predictions.csv: one row per image, in loader order; written atomically, any file name."""
+def write_rows(path, header, rows):
+    """A CSV file of the header and rows, written atomically (any file name)."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["path", "age", "predicted_age", "uncertainty"])
-    for p, age, pred, unc in zip(paths, result["target"], result["age"], result["uncertainty"]):
-        writer.writerow([p, "" if math.isnan(age) else f"{age:g}", f"{pred:.4f}", f"{unc:.4f}"])
+    writer.writerow(header)
+    writer.writerows(rows)
     write_text(path, text.getvalue())
+
+
+def write_predictions(path, paths, result, interval=None):
+    """predictions.csv of a dataset: one row per image, in loader order; interval = (lower, upper) or None."""
+    lower, upper = interval if interval is not None else (np.full(len(paths), np.nan),) * 2
+    write_rows(path, ["path", "age", "predicted_age", "uncertainty", "lower", "upper"],
+               ([p, "" if math.isnan(age) else f"{age:g}", *map(number, values)]
+                for p, age, *values in zip(paths, result["target"], result["age"], result["uncertainty"],
+                                           lower, upper)))
 
 
 def pyplot():
@@ -500,11 +746,21 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--plot", action="store_true", help="also write cs_curve.png and scatter.png (matplotlib)")
+    p.add_argument("--interval", type=coverage_level, default=0.9, help="coverage level of the conformal age "
+                   "interval (lower, upper); train.py calibrates 0.8, 0.9 and 0.95")
+    p.add_argument("--calibrate-on", choices=["val"], help="calibrate the interval on the run's validation "
+                   "split now (a checkpoint from before train.py stored a calibration, or another --interval)")
+    p.add_argument("--detect-faces", action="store_true", help="with --images: find the faces in each photo "
+                   "(MTCNN, pip install -e \".[faces]\") and predict one age per face")
+    p.add_argument("--face-margin", type=non_negative_float, default=FACE_MARGIN, help="with --detect-faces: "
+                   "fraction of the face box added on each side of the square crop (APPA-REAL's crops: 0.4)")
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.ckpt):
         p.error("give exactly one of --ckpt RUN/best.pt or --zero-shot --clip CHECKPOINT")
     if args.zero_shot and not args.clip:
         p.error("--zero-shot needs --clip CHECKPOINT (e.g. ViT-B-16.pt)")
+    if args.detect_faces and not args.images:
+        p.error("--detect-faces works on photos given with --images")
     return args
 
 
@@ -578,11 +834,46 @@ def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
                          f"(the defaults), or --split train to look at training images on purpose.")
 
 
+def labelled_dataset(args, ckpt, train_config, split, transform):
+    """(dataset, name, record) of this evaluation at `split`, with the evaluation transform, once the run's
+    data is found unchanged and without training images; record says what was used, for metrics.json."""
+    name, root, fold, seed, options = dataset_options(args, train_config)
+    try:
+        change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
+        dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
+                                     transform=transform, **options)
+    except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
+        raise SystemExit(f"--dataset {name}: {e}") from None
+    if ckpt:
+        check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options)
+    print(f"evaluating {name} {split} split: {split_description(name, fold, seed, options)}")
+    record = {"protocol": options.get("protocol", data.PROTOCOLS[name]), "fold": fold, "seed": seed,
+              **({"data_change_allowed": change} if change else {})}
+    return dataset, name, record
+
+
+def predict_dataset(model, dataset, args, device, zero_shot=False):
+    """(predict's arrays, samples) of a drop_unreadable dataset: unreadable images are left out and
+    counted, exactly as in train.py's evaluation (data.AgeDataset)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_readable)
+    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot), dataset.samples
+    skipped = set(dataset.skipped)
+    if skipped:
+        names = sorted(skipped)
+        print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(names[:10])}"
+              f"{' ...' if len(names) > 10 else ''}", file=sys.stderr)
+        samples = [s for s in samples if s.path not in skipped]
+    return result, samples
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         pyplot()   # a missing matplotlib is reported before any work
     device = select_device(args.device)
+    detect = face_detector(device) if args.detect_faces else None   # so is a missing detector
     if args.zero_shot:
         clip_model = load_clip(args)
         ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
@@ -592,54 +883,54 @@ def main(argv=None):
             Path(args.ckpt)
     model = model.to(device).eval()
     transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
-    amp_dtype = autocast_dtype(device)
-    record = {}   # what this evaluation used, for metrics.json
+    calibration = ckpt.get("calibration") if ckpt else None
+    if args.calibrate_on:
+        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform)
+        result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
+        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val")
+    calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
+    if calibration is None:
+        print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",
+              file=sys.stderr)
     if args.images:
         paths = image_paths(args.images)
-        samples = [data.Sample(p, float("nan")) for p in paths]
-        dataset = data.AgeDataset(samples, transform, drop_unreadable=True)
-        tag, split = "images", None
-    else:
-        name, root, fold, seed, options = dataset_options(args, train_config)
-        split = args.split or "test"
-        try:
-            change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
-            dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
-                                         transform=transform, **options)
-        except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
-            raise SystemExit(f"--dataset {name}: {e}") from None
-        if ckpt:
-            check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options)
-        print(f"evaluating {name} {split} split: {split_description(name, fold, seed, options)}")
-        record = {"protocol": options.get("protocol", data.PROTOCOLS[name]), "fold": fold, "seed": seed,
-                  **({"data_change_allowed": change} if change else {})}
-        samples = dataset.samples
-        tag = f"{name}_{split}"
-    # unreadable images are left out and counted, exactly as in train.py's evaluation (data.AgeDataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=data.collate_readable)
+        out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows, skipped = predict_files(model, paths, calibration, args.interval, detect, args.face_margin,
+                                      args.batch_size, args.workers, args.zero_shot)
+        write_rows(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
+        if skipped:   # worded as predict_dataset's, then why each one failed
+            print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(p for p, _ in skipped[:10])}"
+                  f"{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
+            print("\n".join(f"  {path}: {reason}" for path, reason in skipped[:10]), file=sys.stderr)
+        faces = f", {sum(row[1] != -1 for row in rows)} face(s)" if detect else ""
+        print(f"{len(paths) - len(skipped)} image(s){faces}, {len(skipped)} unreadable skipped: "
+              f"{len(rows)} rows written to {out_dir / 'predictions.csv'}")
+        return None
+    split = args.split or "test"
+    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform)
+    tag = f"{name}_{split}"
     out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = predict(model, loader, device, amp_dtype, zero_shot=args.zero_shot)
-    skipped = set(dataset.skipped)
-    if skipped:
-        names = sorted(skipped)
-        print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(names[:10])}"
-              f"{' ...' if len(names) > 10 else ''}", file=sys.stderr)
-        samples = [s for s in samples if s.path not in skipped]
-    paths = [s.path for s in samples]
-    write_predictions(out_dir / "predictions.csv", paths, result)
-    if args.images:
-        print(f"{len(paths)} predictions written to {out_dir / 'predictions.csv'}")
-        return None
+    result, samples = predict_dataset(model, dataset, args, device, args.zero_shot)
     if not samples:
         raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
+    interval = None
+    if calibration is not None:
+        interval = conformal_interval(result["age"], result["uncertainty"], calibration, args.interval)
+    write_predictions(out_dir / "predictions.csv", [s.path for s in samples], result, interval)
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
     metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
                               std)
-    metrics.update(checkpoint=str(source), dataset=tag.rsplit("_", 1)[0], split=split,
-                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(skipped), **record)
+    metrics.update(checkpoint=str(source), dataset=name, split=split,
+                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped), **record)
+    if calibration is not None:
+        metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
+                                               calibration, args.interval)
+        if calibration["source"] != f"{name} val" or split == "val":
+            print(f"warning: the interval was calibrated on {calibration['source']}; its coverage on {tag} is "
+                  f"guaranteed only for images exchangeable with those (and not measured on them)",
+                  file=sys.stderr)
     write_json(out_dir / "metrics.json", metrics)
     print(format_table(metrics, f"{metrics['mode']} {source} on {tag}"))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")

@@ -28,7 +28,8 @@ functions of (seed, epoch, rank) alone. Nothing is lost or silently mixed: confi
 checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
 unless --allow-data-change, which is recorded), .lock keeps a second train.py out of a running folder, a
 folder holding files train.py did not write is refused, and best.pt is never replaced by a run with other
-options.
+options. At the end, best.pt is calibrated on the validation split for eval.py's conformal age intervals
+(calibration: quantiles for the levels 0.8, 0.9, 0.95; eval.calibrate) and rewritten atomically.
 
 Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
 per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
@@ -36,9 +37,9 @@ hardware. Defaults written "demo: X / real: Y" depend on whether a CLIP checkpoi
 
 Public names: DEMO_CLIP, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
 set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max, resolve_max_age, build_config,
-sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, main; run-folder handling: LOCK_FILE,
-claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours, check_same_data, check_labels,
-retry_command, open_log.
+sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, final_test, calibrate_on_validation,
+main; run-folder handling: LOCK_FILE, claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours,
+check_same_data, check_labels, retry_command, open_log.
 """
 import os
 
@@ -73,9 +74,10 @@ from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, clip_record, device_name, fraction,
-                  load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int, positive_float,
-                  positive_int, predict, probability_below_one, prompt_template, select_device, write_json)
+from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, calibrate, clip_record, device_name,
+                  fraction, load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int,
+                  positive_float, positive_int, predict, predict_dataset, probability_below_one, prompt_template,
+                  select_device, write_json)
 from model import CILFCIAE, CILFConfig
 
 # The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
@@ -652,7 +654,8 @@ def run(args, rank, world, device, argv_of_run=()):
 
 
 def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log):
-    """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean."""
+    """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean;
+    then best.pt is calibrated for conformal age intervals on validation (rewritten atomically)."""
     best = load_checkpoint(out / "best.pt")
     raw_model.load_state_dict(best["model"])
     test_mae = evaluate_mae(raw_model, splits["test"], args, device, amp_dtype, rank, world)
@@ -660,11 +663,27 @@ def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log
     baseline = float(np.mean([abs(s.age - train_mean) for s in splits["test"].samples]))
     result = {"type": "test", "best_epoch": best["epoch"], "val_mae": best["best_val_mae"], "test_mae": test_mae,
               "train_mean": train_mean, "baseline_mae": baseline}
-    log(result)
     if rank == 0:
         print(f"test MAE {test_mae:.3f} (best.pt: epoch {best['epoch']}, val MAE {best['best_val_mae']:.3f}); "
               f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
+        best["calibration"] = calibrate_on_validation(raw_model, splits["val"], args, device)
+        save_checkpoint(out / "best.pt", best)
+    if world > 1:
+        dist.barrier()   # best.pt is complete before any process returns
+    log(result)
     return result
+
+
+def calibrate_on_validation(model, val_set, args, device):
+    """Split conformal calibration of the model (best.pt's weights) on the validation split: the
+    quantiles behind eval.py's age intervals (eval.calibrate), printed in years for a typical image."""
+    result, _ = predict_dataset(model, val_set, args, device)
+    calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} val")
+    typical = float(np.median(np.maximum(result["uncertainty"], 0.0))) + calibration["delta"]
+    print(f"conformal intervals calibrated on {calibration['n']} validation images, stored in best.pt: "
+          + ", ".join(f"{100 * float(level):g}% +-{q['normalised'] * typical:.1f} y at the median uncertainty "
+                      f"(plain +-{q['plain']:.1f} y)" for level, q in calibration["quantiles"].items()))
+    return calibration
 
 
 def resume_checkpoint(args, out):

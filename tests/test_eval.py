@@ -167,7 +167,7 @@ def test_images_mode_predicts_without_labels(trained_run, fixture_dataset, tmp_p
     ev.main(["--ckpt", str(run / "best.pt"), "--images", str(folder), str(single), "--out", str(tmp_path)])
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == len(AGES) + 1 and rows[-1]["path"] == str(single)
-    assert all(r["age"] == "" and 0 <= float(r["predicted_age"]) <= 100 for r in rows)
+    assert all(r["face"] == "0" and 0 <= float(r["predicted_age"]) <= 100 for r in rows)
     with pytest.raises(SystemExit, match="does not exist"):
         ev.main(["--ckpt", str(run / "best.pt"), "--images", str(tmp_path / "nope"), "--out", str(tmp_path)])
 

@@ -1,0 +1,254 @@
+"""Predicting for people (eval.py): split conformal intervals against a hand computation (finite-sample
+correction, ties) and their coverage on synthetic exchangeable data within binomial tolerance; train.py's
+calibration stored in best.pt and used by eval.py; the predict API against the command line; face crops
+with the margin computed by hand; --images with --detect-faces (one row per face, face -1 without one, a
+counted skip for a corrupt file) and the one-line error without the [faces] extra."""
+import csv
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as ev
+import train
+
+# --------------------------------------------------------------------------- conformal by hand
+
+
+def test_conformal_quantile_by_hand_with_ties_and_the_finite_sample_correction():
+    scores = [3.0, 1.0, 2.0, 2.0, 5.0]   # sorted 1, 2, 2, 3, 5; n = 5
+    assert ev.conformal_quantile(scores, 0.5) == 2.0   # ceil(6 * 0.5) = 3rd smallest: the tied 2
+    assert ev.conformal_quantile(scores, 0.3) == 2.0   # ceil(1.8) = 2nd: the other tied 2
+    assert ev.conformal_quantile(scores, 0.6) == 3.0   # ceil(3.6) = 4th, not the plain 60% quantile (2)
+    assert ev.conformal_quantile(scores, 0.8) == 5.0   # ceil(4.8) = 5th
+    assert ev.conformal_quantile(scores, 0.9) == math.inf   # ceil(5.4) = 6 > n: too few for 90%
+    # (n + 1) level is a whole number that floating point misses: 10 * 0.7 = 7.000000000000001
+    assert ev.conformal_quantile(range(1, 10), 0.7) == 7.0
+    assert ev.conformal_quantile(range(1, 20), 0.95) == 19.0   # ceil(20 * 0.95) = 19: n = 19 is enough
+
+
+def test_calibrate_and_interval_by_hand():
+    pred, target, unc = [10.0, 20.0, 30.0, 40.0], [12.0, 14.0, 30.5, 40.0], [1.0, 2.0, -0.5, 3.0]
+    # normalised scores |y - y_hat| / (max(u, 0) + 1): 2/2, 6/3, 0.5/1, 0/4 -> sorted 0, 0.5, 1, 2
+    cal = ev.calibrate(pred, target, unc, "toy val", levels=(0.6, 0.8))
+    assert cal["n"] == 4 and cal["delta"] == 1.0 and cal["source"] == "toy val"
+    assert cal["quantiles"]["0.6"] == {"normalised": 1.0, "plain": 2.0}   # ceil(3.0) = 3rd; |err| 0, .5, 2, 6
+    assert cal["quantiles"]["0.8"] == {"normalised": 2.0, "plain": 6.0}   # ceil(4.0) = 4th
+    lower, upper = ev.conformal_interval([50.0, 60.0], [4.0, 0.0], cal, 0.6)
+    assert lower.tolist() == [45.0, 59.0] and upper.tolist() == [55.0, 61.0]   # +- 1 * (u + 1)
+    lower, upper = ev.conformal_interval([50.0, 60.0], [4.0, 0.0], cal, 0.6, plain=True)
+    assert lower.tolist() == [48.0, 58.0] and upper.tolist() == [52.0, 62.0]
+    metrics = ev.interval_metrics([50.0, 60.0], [54.0, 62.0], [4.0, 0.0], cal, 0.6)
+    assert metrics["coverage"] == 0.5 and metrics["mean_width"] == 6.0   # 54 in [45, 55]; 62 not in [59, 61]
+    assert metrics["plain_coverage"] == 0.5 and metrics["plain_mean_width"] == 4.0
+    with pytest.raises(SystemExit, match="levels 0.6, 0.8 only; add --calibrate-on val"):
+        ev.calibration_for(0.9, cal, "toy.pt")
+
+
+def test_coverage_on_exchangeable_data_within_binomial_tolerance():
+    """Heteroscedastic errors whose scale the uncertainty knows (and a model whose uncertainty is noise):
+    each of R repetitions calibrates on n = 19 points and tests one new point. For continuous scores the
+    coverage is exactly ceil((n + 1) level) / (n + 1) = 0.9 (Lei et al. 2018), so the hit count is
+    Binomial(R, 0.9); 4 standard deviations of it is the tolerance."""
+    rng = np.random.default_rng(0)
+    repetitions, n, level = 4000, 19, 0.9
+    sd = math.sqrt(repetitions * level * (1 - level))
+    for informative in (True, False):
+        hits, widths, plain_widths = 0, [], []
+        for _ in range(repetitions):
+            scale = rng.uniform(0.5, 10.0, n + 1)
+            target = 40 + scale * rng.standard_normal(n + 1)
+            pred = np.full(n + 1, 40.0)
+            unc = scale if informative else rng.uniform(0.5, 10.0, n + 1)
+            cal = ev.calibrate(pred[:n], target[:n], unc[:n], "synthetic", levels=(level,))
+            m = ev.interval_metrics(pred[n:], target[n:], unc[n:], cal, level)
+            hits += m["coverage"]
+            widths.append(m["mean_width"])
+            plain_widths.append(m["plain_mean_width"])
+        assert abs(hits - level * repetitions) < 4 * sd, (informative, hits)
+        if informative:   # the normalised interval is narrower where the uncertainty ranks the error
+            assert np.mean(widths) < 0.85 * np.mean(plain_widths)
+
+
+# --------------------------------------------------------------------------- face crops by hand
+
+
+def coordinate_image(width, height):
+    """An RGB image whose pixel (x, y) is (x, y, 7): every crop says where it came from."""
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 7)], -1).astype(np.uint8))
+
+
+def test_face_crop_margin_by_hand():
+    image = coordinate_image(80, 60)
+    # box 20 x 20 centred at (40, 30); margin 0.4 adds 8 px on each side: a 36 px square from (22, 12)
+    crop = ev.face_crop(image, (30, 20, 50, 40), margin=0.4)
+    assert crop.size == (36, 36)
+    assert crop.getpixel((0, 0)) == (22, 12, 7) and crop.getpixel((35, 35)) == (57, 47, 7)
+    # a 10 x 20 box: the square follows the longer side, 20 * (1 + 2 * 0.25) = 30, centred at (25, 30)
+    crop = ev.face_crop(image, (20, 20, 30, 40), margin=0.25)
+    assert crop.size == (30, 30) and crop.getpixel((0, 0)) == (10, 15, 7)
+    # at the border the square keeps its place and size: black beyond the photo
+    crop = ev.face_crop(image, (0, 0, 20, 20), margin=0.5)
+    assert crop.size == (40, 40) and crop.getpixel((0, 0)) == (0, 0, 0) and crop.getpixel((10, 10)) == (0, 0, 7)
+    assert ev.face_crop(image, (30, 20, 50, 40), margin=0).getpixel((0, 0)) == (30, 20, 7)
+
+
+# --------------------------------------------------------------------------- a trained run
+
+AGES = [3, 9, 15, 22, 28, 35, 41, 47, 55, 62, 70, 78, 84, 90, 30, 60, 20, 50, 75, 5]
+SPLITS = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
+TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
+        "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A CSV dataset of 20 synthetic drawings (train 12 / val 4 / test 4) and a tiny run trained on it."""
+    root = tmp_path_factory.mktemp("faces_data")
+    (root / "img").mkdir()
+    rows = []
+    for i, (age, split) in enumerate(zip(AGES, SPLITS)):
+        Image.fromarray(data.render_synthetic(age, np.random.default_rng(i), 40)).save(root / "img" / f"{i:02d}.png")
+        rows.append([f"img/{i:02d}.png", age, split])
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "age", "split"]] + rows)
+    out = tmp_path_factory.mktemp("faces_run")
+    train.main(["--dataset", "csv", "--data-root", str(root / "labels.csv"), "--out", str(out), *TINY])
+    return out / "best.pt", root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_stores_a_calibration_that_eval_reproduces(run, tmp_path, capsys):
+    ckpt_path, root = run
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    cal = ckpt["calibration"]
+    assert cal["n"] == 4 and cal["source"] == "csv val" and list(cal["quantiles"]) == ["0.8", "0.9", "0.95"]
+    assert cal["quantiles"]["0.9"]["normalised"] == math.inf   # 4 images are too few for 90%
+    # the same quantiles from eval's own predictions on val, by hand: the 4th smallest of 4 (ceil(5 * 0.8))
+    ev.main(["--ckpt", str(ckpt_path), "--split", "val", "--interval", "0.8", "--out", str(tmp_path / "val")])
+    rows = read_csv(tmp_path / "val" / "predictions.csv")
+    err = [abs(float(r["predicted_age"]) - float(r["age"])) for r in rows]
+    scores = [e / (max(float(r["uncertainty"]), 0) + 1.0) for e, r in zip(err, rows)]
+    assert cal["quantiles"]["0.8"]["normalised"] == pytest.approx(max(scores), rel=1e-4)
+    assert cal["quantiles"]["0.8"]["plain"] == pytest.approx(max(err), rel=1e-4)
+    assert "calibrated on csv val" in capsys.readouterr().err   # coverage on the calibration images: said
+    # on test: coverage and width in metrics.json agree with the per-image intervals written
+    metrics = ev.main(["--ckpt", str(ckpt_path), "--interval", "0.8", "--out", str(tmp_path / "test")])
+    rows = read_csv(tmp_path / "test" / "predictions.csv")
+    inside = [float(r["lower"]) <= float(r["age"]) <= float(r["upper"]) for r in rows]
+    assert metrics["interval"]["coverage"] == pytest.approx(np.mean(inside))
+    assert metrics["interval"]["mean_width"] == pytest.approx(
+        np.mean([float(r["upper"]) - float(r["lower"]) for r in rows]), abs=1e-3)
+    assert "80% interval coverage" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--interval 0.85: .* calibrated for levels 0.8, 0.9, 0.95 only"):
+        ev.main(["--ckpt", str(ckpt_path), "--interval", "0.85", "--out", str(tmp_path / "x")])
+
+
+def test_calibrate_on_val_for_a_checkpoint_without_calibration(run, tmp_path, capsys):
+    ckpt_path, _ = run
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    stored = ckpt.pop("calibration")
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    metrics = ev.main(["--ckpt", str(old), "--out", str(tmp_path / "a")])
+    assert "interval" not in metrics and "no conformal calibration; add --calibrate-on val" in capsys.readouterr().err
+    assert read_csv(tmp_path / "a" / "predictions.csv")[0]["lower"] == ""
+    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "val", "--interval", "0.8", "--out", str(tmp_path / "b")])
+    assert metrics["interval"]["calibration_n"] == 4
+    expected = ev.interval_metrics(  # the stored calibration gives the same intervals
+        *[np.array([float(r[k]) for r in read_csv(tmp_path / "b" / "predictions.csv")])
+          for k in ("predicted_age", "age", "uncertainty")], stored, 0.8)
+    assert metrics["interval"]["coverage"] == expected["coverage"]
+    assert metrics["interval"]["mean_width"] == pytest.approx(expected["mean_width"], rel=1e-4)
+
+
+def test_predict_api_matches_the_command_line(run, tmp_path):
+    ckpt_path, root = run
+    ev.main(["--ckpt", str(ckpt_path), "--images", str(root / "img" / "16.png"), str(root / "img" / "03.png"),
+             "--interval", "0.8", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert [r["face"] for r in rows] == ["0", "0"]   # without --detect-faces: the whole image is the box
+    assert [float(rows[0][k]) for k in ("x0", "y0", "x1", "y1")] == [0, 0, 40, 40]
+    model, calibration = ev.load_model(ckpt_path)
+    out = ev.predict_images(model, [Image.open(root / "img" / "16.png"), Image.open(root / "img" / "03.png")],
+                            calibration, level=0.8)
+    for i, row in enumerate(rows):
+        for key, column in (("age", "predicted_age"), ("uncertainty", "uncertainty"), ("lower", "lower"),
+                            ("upper", "upper")):
+            assert getattr(out, key)[i] == pytest.approx(float(row[column]), abs=1e-3)
+    one = ev.predict_images(model, Image.open(root / "img" / "03.png"))   # one image, no calibration
+    assert one.age[0] == pytest.approx(out.age[1], abs=1e-4) and math.isnan(one.lower[0])
+
+
+# --------------------------------------------------------------------------- --detect-faces
+
+
+def test_detect_faces_rows_no_face_and_a_corrupt_file(run, tmp_path, monkeypatch, capsys):
+    """A stand-in detector (two faces in one photo, none in the other) so that the rows can be checked
+    exactly; the real detector is tested below where facenet-pytorch is installed."""
+    ckpt_path, root = run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    coordinate_image(120, 90).save(photos / "a_two.png")
+    Image.new("RGB", (50, 50), (90, 90, 90)).save(photos / "b_none.png")
+    (photos / "c_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    crops = []
+
+    def detect(image):
+        return [(10.0, 20.0, 30.0, 40.0), (60.0, 10.0, 100.0, 50.0)] if image.size == (120, 90) else []
+    real_crop = ev.face_crop
+    monkeypatch.setattr(ev, "face_detector", lambda device: detect)
+    monkeypatch.setattr(ev, "face_crop", lambda image, box, margin: crops.append((box, margin))
+                        or real_crop(image, box, margin))
+    ev.main(["--ckpt", str(ckpt_path), "--images", str(photos), "--detect-faces", "--face-margin", "0.3",
+             "--interval", "0.8", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    rows = read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(rows[0]) == ev.PHOTO_COLUMNS
+    assert [(r["path"].rsplit("/", 1)[-1], r["face"]) for r in rows] == [("a_two.png", "0"), ("a_two.png", "1"),
+                                                                          ("b_none.png", "-1")]
+    assert [float(rows[1][k]) for k in ("x0", "y0", "x1", "y1")] == [60, 10, 100, 50]
+    assert all(rows[2][k] == "" for k in ev.PHOTO_COLUMNS[2:])
+    assert float(rows[0]["lower"]) <= float(rows[0]["predicted_age"]) <= float(rows[0]["upper"])
+    assert crops == [((10.0, 20.0, 30.0, 40.0), 0.3), ((60.0, 10.0, 100.0, 50.0), 0.3)]
+    # each face's prediction is the model's on its crop
+    model, calibration = ev.load_model(ckpt_path)
+    face = ev.predict_images(model, real_crop(Image.open(photos / "a_two.png"), (60, 10, 100, 50), 0.3))
+    assert face.age[0] == pytest.approx(float(rows[1]["predicted_age"]), abs=1e-3)
+    assert "2 image(s), 2 face(s), 1 unreadable skipped" in captured.out
+    assert "1 unreadable image(s) left out" in captured.err and "c_broken.jpg" in captured.err
+
+
+def test_missing_faces_extra_is_a_one_line_error(run, monkeypatch):
+    ckpt_path, root = run
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)   # import facenet_pytorch now raises ImportError
+    with pytest.raises(SystemExit) as stop:
+        ev.main(["--ckpt", str(ckpt_path), "--images", str(root / "img"), "--detect-faces"])
+    message = str(stop.value)
+    assert "\n" not in message and 'pip install -e ".[faces]"' in message and "facenet-pytorch" in message
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--ckpt", "x.pt", "--detect-faces"])   # faces are found in --images only
+    for bad in (["--interval", "1"], ["--interval", "0"], ["--face-margin", "-0.1"]):
+        with pytest.raises(SystemExit):
+            ev.parse_args(["--ckpt", "x.pt", *bad])
+
+
+def test_real_detector_on_a_photo_without_and_with_a_face():
+    pytest.importorskip("facenet_pytorch")
+    detect = ev.face_detector("cpu")
+    assert detect(Image.new("RGB", (200, 160), (128, 128, 128))) == []
+    assert detect(Image.new("RGB", (12, 9))) == []   # smaller than the smallest face MTCNN looks for
+    skimage_data = pytest.importorskip("skimage.data")
+    boxes = detect(Image.fromarray(skimage_data.astronaut()))   # Eileen Collins, one face
+    assert len(boxes) == 1
+    x0, y0, x1, y1 = boxes[0]
+    assert 150 < x0 < x1 < 300 and 30 < y0 < y1 < 200   # around her face, not the flag or the helmet
