@@ -45,11 +45,13 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import sys
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -605,6 +607,403 @@ def build_model(state_dict: Dict[str, torch.Tensor], **settings) -> CLIP:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hostile checkpoint files: pickle opcode scan, zip records, tensor views
+#
+# Researchers load checkpoints from third parties. Besides never running a file's code, the readers
+# below refuse, before unpickling or allocating anything, what no honest checkpoint contains but a
+# few crafted bytes can use to crash the process, hang it, allocate gigabytes or read memory that is
+# not the file's: deep or cyclic nesting, shared sub-objects multiplied along every path, memo
+# indices far beyond the pickle's length, compressed zip records, views that reach outside their
+# storage, overlap themselves (stride 0) or outnumber the file's bytes. Each refusal is one
+# CheckpointError naming the file and what is wrong; an untrusted object is never printed in full.
+
+_MAX_NESTING = 100  # containers within containers; OpenAI's archives nest about 20 deep
+_MAX_SHARED_EXPANSION = 16  # objects a pickle may expand to (shared ones counted per use), per byte
+_MAX_DIMS = 16  # dimensions of one tensor
+_MAX_TENSOR_BYTES = 2  # bytes of tensors per byte of file (views sharing storage count separately)
+_MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON header; CLIP's are tens of kilobytes
+
+# The pickle opcodes torch's writers emit (torch.save at its protocol 2; TorchScript's C++ pickler)
+# and torch.load(weights_only=True) reads. No checkpoint needs the others: protocol 0/1 text forms,
+# POP/DUP, INST/OBJ/EXT, STACK_GLOBAL, FRAME, MEMOIZE, out-of-band buffers.
+_PICKLE_OPS = {op[0] for op in (
+    pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.NEWOBJ, pickle.BUILD, pickle.BINPERSID,
+    pickle.MARK, pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
+    pickle.EMPTY_LIST, pickle.APPEND, pickle.APPENDS, pickle.EMPTY_DICT, pickle.SETITEM, pickle.SETITEMS,
+    pickle.EMPTY_SET, pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
+    pickle.BININT2, pickle.LONG1, pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING,
+    pickle.BINPUT, pickle.LONG_BINPUT, pickle.BINGET, pickle.LONG_BINGET)}
+_ARG_BYTES = {pickle.PROTO[0]: 1, pickle.BININT[0]: 4, pickle.BININT1[0]: 1, pickle.BININT2[0]: 2,
+              pickle.BINFLOAT[0]: 8, pickle.BINPUT[0]: 1, pickle.LONG_BINPUT[0]: 4, pickle.BINGET[0]: 1,
+              pickle.LONG_BINGET[0]: 4}
+# The callables torch's writers pickle for checkpoint data (REDUCE), each allocating no more than
+# its arguments' bytes: a tensor or parameter, an OrderedDict, a set, bytes (_codecs.encode), a size,
+# a device, a complex number. torch.load's allow-list has more (torch.Tensor(n), bytearray(n) and
+# quantized tensors allocate n from one integer, meta tensors have any size): no checkpoint needs them.
+_PICKLE_CALLABLES = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor",
+                     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+                     "collections.OrderedDict", "builtins.set", "_codecs.encode", "torch.Size", "torch.device",
+                     "builtins.complex", "torch.serialization._get_layout"}
+_PICKLE_MODULES = ("torch", "__torch__", "collections", "_codecs", "builtins")
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint; the message names the file and what is wrong."""
+
+
+def _describe(obj) -> str:
+    """A few words about an untrusted object for an error message, never its full repr (which can be
+    huge, or take exponential time for a list shared with itself at every level)."""
+    if isinstance(obj, (str, bytes)):
+        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
+    if isinstance(obj, bool) or obj is None or isinstance(obj, float):
+        return repr(obj)
+    if isinstance(obj, int):
+        return str(obj) if obj.bit_length() < 64 else f"an integer of {obj.bit_length()} bits"
+    return f"a {type(obj).__name__}"
+
+
+class _Node:
+    """What the opcode scan knows of one pickled object: how deep it nests, how many objects it
+    expands to (shared sub-objects counted per use), whether it sits inside another object yet."""
+    __slots__ = ("kind", "name", "depth", "size", "placed", "built")
+
+    def __init__(self, kind: str, children=(), name: str = ""):
+        self.kind, self.name, self.placed, self.built = kind, name, False, False
+        self.depth = 1 + max((c.depth for c in children), default=0)
+        self.size = 1 + sum(c.size for c in children)
+        for child in children:
+            child.placed = True
+
+
+def scan_pickle(data: bytes, where: str = "pickle", start: int = 0) -> int:
+    """Check the pickle at data[start:] opcode by opcode, without building anything; returns the
+    position after its STOP. Raises CheckpointError("<where>: ... (byte N)") on an opcode outside
+    _PICKLE_OPS, a global outside torch/collections/_codecs/builtins, a call outside
+    _PICKLE_CALLABLES (NEWOBJ: TorchScript classes only), a BUILD on anything but a TorchScript
+    object or an OrderedDict, nesting deeper than _MAX_NESTING, an expansion beyond
+    _MAX_SHARED_EXPANSION objects per byte, a memo index beyond the opcodes read so far, a container
+    changed after it was placed in another (the only way to make a cycle), or a malformed stream.
+
+    The stack is simulated with _Nodes so that depth and expansion are exact: torch's writers fill
+    every container before placing it, which is what the last rule demands."""
+    stack, metastack, memo = [], [], {}
+    value = _Node("value")  # every scalar: nests 0 deep... as a leaf it adds 1
+    value.depth = 0
+    budget = 1_000_000 + _MAX_SHARED_EXPANSION * (len(data) - start)
+    pos, ops, at = start, 0, start
+
+    def refuse(reason: str):
+        raise CheckpointError(f"{where}: {reason} (byte {at})")
+
+    def argument(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            refuse("the pickle is truncated")
+        pos += n
+        return data[pos - n: pos]
+
+    def push(node: _Node):
+        if node.depth > _MAX_NESTING:
+            refuse(f"objects nested more than {_MAX_NESTING} deep")
+        if node.size > budget:
+            refuse(f"shared objects expand to more than {budget:,} objects")
+        stack.append(node)
+
+    def pop_mark() -> list:
+        nonlocal stack
+        if not metastack:
+            refuse("an opcode needs a MARK that is not there")
+        items, stack = stack, metastack.pop()
+        return items
+
+    def fill(target: _Node, kinds: Tuple[str, ...], items: list):
+        """target (still on the stack) receives items: APPEND(S), SETITEM(S), BUILD."""
+        for item in items:
+            item.placed = True
+        if target.kind not in kinds:
+            refuse(f"{pickle_name} on a {target.kind}")
+        if target.placed:
+            refuse(f"{pickle_name} changes an object already placed inside another (a cycle?)")
+        target.depth = max(target.depth, 1 + max((i.depth for i in items), default=0))
+        target.size += sum(i.size for i in items)
+        stack.pop()
+        push(target)
+
+    try:
+        while True:
+            at = pos
+            op = data[pos] if pos < len(data) else None
+            if op is None:
+                refuse("the pickle ends without STOP (truncated?)")
+            pos, ops = pos + 1, ops + 1
+            pickle_name = _PICKLE_OP_NAMES.get(op, f"opcode 0x{op:02x}")
+            if op not in _PICKLE_OPS:
+                refuse(f"{pickle_name}, which torch's checkpoint writers never emit")
+            arg = argument(_ARG_BYTES[op]) if op in _ARG_BYTES else b""
+            if op == pickle.PROTO[0]:
+                if at != start or arg[0] > pickle.HIGHEST_PROTOCOL:
+                    refuse(f"PROTO {arg[0]} where a pickle cannot have it")
+            elif op == pickle.STOP[0]:
+                if metastack or len(stack) != 1:
+                    refuse("STOP with an unfinished stack")
+                return pos
+            elif op in (pickle.BINUNICODE[0], pickle.SHORT_BINSTRING[0], pickle.LONG1[0]):
+                n = struct.unpack("<I", argument(4))[0] if op == pickle.BINUNICODE[0] else argument(1)[0]
+                argument(n)
+                push(value)
+            elif op in (pickle.NONE[0], pickle.NEWTRUE[0], pickle.NEWFALSE[0], pickle.BININT[0],
+                        pickle.BININT1[0], pickle.BININT2[0], pickle.BINFLOAT[0]):
+                push(value)
+            elif op == pickle.GLOBAL[0]:
+                lines = []
+                for _ in range(2):
+                    end = data.find(b"\n", pos, pos + 257)
+                    if end < 0:
+                        refuse("GLOBAL without a short name")
+                    lines.append(data[pos:end].decode("ascii", "replace"))
+                    pos = end + 1
+                module, name = lines
+                module = "builtins" if module == "__builtin__" else module  # protocol 2's Python 2 name
+                if not (module in _PICKLE_MODULES or module.startswith(("torch.", "__torch__."))):
+                    refuse(f"it refers to {_describe(module)[1:-1]}.{_describe(name)[1:-1]}, which no checkpoint needs")
+                push(_Node("global", name=f"{module}.{name}"))
+            elif op == pickle.MARK[0]:
+                metastack.append(stack)
+                stack = []
+            elif op in (pickle.EMPTY_TUPLE[0], pickle.TUPLE[0], pickle.TUPLE1[0], pickle.TUPLE2[0], pickle.TUPLE3[0]):
+                n = {pickle.EMPTY_TUPLE[0]: 0, pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3}.get(op)
+                if n is None:
+                    items = pop_mark()
+                else:
+                    if len(stack) < n:
+                        refuse(f"{pickle_name} on a stack of {len(stack)}")
+                    items = stack[len(stack) - n:]
+                    del stack[len(stack) - n:]
+                push(_Node("tuple", items))
+            elif op in (pickle.EMPTY_LIST[0], pickle.EMPTY_DICT[0], pickle.EMPTY_SET[0]):
+                push(_Node({pickle.EMPTY_LIST[0]: "list", pickle.EMPTY_DICT[0]: "dict"}.get(op, "set")))
+            elif op == pickle.APPEND[0]:
+                item = stack.pop()
+                fill(stack[-1], ("list",), [item])
+            elif op == pickle.APPENDS[0]:
+                items = pop_mark()
+                fill(stack[-1], ("list",), items)
+            elif op == pickle.SETITEM[0]:
+                item, key = stack.pop(), stack.pop()
+                fill(stack[-1], ("dict", "OrderedDict"), [key, item])
+            elif op == pickle.SETITEMS[0]:
+                items = pop_mark()
+                fill(stack[-1], ("dict", "OrderedDict"), items)
+            elif op in (pickle.REDUCE[0], pickle.NEWOBJ[0]):
+                args, func = stack.pop(), stack.pop()
+                if func.kind != "global" or args.kind != "tuple":
+                    refuse(f"{pickle_name} calls a {func.kind} with a {args.kind}")
+                if op == pickle.REDUCE[0] and func.name not in _PICKLE_CALLABLES:
+                    refuse(f"REDUCE calls {func.name}, which no checkpoint needs")
+                if op == pickle.NEWOBJ[0] and not func.name.startswith("__torch__."):
+                    refuse(f"NEWOBJ creates {func.name}; only TorchScript objects are created so")
+                kind = ("OrderedDict" if func.name == "collections.OrderedDict"
+                        else "object" if op == pickle.NEWOBJ[0] else "result")
+                push(_Node(kind, [func, args]))
+            elif op == pickle.BUILD[0]:
+                state, target = stack.pop(), stack[-1]
+                if target.built:
+                    refuse("a second BUILD on one object")
+                fill(target, ("object", "OrderedDict"), [state])
+                target.built = True
+            elif op == pickle.BINPERSID[0]:
+                pid = stack.pop()
+                if pid.kind != "tuple":
+                    refuse(f"a persistent id that is a {pid.kind}, not a tuple")
+                push(_Node("persistent", [pid]))
+            elif op in (pickle.BINPUT[0], pickle.LONG_BINPUT[0]):
+                index = arg[0] if op == pickle.BINPUT[0] else struct.unpack("<I", arg)[0]
+                if index >= ops:  # torch's writers number memo entries 0, 1, 2, ...
+                    refuse(f"memo index {index} after only {ops} opcodes")
+                memo[index] = stack[-1]
+            else:  # BINGET, LONG_BINGET
+                index = arg[0] if op == pickle.BINGET[0] else struct.unpack("<I", arg)[0]
+                if index not in memo:
+                    refuse(f"memo index {index} that was never set")
+                push(memo[index])
+    except IndexError:  # a pop from an empty stack
+        refuse(f"{pickle_name} on an empty stack")
+
+
+_PICKLE_OP_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
+
+def _zip_records(path: str) -> Dict[str, zipfile.ZipInfo]:
+    """A zip checkpoint's records from its central directory, refused unless each is unencrypted,
+    named once and inside the file, and all together no larger than the file."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except Exception as e:  # BadZipFile, struct.error, NotImplementedError, OSError, ...
+        raise CheckpointError(f"not a readable zip archive ({_first_line(e)})") from None
+    records, total = {}, 0
+    for info in infos:
+        name = _describe(info.filename)
+        if info.flag_bits & 1:
+            raise CheckpointError(f"zip record {name} is encrypted")
+        if info.filename in records:
+            raise CheckpointError(f"zip record {name} appears twice")
+        if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
+            raise CheckpointError(f"zip record {name} ({info.compress_size} bytes) lies outside the file")
+        records[info.filename] = info
+        total += info.compress_size
+    if total > size:
+        raise CheckpointError(f"its zip records add up to {total} bytes, more than the file's {size}")
+    return records
+
+
+def _check_stored(info: zipfile.ZipInfo):
+    """torch writes the records it reads uncompressed; a compressed one is a bomb until read (1 GiB
+    of zeros fits in a kilobyte). TorchScript's code records, which are never read, may be compressed."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise CheckpointError(f"zip record {_describe(info.filename)} is compressed (method "
+                              f"{info.compress_type}); torch stores the records it reads uncompressed")
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip record's local header (zipfile.structFileHeader)
+
+
+def _read_record(f, info: zipfile.ZipInfo) -> bytearray:
+    """A stored record's bytes, read straight into a new buffer and checked against its CRC-32."""
+    _check_stored(info)
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"zip record {_describe(info.filename)} has no local header")
+    name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
+    if f.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise CheckpointError(f"zip record {_describe(info.filename)}: its two names differ")
+    f.seek(extra_length, os.SEEK_CUR)
+    data = bytearray(info.file_size)
+    if f.readinto(data) != info.file_size or zlib.crc32(data) != info.CRC:
+        raise CheckpointError(f"zip record {_describe(info.filename)} is truncated or corrupted (CRC-32)")
+    return data
+
+
+def _one_data_pickle(records: Dict[str, zipfile.ZipInfo]) -> str:
+    """The name of the archive's <name>/data.pkl (its root pickle), refusing zero or several."""
+    found = [n for n in records if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    if len(found) != 1:
+        raise CheckpointError(f"expected one <name>/data.pkl in the zip archive, found {len(found)}")
+    return found[0]
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception as 'Type: first line', at most 200 characters (for one-line messages)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def _view_problem(storage_numel: int, offset, size, stride) -> Optional[str]:
+    """Why the strided view (offset, size, stride) of a storage of storage_numel elements is refused,
+    or None: integer sizes, strides and offset, none negative; elements that never overlap (no
+    stride 0: one stored row expanded into millions); every element inside the storage."""
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= _MAX_DIMS):
+        return f"size and stride must be tuples of one length (at most {_MAX_DIMS})"
+    if not all(type(v) is int for v in (offset, *size, *stride)):
+        return "size, stride and offset must be integers"
+    if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+        return f"a negative size, stride or offset ({size}, {stride}, {offset})"
+    if 0 in size:
+        return None if offset <= storage_numel else f"offset {offset} beyond its storage of {storage_numel}"
+    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
+    for step, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
+        if step < extent:
+            return f"its elements overlap (size {size}, stride {stride})"
+        extent += (n - 1) * step
+    if offset + extent > storage_numel:
+        return f"it reaches element {offset + extent} of a storage of {storage_numel}"
+    return None
+
+
+def _check_tensors(tensors, file_size: int):
+    """Views checked (see _view_problem) and their bytes capped at _MAX_TENSOR_BYTES per file byte
+    (distinct views of one storage count separately), so no file builds a model bigger than itself."""
+    total = 0
+    for name, t in tensors:
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise CheckpointError(f"tensor {name} is {t.layout} on {t.device}, not a dense CPU tensor")
+        problem = _view_problem(t.untyped_storage().nbytes() // t.element_size(), t.storage_offset(),
+                                tuple(t.shape), t.stride())
+        if problem:
+            raise CheckpointError(f"tensor {name}: {problem}")
+        total += t.numel() * t.element_size()
+    if total > _MAX_TENSOR_BYTES * file_size + (1 << 20):
+        raise CheckpointError(f"its tensors hold {total:,} bytes, more than {_MAX_TENSOR_BYTES} x the "
+                              f"file's {file_size:,}")
+
+
+def _walk_loaded(obj) -> List[Tuple[str, torch.Tensor]]:
+    """Every distinct tensor in what torch.load returned (dicts, lists, tuples, sets), with a name
+    for messages; iterative, each container once, at most _MAX_NESTING deep."""
+    found, seen, todo = [], set(), [(obj, "", 0)]
+    while todo:
+        x, name, depth = todo.pop()
+        if not isinstance(x, (torch.Tensor, dict, list, tuple, set, frozenset)) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if depth > _MAX_NESTING:
+            raise CheckpointError(f"objects nested more than {_MAX_NESTING} deep")
+        if isinstance(x, torch.Tensor):
+            found.append((name or "(top level)", x))
+        elif isinstance(x, dict):
+            for key, value in x.items():
+                label = f"{name}.{key}" if isinstance(key, str) and len(key) < 100 else f"{name}.<key>"
+                todo += [(key, label, depth + 1), (value, label.lstrip("."), depth + 1)]
+        else:
+            todo += [(item, f"{name}[{i}]", depth + 1) for i, item in enumerate(x)]
+    return found
+
+
+def safe_torch_load(path: str):
+    """torch.load(path, map_location="cpu", weights_only=True) behind the checks of this section:
+    zip records (_zip_records) and the root pickle (scan_pickle) before, tensor views and total size
+    (_check_tensors) after. For every file a user names: checkpoints to resume or evaluate, state
+    dicts. Raises CheckpointError (a ValueError) "<path>: ..." for anything it cannot read; torch's
+    legacy pre-1.6 format is refused (its storage records are sized by the file itself)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        size = os.path.getsize(path)
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+            if head[:1] != pickle.PROTO:
+                raise CheckpointError("not a torch checkpoint (neither a zip archive nor a pickle)")
+            scan_pickle(head, "its first pickle")
+            raise CheckpointError("not a zip archive: torch's legacy (pre-1.6) format, or not a torch "
+                                  "checkpoint; re-save it with torch.save in a trusted environment")
+        records = _zip_records(path)
+        for info in records.values():  # torch.load reads every record of a torch.save file
+            _check_stored(info)
+        name = _one_data_pickle(records)
+        with open(path, "rb") as f:
+            scan_pickle(_read_record(f, records[name]), name)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            # torch names the global it refused on a later line ("... GLOBAL posix.system ...")
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise CheckpointError(f"refused to unpickle it ({reason[:200]}); checkpoints are read as data "
+                                  "only (torch.load(weights_only=True))") from None
+        except Exception as e:
+            raise CheckpointError(f"not a checkpoint torch can read ({_first_line(e)})") from None
+        _check_tensors(_walk_loaded(obj), size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading checkpoint files as data
 
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
@@ -625,7 +1024,7 @@ OPENAI_SHA256 = {
 def verify_checkpoint(path: str) -> bool:
     """If path's file name is an official OpenAI one, check its SHA-256 (streamed, 1 MiB at a time).
 
-    Returns True when verified, False when the name is not an official one; raises ValueError
+    Returns True when verified, False when the name is not an official one; raises CheckpointError
     on a mismatch."""
     name = os.path.basename(path)
     expected = OPENAI_SHA256.get(name)
@@ -633,7 +1032,7 @@ def verify_checkpoint(path: str) -> bool:
         return False
     digest = _sha256(path)
     if digest != expected:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: SHA-256 {digest} does not match OpenAI's published {expected} for "
             f"{name} ({os.path.getsize(path)} bytes read): the download is truncated or corrupted. "
             f"Re-download it from {_OPENAI_URL.format(expected, name)}, or pass verify=False if you "
@@ -654,143 +1053,246 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _safetensors_header(path: str, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[int], int, int]]]:
+    """The validated header: (where the data starts, {name: (dtype, shape, begin, end)}). Offsets are
+    integers with 0 <= begin <= end <= data size, end - begin is the shape's byte count, ranges do not
+    overlap, dtypes are known, the header is at most _MAX_SAFETENSORS_HEADER bytes of JSON with no
+    duplicate names."""
+    size = os.path.getsize(path)
+    head = f.read(8)
+    if len(head) != 8:
+        raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise CheckpointError(f"not a safetensors file (header length {n} with a file of {size} bytes)")
+
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("its header names a tensor twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(f.read(n), object_pairs_hook=no_duplicates)
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"not a safetensors file (header is not JSON: {_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("not a safetensors file (header is not a JSON object)")
+    start, data_size, tensors = 8 + n, size - 8 - n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        what = f"tensor {_describe(name)}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{what}: header entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise CheckpointError(f"{what} has unsupported dtype {_describe(info['dtype'])}")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{what}: shape must be a list of at most {_MAX_DIMS} integers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{what}: data_offsets must be two integers 0 <= begin <= end <= "
+                                  f"{data_size} (the data's size; file truncated?)")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{what} {shape} {info['dtype']} does not fit its byte range {begin}..{end}")
+        tensors[name] = (dtype, shape, begin, end)
+    ranges = sorted((begin, end) for _, _, begin, end in tensors.values())
+    if any(b < a_end for (_, a_end), (b, _) in zip(ranges, ranges[1:])):
+        raise CheckpointError("tensors' byte ranges overlap")
+    return start, tensors
+
+
 def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
     """safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian bytes of every tensor."""
+    data_offsets}}, then the raw little-endian bytes of every tensor. The whole header is checked
+    (_safetensors_header) before any tensor is allocated."""
     if sys.byteorder != "little":
-        raise ValueError(f"{path}: reading safetensors needs a little-endian machine")
-    size = os.path.getsize(path)
+        raise CheckpointError("reading safetensors needs a little-endian machine")
     out = {}
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} exceeds the file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-        start = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != nbytes or start + end > size:
-                raise ValueError(f"{path}: tensor {name} {shape} {info['dtype']} does not fit its "
-                                 f"byte range {begin}..{end} (file truncated?)")
-            buffer = bytearray(nbytes)
+        start, tensors = _safetensors_header(path, f)
+        for name, (dtype, shape, begin, end) in tensors.items():
+            buffer = bytearray(end - begin)
             f.seek(start + begin)
-            f.readinto(buffer)
-            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"tensor {_describe(name)}: file truncated")
+            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
             out[name] = flat.reshape(shape)
     return out
 
 
-class _ArchiveError(Exception):
+class _ArchiveError(CheckpointError):
     """The restricted reader cannot (or will not) read this TorchScript archive."""
 
 
-class _ScriptObject:
-    """Inert stand-in for a TorchScript class (a module): it only keeps its pickled state."""
+class _Inert:
+    """Base of every object the archive reader hands to the pickle: a BUILD on it is refused, so a
+    file cannot set attributes on the reader's classes or functions (nor grow a storage)."""
+    __slots__ = ()
 
-    state = None  # NEWOBJ creates instances without __init__; BUILD then calls __setstate__
+    def __setstate__(self, state):
+        raise _ArchiveError(f"its data.pkl BUILDs a {type(self).__name__.lstrip('_')}, which no archive does")
+
+
+class _ScriptObject:
+    """Inert stand-in for a TorchScript class (a module): it only keeps its pickled state, set once."""
+    __slots__ = ("state",)
 
     def __init__(self, *args):
         pass
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # BUILD; NEWOBJ made the instance without __init__
+        if getattr(self, "state", None) is not None or not isinstance(state, dict):
+            raise _ArchiveError(f"a TorchScript object's state is {_describe(state)}, not one dict")
         self.state = state
 
 
-class _StorageType:
+class _Callable(_Inert):
+    """An allow-listed function as the pickle sees it (a fresh instance per archive)."""
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
+class _StorageType(_Inert):
+    __slots__ = ("dtype",)
+
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
+
+
+class _Storage(_Inert):
+    """One data/<key> record as a flat tensor (a persistent id's value)."""
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+
+
+class _TensorView(_Inert):
+    """A checked view of a _Storage; the tensor itself is made after unpickling (_materialize)."""
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
                    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                    "BoolStorage": torch.bool}
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor_v2's job, on our flat storage tensor."""
-    return storage.as_strided(size, stride, offset)
+_RECORD_KEY = regex.compile(r"[0-9A-Za-z_]{1,64}")
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a TorchScript archive's data.pkl allowing only: TorchScript module classes (as inert
-    _ScriptObjects), storage type names, the tensor rebuild function, OrderedDict. Any other
-    global (os.system, builtins.eval, ...) is refused before it can be called."""
+    """Reads a TorchScript archive's data.pkl (already passed by scan_pickle) allowing only:
+    TorchScript module classes (as inert _ScriptObjects), storage type names, the tensor rebuild
+    function, OrderedDict. Any other global (os.system, builtins.eval, ...) is refused before it can
+    be called. Storages and tensors come out as inert records, checked before use."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, data: bytes, f, records: Dict[str, zipfile.ZipInfo], prefix: str):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.storages = archive, prefix, {}
+        self.file, self.records, self.prefix, self.storages = f, records, prefix, {}
+        rebuild, ordered_dict = _Callable(self._rebuild_tensor), _Callable(OrderedDict)
+        self.callables = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_tensor"): rebuild,
+                          ("collections", "OrderedDict"): ordered_dict}
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
             return _ScriptObject
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
-        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
+        if (module, name) in self.callables:
+            return self.callables[module, name]
         raise _ArchiveError(f"its data.pkl refers to {module}.{name}, which the data-only reader does not allow")
 
     def persistent_load(self, pid):
         # ('storage', storage type, record key, location, numel): the bytes are in <prefix>data/<key>
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise _ArchiveError(f"unknown persistent record {pid!r}")
-        key = str(pid[2])
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[3], str)
+                and type(pid[4]) is int and _RECORD_KEY.fullmatch(pid[2]) and len(pid[3]) <= 64):
+            what = _describe(pid) if not isinstance(pid, tuple) else f"a tuple of {len(pid)}"
+            raise _ArchiveError(f"unknown persistent record ({what}; expected 'storage', type, key, location, numel)")
+        dtype, key, numel = pid[1].dtype, pid[2], pid[4]
         if key not in self.storages:
-            try:
-                raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            except KeyError:
-                raise _ArchiveError(f"tensor record data/{key} is missing") from None
-            self.storages[key] = (torch.frombuffer(raw, dtype=pid[1].dtype) if raw
-                                  else torch.empty(0, dtype=pid[1].dtype))
-        return self.storages[key]
+            info = self.records.get(f"{self.prefix}data/{key}")
+            if info is None:
+                raise _ArchiveError(f"tensor record data/{key} is missing")
+            if info.file_size != numel * dtype.itemsize:
+                raise _ArchiveError(f"tensor record data/{key} holds {info.file_size} bytes, not the "
+                                    f"{numel} x {dtype.itemsize} its storage declares")
+            raw = _read_record(self.file, info)
+            self.storages[key] = _Storage(torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype))
+        storage = self.storages[key]
+        if storage.flat.dtype != dtype or storage.flat.numel() != numel:
+            raise _ArchiveError(f"tensor record data/{key} is declared with two types or sizes")
+        return storage
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *unused):
+        """torch._utils._rebuild_tensor_v2's arguments, checked; the view is made after unpickling."""
+        if not isinstance(storage, _Storage):
+            raise _ArchiveError(f"a tensor's storage is {_describe(storage)}")
+        problem = _view_problem(storage.flat.numel(), offset, size, stride)
+        if problem:
+            raise _ArchiveError(f"a tensor view is refused: {problem}")
+        return _TensorView(storage, offset, size, stride)
 
 
-def _collect_tensors(obj, prefix: str, out: Dict[str, torch.Tensor]):
-    """Walk the module tree; each module's state dict maps attribute names to tensors/submodules."""
-    if isinstance(obj, torch.Tensor):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, _ScriptObject) and isinstance(obj.state, dict):
-        for name, value in obj.state.items():
-            _collect_tensors(value, f"{prefix}{name}.", out)
+def _collect_tensors(root) -> Dict[str, _TensorView]:
+    """Walk the module tree; each module's state dict maps attribute names to tensors/submodules.
+    Each module is visited once (a module shared by two parents is read under its first name) and at
+    most _MAX_NESTING deep; names and keys are checked before use."""
+    out, seen, todo = {}, set(), [(root, "", 0)]
+    while todo:
+        obj, prefix, depth = todo.pop()
+        if isinstance(obj, _TensorView):
+            out[prefix[:-1]] = obj
+        elif isinstance(obj, _ScriptObject) and isinstance(getattr(obj, "state", None), dict) and id(obj) not in seen:
+            seen.add(id(obj))
+            if depth > _MAX_NESTING:
+                raise _ArchiveError(f"its module tree is more than {_MAX_NESTING} deep")
+            for name, value in obj.state.items():
+                if not (isinstance(name, str) and 0 < len(name) <= 256):
+                    raise _ArchiveError(f"a module attribute is named {_describe(name)}")
+                todo.append((value, f"{prefix}{name}.", depth + 1))
+    return out
 
 
 def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
     """A TorchScript archive is a zip: <name>/data.pkl pickles the module tree, whose tensors point
-    at raw records <name>/data/<key>. The code in <name>/code/ is never read or run."""
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
-        if len(pickles) != 1:
-            raise _ArchiveError(f"expected one <name>/data.pkl, found {pickles}")
-        unpickler = _ArchiveUnpickler(archive.read(pickles[0]), archive, pickles[0][: -len("data.pkl")])
+    at raw records <name>/data/<key>. The code in <name>/code/ is never read or run. Records, the
+    pickle and every tensor view are checked first (the section above)."""
+    records = _zip_records(path)
+    name = _one_data_pickle(records)
+    with open(path, "rb") as f:
+        data = _read_record(f, records[name])
+        scan_pickle(data, name)
         try:
-            root = unpickler.load()
-        except _ArchiveError:
+            root = _ArchiveUnpickler(data, f, records, name[: -len("data.pkl")]).load()
+        except CheckpointError:
             raise
-        except Exception as e:  # a malformed pickle, an out-of-range tensor view, ...
-            raise _ArchiveError(f"its data.pkl could not be read ({type(e).__name__}: {e})") from None
-    out = {}
-    _collect_tensors(root, "", out)
-    if not out:
+        except Exception as e:  # what the scan cannot see: a wrong type where the reader needs another
+            raise _ArchiveError(f"its data.pkl could not be read ({_first_line(e)})") from None
+    views = _collect_tensors(root)
+    if not views:
         raise _ArchiveError("no tensors found in its module tree")
+    out, made, distinct = {}, {}, []  # a view named twice is one tensor
+    for key, view in views.items():
+        if id(view) not in made:
+            made[id(view)] = view.storage.flat.as_strided(view.size, view.stride, view.offset)
+            distinct.append((key, made[id(view)]))
+        out[key] = made[id(view)]
+    _check_tensors(distinct, os.path.getsize(path))
     return out
-
-
-def _is_torchscript(path: str) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def _looks_like_safetensors(path: str) -> bool:
@@ -799,42 +1301,46 @@ def _looks_like_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
 
 
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except Exception:  # an unreadable zip: safe_torch_load names the problem
+        return False
+
+
 def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, read as data: OpenAI's TorchScript archives (restricted
-    reader), .safetensors (by hand), anything else with torch.load(weights_only=True). A dict nested
-    under "state_dict" and a "module." prefix (DistributedDataParallel) are unwrapped."""
+    reader), .safetensors (by hand), anything else with safe_torch_load. A dict nested under
+    "state_dict" and a "module." prefix (DistributedDataParallel) are unwrapped. Raises
+    CheckpointError "<path>: ..." for a file that cannot be read as a state dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors") or _looks_like_safetensors(path):
-        state = _read_safetensors(path)
-    elif zipfile.is_zipfile(path) and _is_torchscript(path):
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
         try:
             state = _read_torchscript(path)
-        except _ArchiveError as e:
+        except CheckpointError as e:
             if not trust_torchscript:
-                raise ValueError(
+                raise CheckpointError(
                     f"{path}: this TorchScript archive cannot be read as data only: {e}. If you trust the "
                     "file, pass trust_torchscript=True to load it with torch.jit.load (which runs its code)."
                 ) from None
             state = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
+    elif path.endswith(".safetensors") or _looks_like_safetensors(path):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            lines = [line for line in str(e).splitlines() if line.strip()]
-            # torch's message says which global it refused on a later line ("... GLOBAL posix.system ...")
-            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "unpickling error")
-            raise ValueError(
-                f"{path}: refused to unpickle it ({reason}). Checkpoints are read as data only "
-                "(torch.load(weights_only=True)); if you trust the file, load it yourself and pass its "
-                "state dict to build_model.") from None
-        except Exception as e:
-            raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: {e})") from None
+            state = _read_safetensors(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    else:
+        state = safe_torch_load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{path}: holds {_describe(state)}, not a state dict")
+    bad = next((k for k in state if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: a state dict key is {_describe(bad)}, not a string")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -1099,7 +1605,8 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
     verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
     converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
-    cannot parse (it runs the archive's code: only for files you trust)."""
+    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
+    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
     path = os.fspath(path)
     weights, folder = _locate(path)
     verified = verify_checkpoint(weights) if verify else False
@@ -1123,7 +1630,9 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
                                      preprocessing.get("interpolation", "bicubic"),
                                      preprocessing.get("resize_mode", "shortest"))
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
+        raise CheckpointError(f"{path}: not a CLIP state dict ({_first_line(e)})") from None
     return model.to(device).eval(), preprocess
 
 

@@ -404,20 +404,20 @@ def move_to(tensor, device):
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_checkpoint(path):
-    """torch.load(weights_only=True) with errors that name the file and say what is wrong."""
+    """clip_loader.safe_torch_load (torch.load(weights_only=True) behind checks of the file's zip records,
+    pickle and tensors), with one-line errors that name the file and say what is wrong."""
     path = Path(path)
     if not path.is_file():
         kind = "is a folder, not a checkpoint file" if path.is_dir() else \
             "is not a regular file" if os.path.lexists(path) else "not found"
         raise SystemExit(f"checkpoint {kind}: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated file, not a torch file, or pickled code we refuse to run
-        raise SystemExit(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        ckpt = clip_loader.safe_torch_load(path)
+    except clip_loader.CheckpointError as e:   # truncated, hostile, not a torch file, or pickled code
+        raise SystemExit(str(e).replace(f"{path}: ", f"{path}: cannot be read: ", 1)) from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]):
-        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = str(list(ckpt)[:5])[:200] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' "
                          f"and 'config'; found {keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
     return ckpt
@@ -479,7 +479,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
         model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
         model.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise SystemExit(f"{path}: weights do not fit the CILF-CIAE model they describe "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.float().eval()
