@@ -12,6 +12,8 @@ What differs from OpenAI's clip package, on purpose:
 - checkpoints are data, never code: OpenAI's TorchScript archives are read by a restricted reader of
   their pickle and tensor records (no torch.jit.load unless the caller opts in), other files with
   torch.load(weights_only=True), .safetensors by hand; official file names are SHA-256 verified;
+- a hostile file is refused cleanly: one CheckpointError, in bounded time and memory, never a crash
+  (pickle opcodes, zip records, tensor views and safetensors headers are checked first);
 - weights stay float32 (half precision comes from autocast at run time: OpenAI's fp16 weights fail
   on CPU and turn to NaN under Adam); attention is torch's scaled_dot_product_attention;
 - `encode_image_tokens` returns every image location in the joint space, and the models run at
@@ -24,15 +26,18 @@ What differs from OpenAI's clip package, on purpose:
 Contents (sections in this order):
 - Model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
 - Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
+- Hostile checkpoint files: CheckpointError, scan_pickle (pickle opcodes), zip records, tensor views,
+  safe_torch_load (torch.load(weights_only=True) behind those checks)
 - Reading checkpoint files as data: verify_checkpoint, OPENAI_SHA256, read_state_dict (safetensors,
-  TorchScript archives, torch.load)
+  TorchScript archives, safe_torch_load)
 - Hugging Face and open_clip files: from_hf_state_dict, hf_settings, open_clip_settings, load
 - Tokenizer: SimpleTokenizer, tokenize, default_bpe
 - Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
 
 Public names: CLIP, CLIPConfig, ACTIVATIONS, SETTINGS, infer_config, unservable_family, build_model,
-load, read_state_dict, verify_checkpoint, OPENAI_SHA256, is_hf_layout, from_hf_state_dict, hf_settings,
-open_clip_settings, SimpleTokenizer, tokenize, default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
+load, read_state_dict, verify_checkpoint, OPENAI_SHA256, CheckpointError, scan_pickle, safe_torch_load,
+is_hf_layout, from_hf_state_dict, hf_settings, open_clip_settings, SimpleTokenizer, tokenize,
+default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
 Typical use (`import clip_loader as clip`):
     model, preprocess = clip.load("ViT-B-16.pt")           # or a Hugging Face folder, open_clip file
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
@@ -67,9 +72,9 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 __all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "load", "read_state_dict", "verify_checkpoint", "OPENAI_SHA256", "is_hf_layout", "from_hf_state_dict",
-           "hf_settings", "open_clip_settings", "SimpleTokenizer", "tokenize", "default_bpe", "image_transform",
-           "to_rgb", "CLIP_MEAN", "CLIP_STD"]
+           "load", "read_state_dict", "verify_checkpoint", "OPENAI_SHA256", "CheckpointError", "scan_pickle",
+           "safe_torch_load", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
+           "SimpleTokenizer", "tokenize", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -676,9 +681,9 @@ class _Node:
             child.placed = True
 
 
-def scan_pickle(data: bytes, where: str = "pickle", start: int = 0) -> int:
-    """Check the pickle at data[start:] opcode by opcode, without building anything; returns the
-    position after its STOP. Raises CheckpointError("<where>: ... (byte N)") on an opcode outside
+def scan_pickle(data: bytes, where: str = "pickle") -> int:
+    """Check the pickle at the start of data opcode by opcode, without building anything; returns
+    the position after its STOP. Raises CheckpointError("<where>: ... (byte N)") on an opcode outside
     _PICKLE_OPS, a global outside torch/collections/_codecs/builtins, a call outside
     _PICKLE_CALLABLES (NEWOBJ: TorchScript classes only), a BUILD on anything but a TorchScript
     object or an OrderedDict, nesting deeper than _MAX_NESTING, an expansion beyond
@@ -688,10 +693,10 @@ def scan_pickle(data: bytes, where: str = "pickle", start: int = 0) -> int:
     The stack is simulated with _Nodes so that depth and expansion are exact: torch's writers fill
     every container before placing it, which is what the last rule demands."""
     stack, metastack, memo = [], [], {}
-    value = _Node("value")  # every scalar: nests 0 deep... as a leaf it adds 1
+    value = _Node("value")  # one node for every scalar (number, string, None, bool): a leaf
     value.depth = 0
-    budget = 1_000_000 + _MAX_SHARED_EXPANSION * (len(data) - start)
-    pos, ops, at = start, 0, start
+    budget = 1_000_000 + _MAX_SHARED_EXPANSION * len(data)
+    pos, ops, at = 0, 0, 0
 
     def refuse(reason: str):
         raise CheckpointError(f"{where}: {reason} (byte {at})")
@@ -742,7 +747,7 @@ def scan_pickle(data: bytes, where: str = "pickle", start: int = 0) -> int:
                 refuse(f"{pickle_name}, which torch's checkpoint writers never emit")
             arg = argument(_ARG_BYTES[op]) if op in _ARG_BYTES else b""
             if op == pickle.PROTO[0]:
-                if at != start or arg[0] > pickle.HIGHEST_PROTOCOL:
+                if at != 0 or arg[0] > pickle.HIGHEST_PROTOCOL:
                     refuse(f"PROTO {arg[0]} where a pickle cannot have it")
             elif op == pickle.STOP[0]:
                 if metastack or len(stack) != 1:
@@ -766,7 +771,7 @@ def scan_pickle(data: bytes, where: str = "pickle", start: int = 0) -> int:
                 module, name = lines
                 module = "builtins" if module == "__builtin__" else module  # protocol 2's Python 2 name
                 if not (module in _PICKLE_MODULES or module.startswith(("torch.", "__torch__."))):
-                    refuse(f"it refers to {_describe(module)[1:-1]}.{_describe(name)[1:-1]}, which no checkpoint needs")
+                    refuse(f"it refers to {module[:100]}.{name[:100]}, which no checkpoint needs")
                 push(_Node("global", name=f"{module}.{name}"))
             elif op == pickle.MARK[0]:
                 metastack.append(stack)
