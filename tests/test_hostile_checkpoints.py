@@ -503,6 +503,7 @@ def test_scripts_exit_with_one_line(refusals, tmp_path):
     status 1 and one line naming the file, no traceback, no signal."""
     path = refusals[0]["crash/deep tuple key, torch file"]["path"]
     (tmp_path / "last.pt").write_bytes(Path(path).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"train": {}, "model": {}}))  # a run folder, as train.py's
     commands = {"eval.py": (["--ckpt", path], path), "train.py": (["--resume", "--out", str(tmp_path)],
                                                                   str(tmp_path / "last.pt"))}
     runs = {script: subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
