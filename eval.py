@@ -887,7 +887,8 @@ def main(argv=None):
     if args.calibrate_on:
         dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform)
         result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
-        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val")
+        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
+                                levels=sorted({*CONFORMAL_LEVELS, args.interval}))
     calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
     if calibration is None:
         print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",

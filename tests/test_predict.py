@@ -169,6 +169,8 @@ def test_calibrate_on_val_for_a_checkpoint_without_calibration(run, tmp_path, ca
           for k in ("predicted_age", "age", "uncertainty")], stored, 0.8)
     assert metrics["interval"]["coverage"] == expected["coverage"]
     assert metrics["interval"]["mean_width"] == pytest.approx(expected["mean_width"], rel=1e-4)
+    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "val", "--interval", "0.75", "--out", str(tmp_path / "c")])
+    assert metrics["interval"]["level"] == 0.75   # any level, when calibrating now
 
 
 def test_predict_api_matches_the_command_line(run, tmp_path):
