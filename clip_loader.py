@@ -875,8 +875,9 @@ def _check_stored(info: zipfile.ZipInfo):
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip record's local header (zipfile.structFileHeader)
 
 
-def _read_record(f, info: zipfile.ZipInfo) -> bytearray:
-    """A stored record's bytes, read straight into a new buffer and checked against its CRC-32."""
+def _read_record(f, info: zipfile.ZipInfo) -> torch.Tensor:
+    """A stored record's bytes as a uint8 tensor, read straight into it (no zero-filling, no copy)
+    and checked against its CRC-32."""
     _check_stored(info)
     f.seek(info.header_offset)
     header = f.read(_LOCAL_HEADER.size)
@@ -886,8 +887,8 @@ def _read_record(f, info: zipfile.ZipInfo) -> bytearray:
     if f.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
         raise CheckpointError(f"zip record {_describe(info.filename)}: its two names differ")
     f.seek(extra_length, os.SEEK_CUR)
-    data = bytearray(info.file_size)
-    if f.readinto(data) != info.file_size or zlib.crc32(data) != info.CRC:
+    data = torch.empty(info.file_size, dtype=torch.uint8)
+    if f.readinto(data.numpy()) != info.file_size or zlib.crc32(data.numpy()) != info.CRC:
         raise CheckpointError(f"zip record {_describe(info.filename)} is truncated or corrupted (CRC-32)")
     return data
 
@@ -991,7 +992,7 @@ def safe_torch_load(path: str):
             _check_stored(info)
         name = _one_data_pickle(records)
         with open(path, "rb") as f:
-            scan_pickle(_read_record(f, records[name]), name)
+            scan_pickle(_read_record(f, records[name]).numpy().tobytes(), name)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -1235,8 +1236,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
             if info.file_size != numel * dtype.itemsize:
                 raise _ArchiveError(f"tensor record data/{key} holds {info.file_size} bytes, not the "
                                     f"{numel} x {dtype.itemsize} its storage declares")
-            raw = _read_record(self.file, info)
-            self.storages[key] = _Storage(torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype))
+            self.storages[key] = _Storage(_read_record(self.file, info).view(dtype))
         storage = self.storages[key]
         if storage.flat.dtype != dtype or storage.flat.numel() != numel:
             raise _ArchiveError(f"tensor record data/{key} is declared with two types or sizes")
@@ -1279,7 +1279,7 @@ def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
     records = _zip_records(path)
     name = _one_data_pickle(records)
     with open(path, "rb") as f:
-        data = _read_record(f, records[name])
+        data = _read_record(f, records[name]).numpy().tobytes()
         scan_pickle(data, name)
         try:
             root = _ArchiveUnpickler(data, f, records, name[: -len("data.pkl")]).load()
