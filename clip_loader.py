@@ -742,23 +742,25 @@ def scan_pickle(data: bytes, where: str = "pickle") -> int:
             if op is None:
                 refuse("the pickle ends without STOP (truncated?)")
             pos, ops = pos + 1, ops + 1
-            pickle_name = _PICKLE_OP_NAMES.get(op, f"opcode 0x{op:02x}")
+            pickle_name = _PICKLE_OP_NAMES.get(op) or f"opcode 0x{op:02x}"
             if op not in _PICKLE_OPS:
                 refuse(f"{pickle_name}, which torch's checkpoint writers never emit")
             arg = argument(_ARG_BYTES[op]) if op in _ARG_BYTES else b""
-            if op == pickle.PROTO[0]:
-                if at != 0 or arg[0] > pickle.HIGHEST_PROTOCOL:
-                    refuse(f"PROTO {arg[0]} where a pickle cannot have it")
-            elif op == pickle.STOP[0]:
-                if metastack or len(stack) != 1:
-                    refuse("STOP with an unfinished stack")
-                return pos
+            if op in (pickle.BINPUT[0], pickle.LONG_BINPUT[0]):  # the commonest opcodes first
+                index = arg[0] if op == pickle.BINPUT[0] else struct.unpack("<I", arg)[0]
+                if index >= ops:  # torch's writers number memo entries 0, 1, 2, ...
+                    refuse(f"memo index {index} after only {ops} opcodes")
+                memo[index] = stack[-1]
+            elif op in (pickle.BINGET[0], pickle.LONG_BINGET[0]):
+                index = arg[0] if op == pickle.BINGET[0] else struct.unpack("<I", arg)[0]
+                if index not in memo:
+                    refuse(f"memo index {index} that was never set")
+                push(memo[index])
+            elif op in _SCALAR_OPS:
+                push(value)
             elif op in (pickle.BINUNICODE[0], pickle.SHORT_BINSTRING[0], pickle.LONG1[0]):
                 n = struct.unpack("<I", argument(4))[0] if op == pickle.BINUNICODE[0] else argument(1)[0]
                 argument(n)
-                push(value)
-            elif op in (pickle.NONE[0], pickle.NEWTRUE[0], pickle.NEWFALSE[0], pickle.BININT[0],
-                        pickle.BININT1[0], pickle.BININT2[0], pickle.BINFLOAT[0]):
                 push(value)
             elif op == pickle.GLOBAL[0]:
                 lines = []
@@ -776,8 +778,8 @@ def scan_pickle(data: bytes, where: str = "pickle") -> int:
             elif op == pickle.MARK[0]:
                 metastack.append(stack)
                 stack = []
-            elif op in (pickle.EMPTY_TUPLE[0], pickle.TUPLE[0], pickle.TUPLE1[0], pickle.TUPLE2[0], pickle.TUPLE3[0]):
-                n = {pickle.EMPTY_TUPLE[0]: 0, pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3}.get(op)
+            elif op in _TUPLE_SIZES:
+                n = _TUPLE_SIZES[op]
                 if n is None:
                     items = pop_mark()
                 else:
@@ -786,8 +788,8 @@ def scan_pickle(data: bytes, where: str = "pickle") -> int:
                     items = stack[len(stack) - n:]
                     del stack[len(stack) - n:]
                 push(_Node("tuple", items))
-            elif op in (pickle.EMPTY_LIST[0], pickle.EMPTY_DICT[0], pickle.EMPTY_SET[0]):
-                push(_Node({pickle.EMPTY_LIST[0]: "list", pickle.EMPTY_DICT[0]: "dict"}.get(op, "set")))
+            elif op in _EMPTY_KINDS:
+                push(_Node(_EMPTY_KINDS[op]))
             elif op == pickle.APPEND[0]:
                 item = stack.pop()
                 fill(stack[-1], ("list",), [item])
@@ -822,21 +824,23 @@ def scan_pickle(data: bytes, where: str = "pickle") -> int:
                 if pid.kind != "tuple":
                     refuse(f"a persistent id that is a {pid.kind}, not a tuple")
                 push(_Node("persistent", [pid]))
-            elif op in (pickle.BINPUT[0], pickle.LONG_BINPUT[0]):
-                index = arg[0] if op == pickle.BINPUT[0] else struct.unpack("<I", arg)[0]
-                if index >= ops:  # torch's writers number memo entries 0, 1, 2, ...
-                    refuse(f"memo index {index} after only {ops} opcodes")
-                memo[index] = stack[-1]
-            else:  # BINGET, LONG_BINGET
-                index = arg[0] if op == pickle.BINGET[0] else struct.unpack("<I", arg)[0]
-                if index not in memo:
-                    refuse(f"memo index {index} that was never set")
-                push(memo[index])
+            elif op == pickle.PROTO[0]:
+                if at != 0 or arg[0] > pickle.HIGHEST_PROTOCOL:
+                    refuse(f"PROTO {arg[0]} where a pickle cannot have it")
+            else:  # STOP
+                if metastack or len(stack) != 1:
+                    refuse("STOP with an unfinished stack")
+                return pos
     except IndexError:  # a pop from an empty stack
         refuse(f"{pickle_name} on an empty stack")
 
 
 _PICKLE_OP_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+_TUPLE_SIZES = {pickle.EMPTY_TUPLE[0]: 0, pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3,
+                pickle.TUPLE[0]: None}  # None: up to the MARK
+_EMPTY_KINDS = {pickle.EMPTY_LIST[0]: "list", pickle.EMPTY_DICT[0]: "dict", pickle.EMPTY_SET[0]: "set"}
+_SCALAR_OPS = {op[0] for op in (pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
+                                pickle.BININT2, pickle.BINFLOAT)}
 
 
 def _zip_records(path: str) -> Dict[str, zipfile.ZipInfo]:
