@@ -891,6 +891,8 @@ def _read_record(f, info: zipfile.ZipInfo) -> torch.Tensor:
     if f.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
         raise CheckpointError(f"zip record {_describe(info.filename)}: its two names differ")
     f.seek(extra_length, os.SEEK_CUR)
+    if info.file_size == 0 and info.CRC == 0:  # frombuffer's storage cannot be resized (grown) later
+        return torch.frombuffer(bytearray(1), dtype=torch.uint8)[:0]
     data = torch.empty(info.file_size, dtype=torch.uint8)
     if f.readinto(data.numpy()) != info.file_size or zlib.crc32(data.numpy()) != info.CRC:
         raise CheckpointError(f"zip record {_describe(info.filename)} is truncated or corrupted (CRC-32)")

@@ -143,6 +143,12 @@ def test_assembled_honest_files_load(tmp_path):
     assert set(state) == {"visual.w", "visual.t"}
     assert torch.equal(state["visual.w"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(state["visual.t"], torch.arange(6.0).reshape(2, 3).t())
+    # an empty record's storage cannot be grown afterwards
+    empty = Pickle().module({"e": lambda p: p.tensor("1", 0, 0, (0, 3), (3, 1))}).done()
+    state = cl.read_state_dict(write_archive(tmp_path / "empty.pt", empty, {"1": b""}))
+    assert state["e"].shape == (0, 3)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        state["e"].untyped_storage().resize_(1 << 20)
     plain = Pickle().dict({"w": weight}).done()
     loaded = cl.safe_torch_load(write_torch_file(tmp_path / "ok_torch.pt", plain, {"0": record}))
     assert torch.equal(loaded["w"], torch.arange(6.0).reshape(2, 3))
