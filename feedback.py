@@ -1,7 +1,23 @@
 """Reversible age estimation with error feedback (CILF-CIAE, abstract claim 4; METHOD.md section 5).
 
 The abstract says a "reversible age estimation" module uses end-to-end error feedback to correct the
-age prediction and to tell the model how good that prediction is. Our reading:
+age prediction and to tell the model how good that prediction is. Two readings, selectable
+(CILFConfig.feedback_design), measured side by side in the README's ablation:
+
+"reread" (HypothesisFeedback, the default): every step re-reads the evidence conditioned on the
+hypothesis, as iterative error feedback for pose estimation and RAFT do:
+
+    query_r = MLP([f, t_hat_r, f * t_hat_r, enc(y_r)]) + step_r      t_hat_r = interp(T, y_r)
+    read_r  = attention(query_r over the fused image tokens)
+    r_hat_r = MLP([query_r, read_r]);  y_{r+1} = y_r + r_hat_r
+    u_r     = MLP([query_r, read_r, r_hat_r] detached)              rating never moves the estimate
+
+trained on perturbed hypotheses: y_r enters as stop_grad(y_r) + noise, with target y - y_r, so the head
+learns a correction field around the truth rather than a constant; the base estimate y0 keeps its own
+loss (the feedback loss never reaches it).
+
+"residual" (ErrorFeedback, the first reading, kept for the comparison); it cannot correct (the head
+never sees one image at two hypotheses, see METHOD.md section 5):
 
     inverse map    t_hat_r = interp(T, y_r)                   predicted age -> language space
     error head     (r_hat_r, u_r) = head([f, t_hat_r, f * t_hat_r, f - t_hat_r])
@@ -15,15 +31,21 @@ estimate stays y0 and the uncertainty is zero.
 The module needs only a predicted age, an image embedding and age-text embeddings, so it can sit on
 top of any age estimator. Imports nothing but torch.
 
-Public names: interpolate_age_embedding, ErrorFeedback, FeedbackOutput, feedback_loss.
+Public names: interpolate_age_embedding, ErrorFeedback, HypothesisFeedback, FeedbackOutput, feedback_loss,
+UNCERTAINTY_LOSSES.
 """
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["interpolate_age_embedding", "ErrorFeedback", "FeedbackOutput", "feedback_loss"]
+__all__ = ["interpolate_age_embedding", "ErrorFeedback", "HypothesisFeedback", "FeedbackOutput", "feedback_loss",
+           "UNCERTAINTY_LOSSES"]
+
+UNCERTAINTY_LOSSES = ("laplace", "l1")
 
 
 def interpolate_age_embedding(text_emb, ages, y):
@@ -50,9 +72,12 @@ def interpolate_age_embedding(text_emb, ages, y):
 
 @dataclass
 class FeedbackOutput:
-    """ages (B, R+1): [y0, y1, ..., yR]; uncertainty (B, R+1): predicted |y - y_r| (>= 0; zeros if R = 0)."""
+    """ages (B, R+1): [y0, y1, ..., yR]; uncertainty (B, R+1): predicted |y - y_r| (>= 0; zeros if R = 0);
+    rated (B, R+1): the estimate each uncertainty rates (None: ages; in training the "reread" design
+    rates and corrects perturbed estimates)."""
     ages: torch.Tensor
     uncertainty: torch.Tensor
+    rated: Optional[torch.Tensor] = None
 
 
 class ErrorFeedback(nn.Module):
@@ -119,19 +144,112 @@ class ErrorFeedback(nn.Module):
         return FeedbackOutput(ages=torch.stack(ys, 1), uncertainty=torch.stack(us, 1))  # (B, R+1) each
 
 
-def feedback_loss(out, target):
+def feedback_loss(out, target, uncertainty_loss="l1", min_uncertainty=0.1):
     """Named loss terms of one FeedbackOutput against the true ages target (B,).
 
     "feedback": L1 of every corrected estimate y_1..y_R, averaged over steps (so its weight need not
-    change with R; y_0 is supervised by the base model's own loss). "uncertainty": L1 between each u_r
-    and the actual error |y - y_r|, detached so that rating an estimate never moves it.
+    change with R; y_0 is supervised by the base model's own loss). "uncertainty": each u_r against the
+    actual error e_r = |y - rated_r|, detached so that rating an estimate never moves it: "l1", |u - e|;
+    "laplace", the negative log-likelihood of e under a Laplace of scale u, e / u + log u (up to a
+    constant; u floored at min_uncertainty years), which weighs errors relative to their predicted size.
     Returns {} when R = 0.
     """
+    if uncertainty_loss not in UNCERTAINTY_LOSSES:
+        raise ValueError(f"uncertainty_loss must be one of {UNCERTAINTY_LOSSES}, got {uncertainty_loss!r}")
     if out.ages.shape[1] == 1:
         return {}
     target = target.to(out.ages.dtype).unsqueeze(1)  # (B, 1)
     error = (out.ages - target).abs()  # (B, R+1)
-    return {
-        "feedback": error[:, 1:].mean(),
-        "uncertainty": (out.uncertainty - error.detach()).abs().mean(),
-    }
+    rated = out.ages if out.rated is None else out.rated
+    rated_error = (rated - target).abs().detach()  # (B, R+1)
+    if uncertainty_loss == "l1":
+        uncertainty = (out.uncertainty - rated_error).abs().mean()
+    else:
+        scale = out.uncertainty.clamp(min=min_uncertainty)
+        uncertainty = (rated_error / scale + scale.log()).mean()
+    return {"feedback": error[:, 1:].mean(), "uncertainty": uncertainty}
+
+
+class HypothesisFeedback(nn.Module):
+    """R correction steps, each re-reading the image tokens at the current hypothesis (see the module
+    docstring for the equations), with the predicted error of every estimate.
+
+    embed_dim: E of f and T; token_dim: width of the image tokens it attends over; steps: R (0 = off);
+    hidden_dim, heads: width and heads of the query and the attention; age_range: (a_1, a_K), for the
+    hypothesis encoding and the output scale (a tenth of the range per unit); noise: std (years) of the
+    perturbation added to each hypothesis in training (0: none). One head shared by all steps (a loop; a
+    step index beyond those trained reuses the last one's embedding), evaluated R+1 times so y_R is rated.
+    """
+
+    FREQUENCIES = 6   # sin/cos of the hypothesis at 1, 2, 4, .. 32 cycles over the age range
+
+    def __init__(self, embed_dim, token_dim, steps=2, hidden_dim=128, heads=4, age_range=(0.0, 100.0),
+                 noise=10.0):
+        super().__init__()
+        if steps < 0 or hidden_dim % heads:
+            raise ValueError(f"HypothesisFeedback: need steps >= 0 and hidden_dim divisible by heads, got "
+                             f"{steps}, {hidden_dim}, {heads}")
+        self.embed_dim, self.steps, self.heads, self.noise = embed_dim, steps, heads, float(noise)
+        self.age_min = float(age_range[0])
+        self.age_span = float(age_range[1] - age_range[0]) or 1.0
+        self.age_scale = self.age_span / 10
+        code = 1 + 2 * self.FREQUENCIES
+        self.query = nn.Sequential(nn.Linear(3 * embed_dim + code, hidden_dim), nn.GELU(),
+                                   nn.Linear(hidden_dim, hidden_dim))
+        self.step_embedding = nn.Embedding(steps + 1, hidden_dim)
+        self.token_norm = nn.LayerNorm(token_dim)
+        self.key, self.value = nn.Linear(token_dim, hidden_dim), nn.Linear(token_dim, hidden_dim)
+        self.correction = nn.Sequential(nn.LayerNorm(2 * hidden_dim), nn.Linear(2 * hidden_dim, hidden_dim),
+                                        nn.GELU(), nn.Linear(hidden_dim, 1))
+        self.rating = nn.Sequential(nn.LayerNorm(2 * hidden_dim + 1), nn.Linear(2 * hidden_dim + 1, hidden_dim),
+                                    nn.GELU(), nn.Linear(hidden_dim, 1))
+        # Zero last layer: r_hat = 0 at start, so an untrained module leaves y0 unchanged.
+        nn.init.zeros_(self.correction[-1].weight)
+        nn.init.zeros_(self.correction[-1].bias)
+
+    def encode_age(self, y):
+        """(B,) ages -> (B, 1 + 2 * FREQUENCIES): the position in the range and its sines and cosines."""
+        z = ((y - self.age_min) / self.age_span).unsqueeze(1)  # (B, 1), 0..1 over the range
+        angles = z * (math.pi * 2.0 ** torch.arange(self.FREQUENCIES, device=y.device, dtype=y.dtype))
+        return torch.cat([z, angles.sin(), angles.cos()], dim=1)
+
+    def step(self, y, step_index, image_emb, text_emb, ages, keys, values):
+        """One evaluation at hypothesis y (B,), treated as a constant: (r_hat (B,), u (B,) >= 0)."""
+        y = y.detach()
+        f = F.normalize(image_emb, dim=-1)
+        t_hat = F.normalize(interpolate_age_embedding(text_emb, ages, y), dim=-1)  # (B, E)
+        s = self.embed_dim ** 0.5
+        hypothesis = torch.cat([f * s, t_hat * s, f * t_hat * self.embed_dim, self.encode_age(y)], dim=1)
+        index = torch.full_like(y, min(step_index, self.steps), dtype=torch.long)
+        query = self.query(hypothesis) + self.step_embedding(index)  # (B, h)
+        B, h = query.shape
+        q = query.view(B, self.heads, 1, h // self.heads)  # keys, values: (B, H, N, h / H)
+        read = F.scaled_dot_product_attention(q, keys, values).reshape(B, h)  # (B, h)
+        evidence = torch.cat([query, read], dim=1)  # (B, 2h)
+        residual = self.age_scale * self.correction(evidence).squeeze(1)
+        rating_in = torch.cat([evidence, residual.unsqueeze(1) / self.age_scale], dim=1).detach()
+        return residual, self.age_scale * F.softplus(self.rating(rating_in).squeeze(1))
+
+    def forward(self, y0, image_emb, text_emb, ages, tokens, steps=None):
+        """y0 (B,), image_emb (B, E), text_emb (K, E), ages (K,), tokens (B, N, D) -> FeedbackOutput."""
+        steps = self.steps if steps is None else steps
+        if steps == 0:
+            return FeedbackOutput(ages=y0.unsqueeze(1), uncertainty=torch.zeros_like(y0).unsqueeze(1))
+        with torch.autocast(device_type=y0.device.type, enabled=False):
+            image_emb, text_emb, y = image_emb.float(), text_emb.float(), y0.float()
+            tokens = self.token_norm(tokens.float())
+            B, N, _ = tokens.shape
+            split = lambda x: x.view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, h / H)
+            keys, values = split(self.key(tokens)), split(self.value(tokens))
+            ys, us, rated = [y], [], []
+            for r in range(steps + 1):
+                y_in = y.detach()
+                if self.training and self.noise > 0:   # a perturbed hypothesis: learn a field, not a constant
+                    y_in = y_in + self.noise * torch.randn_like(y_in)
+                residual, u = self.step(y_in, r, image_emb, text_emb, ages, keys, values)
+                rated.append(y_in)
+                us.append(u)
+                if r < steps:
+                    y = y_in + residual
+                    ys.append(y)
+        return FeedbackOutput(ages=torch.stack(ys, 1), uncertainty=torch.stack(us, 1), rated=torch.stack(rated, 1))

@@ -9,8 +9,9 @@ Abstract claim -> code:
    tokens to the age-text embeddings, MLP), switch CILFConfig.mixer / depth / cross_attention.
 3. A contrastive multimodal module supervises the fusion: contrastive_loss with soft targets for
    repeated ages, switch CILFConfig.contrastive_weight.
-4. Reversible age estimation with error feedback: feedback.ErrorFeedback, switch
-   CILFConfig.feedback_steps.
+4. Reversible age estimation with error feedback: feedback.HypothesisFeedback (re-reads the fused image
+   tokens at each hypothesis; default) or feedback.ErrorFeedback (the first reading), switches
+   CILFConfig.feedback_steps, feedback_design, uncertainty_loss.
 
     f = normalize(g / |g| + W_out [LN(Z_0) ; LN(mean_n Z_n)])       fused embedding      (B, E)
     s_k = scale * cos(f, T_k);  p = softmax(s);  y0 = sum_k p_k a_k                         (B, K)
@@ -35,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_loader
-from feedback import ErrorFeedback, FeedbackOutput, feedback_loss, interpolate_age_embedding
+from feedback import (UNCERTAINTY_LOSSES, ErrorFeedback, FeedbackOutput, HypothesisFeedback, feedback_loss,
+                      interpolate_age_embedding)
 from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
 __all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss",
@@ -62,7 +64,10 @@ class CILFConfig:
     # reversible error feedback (claim 4)
     feedback_steps: int = 2                 # correction steps R; 0 = module off
     feedback_hidden: int = 256              # width of the error head
-    detach_inverse: bool = True             # inverse map reads y_r.detach() (see feedback.ErrorFeedback)
+    feedback_design: str = "reread"         # reread: feedback.HypothesisFeedback | residual: feedback.ErrorFeedback
+    feedback_noise: float = 10.0            # reread: std (years) of the training perturbation of hypotheses
+    detach_inverse: bool = True             # residual: inverse map reads y_r.detach() (see feedback.ErrorFeedback)
+    uncertainty_loss: str = "laplace"       # laplace (NLL) | l1 (|u - err|), see feedback.feedback_loss
     # CLIP towers (claim 1)
     freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
     freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode
@@ -100,6 +105,7 @@ class AgeOutput:
     embedding: torch.Tensor                 # (B, E) fused embedding f, unit norm
     uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
     text_embeddings: torch.Tensor           # (K, E) the unit-norm age-text embeddings T used
+    rated_per_step: Optional[torch.Tensor] = None  # (B, R+1) estimates rated (perturbed in training), or None
 
 
 def gaussian_label_distribution(target, ages, sigma):
@@ -195,7 +201,8 @@ class FusionTransformer(nn.Module):
         return pos.flatten(2).transpose(1, 2)  # (1, h*w, d)
 
     def forward(self, g, tokens, grid_size, text):
-        """g (B, E), tokens (B, N, E) with N = h*w (ignored for mixer "none"), text (K, E) -> f (B, E)."""
+        """g (B, E), tokens (B, N, E) with N = h*w (ignored for mixer "none"), text (K, E) ->
+        (f (B, E), the fused tokens (B, 1+N, d), or (B, 1, d) for mixer "none")."""
         z = self.in_proj(self.in_norm(g)).unsqueeze(1) + self.global_embedding  # (B, 1, d)
         if self.use_tokens:
             p = self.in_proj(self.in_norm(tokens)) + self._positions(grid_size)  # (B, N, d)
@@ -209,7 +216,7 @@ class FusionTransformer(nn.Module):
         if self.use_tokens:
             readout = torch.cat([readout, self.pool_norm(z[:, 1:].mean(dim=1))], dim=1)  # (B, 2d)
         residual = self.out_proj(readout).float()  # (B, E)
-        return F.normalize(F.normalize(g.float(), dim=-1) + residual, dim=-1)
+        return F.normalize(F.normalize(g.float(), dim=-1) + residual, dim=-1), z
 
 
 def _base_grid(visual):
@@ -252,10 +259,7 @@ class CILFCIAE(nn.Module):
         # (in float32 just above log 100), where such a clamp passes a gradient of exactly 0.
         start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
         self.logit_scale = nn.Parameter(torch.tensor(start))
-        span = float(self.ages[-1] - self.ages[0]) or 1.0
-        self.feedback = (ErrorFeedback(E, config.feedback_steps, config.feedback_hidden, age_scale=span / 10,
-                                       detach_inverse=config.detach_inverse)
-                         if config.feedback_steps > 0 else None)
+        self.feedback = self._build_feedback(E) if config.feedback_steps > 0 else None
 
         for p in self._image_params():
             p.requires_grad_(not config.freeze_image_tower)
@@ -263,6 +267,22 @@ class CILFCIAE(nn.Module):
             p.requires_grad_(not config.freeze_text_tower)
         clip_model.logit_scale.requires_grad_(False)  # only zero_shot() reads it; our loss never does
         self.train(self.training)
+
+    def _build_feedback(self, E):
+        c = self.config
+        if c.uncertainty_loss not in UNCERTAINTY_LOSSES:
+            raise ValueError(f"CILFConfig.uncertainty_loss must be one of {UNCERTAINTY_LOSSES}, got "
+                             f"{c.uncertainty_loss!r}")
+        span = float(self.ages[-1] - self.ages[0]) or 1.0
+        if c.feedback_design == "residual":
+            return ErrorFeedback(E, c.feedback_steps, c.feedback_hidden, age_scale=span / 10,
+                                 detach_inverse=c.detach_inverse)
+        if c.feedback_design != "reread":
+            raise ValueError(f"CILFConfig.feedback_design must be reread or residual, got {c.feedback_design!r}")
+        # it attends over the fused tokens (width d), or over f alone (width E) without fusion
+        token_dim = c.width if self.fusion is not None else E
+        return HypothesisFeedback(E, token_dim, c.feedback_steps, c.feedback_hidden,
+                                  age_range=(float(self.ages[0]), float(self.ages[-1])), noise=c.feedback_noise)
 
     # ---- CLIP towers -------------------------------------------------------------------------
     def _image_params(self):
@@ -326,10 +346,11 @@ class CILFCIAE(nn.Module):
         text = self.text_embeddings()  # (K, E)
         if self.fusion is None:
             f = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, E)
+            fused = f.unsqueeze(1)  # (B, 1, E)
         else:
             g, tokens, grid = self.clip.encode_image_tokens(images)  # (B, E), (B, N, E), (h, w)
-            f = self.fusion(g, tokens, grid, text)  # (B, E)
-        return self._predict(f, text, self.temperature(), self.feedback)
+            f, fused = self.fusion(g, tokens, grid, text)  # (B, E), (B, 1+N, d)
+        return self._predict(f, text, self.temperature(), self.feedback, fused)
 
     def zero_shot(self, images):
         """Raw CLIP prompt classification: softmax(CLIP's logit_scale * cos(g, T)); no fusion, no feedback."""
@@ -337,7 +358,7 @@ class CILFCIAE(nn.Module):
         f = F.normalize(self.clip.encode_image(images).float(), dim=-1)
         return self._predict(f, text, self.clip.logit_scale.exp(), None)
 
-    def _predict(self, f, text, scale, feedback):
+    def _predict(self, f, text, scale, feedback, fused=None):
         # float32 with autocast off: neighbouring age prompts differ in cosine by ~1e-3, below bf16's
         # resolution, and the ages need more than bf16's 8 significant bits.
         with torch.autocast(device_type=f.device.type, enabled=False):
@@ -347,6 +368,8 @@ class CILFCIAE(nn.Module):
             y0 = probs @ self.ages  # (B,)
             if feedback is None:
                 fb = FeedbackOutput(ages=y0.unsqueeze(1), uncertainty=torch.zeros_like(y0).unsqueeze(1))
+            elif isinstance(feedback, HypothesisFeedback):
+                fb = feedback(y0, f, text, self.ages, fused)
             else:
                 fb = feedback(y0, f, text, self.ages)
         uncertainty = fb.uncertainty[:, -1]
@@ -354,7 +377,7 @@ class CILFCIAE(nn.Module):
         age = fb.ages[:, -1].clamp(self.ages[0], self.ages[-1])  # (B,)
         return AgeOutput(logits=logits, probs=probs, ages_per_step=fb.ages, age=age,
                          uncertainty=uncertainty, embedding=f, uncertainty_per_step=fb.uncertainty,
-                         text_embeddings=text)
+                         text_embeddings=text, rated_per_step=fb.rated)
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, out: AgeOutput, target):
@@ -377,7 +400,8 @@ class CILFCIAE(nn.Module):
             if weights["contrastive"]:
                 parts["contrastive"] = contrastive_loss(out.embedding, out.text_embeddings, self.ages, y,
                                                         self.temperature(), c.contrastive_sigma)
-            fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step), y)
+            fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step, out.rated_per_step), y,
+                               c.uncertainty_loss)
             parts.update({k: v for k, v in fb.items() if weights[k]})
         total = sum((weights[k] * v for k, v in parts.items()), out.logits.new_zeros(()))
         return total, parts

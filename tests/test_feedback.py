@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from feedback import ErrorFeedback, FeedbackOutput, feedback_loss, interpolate_age_embedding
+from feedback import ErrorFeedback, FeedbackOutput, HypothesisFeedback, feedback_loss, interpolate_age_embedding
 
 
 def spearman(a, b):
@@ -205,3 +205,96 @@ def test_loop_runs_in_float32_under_bf16_autocast():
     assert mixed.ages.dtype == torch.float32
     torch.testing.assert_close(mixed.ages, plain.ages)
     torch.testing.assert_close(mixed.uncertainty, plain.uncertainty)
+
+
+# ---- the hypothesis-conditioned re-reading (the default design) --------------------------------
+
+def test_reread_untrained_is_identity_and_steps_zero_is_off():
+    fb = HypothesisFeedback(8, 6, steps=2, hidden_dim=16, heads=2).eval()
+    y0 = torch.tensor([3.0, 40.0, 99.5])
+    out = fb(y0, torch.randn(3, 8), torch.randn(101, 8), torch.arange(101.0), torch.randn(3, 5, 6))
+    assert torch.equal(out.ages, y0[:, None].expand(3, 3)) and (out.uncertainty > 0).all()
+    off = fb(y0, torch.randn(3, 8), torch.randn(101, 8), torch.arange(101.0), torch.randn(3, 5, 6), steps=0)
+    assert torch.equal(off.ages, y0[:, None]) and feedback_loss(off, y0) == {}
+
+
+def test_reread_head_senses_the_hypothesis_and_trains_on_perturbed_ones():
+    torch.manual_seed(0)
+    fb = HypothesisFeedback(8, 6, steps=1, hidden_dim=16, heads=2, noise=5.0)
+    with torch.no_grad():
+        fb.correction[-1].weight.normal_(0, 0.3)
+    f, T, ages, tokens = torch.randn(1, 8).expand(5, 8), torch.randn(101, 8), torch.arange(101.0), torch.randn(1, 4, 6)
+    y = torch.tensor([10.0, 30.0, 50.0, 70.0, 90.0])   # one image at five hypotheses
+    fb.eval()
+    out = fb(y, f, T, ages, tokens.expand(5, 4, 6))
+    assert (out.ages[:, 1] - y).std() > 1e-3          # the correction depends on the hypothesis
+    assert out.rated is not None and torch.equal(out.rated[:, 0], y)
+    fb.train()
+    noisy = fb(y, f, T, ages, tokens.expand(5, 4, 6))
+    assert (noisy.rated[:, 0] - y).abs().min() > 0    # training rates and corrects perturbed estimates
+    y0 = y.clone().requires_grad_(True)
+    fb(y0, f, T, ages, tokens.expand(5, 4, 6)).ages[:, 1].sum().backward()
+    assert y0.grad is None or torch.equal(y0.grad, torch.zeros(5))   # the feedback never trains the base
+
+
+@pytest.mark.parametrize("loss", ["laplace", "l1"])
+def test_uncertainty_loss_sends_no_gradient_into_the_fused_embedding(loss):
+    torch.manual_seed(0)
+    fb = HypothesisFeedback(8, 6, steps=2, hidden_dim=16, heads=2)
+    with torch.no_grad():
+        fb.correction[-1].weight.normal_(0, 0.3)
+    f = torch.randn(4, 8, requires_grad=True)
+    tokens = torch.randn(4, 5, 6, requires_grad=True)
+    out = fb(torch.rand(4) * 100, f, torch.randn(101, 8), torch.arange(101.0), tokens)
+    parts = feedback_loss(out, torch.rand(4) * 100, uncertainty_loss=loss)
+    parts["uncertainty"].backward(retain_graph=True)
+    assert f.grad is None and tokens.grad is None
+    assert fb.rating[1].weight.grad.abs().sum() > 0 and fb.query[0].weight.grad is None
+    parts["feedback"].backward()
+    assert f.grad.abs().sum() > 0 and tokens.grad.abs().sum() > 0
+
+
+def test_laplace_uncertainty_loss_hand_computed():
+    out = FeedbackOutput(ages=torch.tensor([[10.0, 12.0]]), uncertainty=torch.tensor([[2.0, 0.05]]),
+                         rated=torch.tensor([[11.0, 12.0]]))
+    parts = feedback_loss(out, torch.tensor([14.0]), uncertainty_loss="laplace", min_uncertainty=0.1)
+    # errors of the rated estimates: 3 and 2; scales 2 and 0.1 (floored): (3/2 + log 2 + 2/0.1 + log 0.1) / 2
+    want = (1.5 + math.log(2.0) + 20.0 + math.log(0.1)) / 2
+    assert parts["uncertainty"].item() == pytest.approx(want, rel=1e-6)
+    assert parts["feedback"].item() == pytest.approx(2.0)   # |12 - 14|, steps 1..R of the ages
+
+
+def _saturating_problem(n, gen):
+    """y uniform on 0..100, visible in f (and in tokens that hold f): a base that saturates at 25..75
+    cannot follow it, so at its L1 optimum it is biased at both ends."""
+    y = torch.rand(n, generator=gen) * 100
+    z = (y - 50) / 50
+    f = torch.cat([z[:, None], 0.1 * torch.randn(n, 7, generator=gen)], dim=1)
+    tokens = torch.stack([f, f.flip(1), -f], dim=1)  # (n, 3, 8)
+    return f, tokens, y
+
+
+def test_reread_feedback_corrects_a_biased_base_that_is_trained_with_it(one_thread):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    T, ages = F.normalize(torch.randn(101, 8, generator=gen), dim=1), torch.arange(101.0)
+    base = torch.nn.Linear(8, 1)
+    fb = HypothesisFeedback(8, 8, steps=2, hidden_dim=64, heads=4, noise=10.0)
+    opt = torch.optim.Adam([*base.parameters(), *fb.parameters()], lr=3e-3)
+    for _ in range(400):
+        f, tokens, y = _saturating_problem(256, gen)
+        y0 = 50 + 25 * torch.tanh(base(f).squeeze(1))           # the biased base, trained by its own L1
+        parts = feedback_loss(fb(y0, f, T, ages, tokens), y)
+        opt.zero_grad()
+        ((y0 - y).abs().mean() + parts["feedback"] + parts["uncertainty"]).backward()
+        opt.step()
+    fb.eval()
+    f, tokens, y = _saturating_problem(2000, torch.Generator().manual_seed(1))   # held out
+    with torch.no_grad():
+        y0 = 50 + 25 * torch.tanh(base(f).squeeze(1))
+        out = fb(y0, f, T, ages, tokens)
+    err = (out.ages - y[:, None]).abs()
+    mae = err.mean(0)
+    assert mae[0] > 5.0                                      # the trained base is still biased (optimum 6.25)
+    assert mae[-1] < 0.5 * mae[0] and mae[1] < mae[0]
+    assert spearman(out.uncertainty[:, 0], err[:, 0]) > 0.3   # it knows which estimates are off
