@@ -22,6 +22,9 @@ Public names:
     set_epoch(loader, epoch) reshuffles a DistributedSampler; call it at the start of every epoch
     random_split, subject_split, subject_kfold, leave_one_subject_out   the split rules, on Sample lists
     render_synthetic(age, rng, size) the synthetic image for one age (numpy, vectorised)
+    draw_synthetic(age, rng, size)   the same, with the hair, skin and background it shows (as words)
+    CaptionedDrawings       captioned drawings (seeds disjoint from the demo splits) to pretrain the demo CLIP
+    caption, age_phrase, colour_name   the caption wording
 """
 import csv
 import hashlib
@@ -689,6 +692,8 @@ def describe_change(old: list, new: list, limit: int = 3) -> str:
 
 _HAIR = np.array([[0.08, 0.06, 0.05], [0.25, 0.15, 0.08], [0.45, 0.30, 0.15],
                   [0.80, 0.68, 0.40], [0.55, 0.25, 0.10]])  # black, dark brown, brown, blond, red
+_HAIR_NAMES = ("black", "dark brown", "brown", "blond", "red")
+_SKIN_NAMES = ("light", "medium", "dark")
 _SKIN_LIGHT, _SKIN_DARK = np.array([0.96, 0.80, 0.69]), np.array([0.42, 0.27, 0.18])
 
 
@@ -697,7 +702,13 @@ def _f32(values) -> np.ndarray:
 
 
 def render_synthetic(age: float, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """A face-like drawing (NOT a face) of the given age: (size, size, 3) uint8.
+    """A face-like drawing (NOT a face) of the given age: (size, size, 3) uint8 (see draw_synthetic)."""
+    return draw_synthetic(age, rng, size)[0]
+
+
+def draw_synthetic(age: float, rng: np.random.Generator, size: int = 64):
+    """A face-like drawing (NOT a face) of the given age and what it shows: ((size, size, 3) uint8,
+    {"hair": colour name, "skin": tone name, "background": colour name}), the words a caption may use.
 
     Age shows through graded cues, as in a face: up to ~18 the eyes sit lower, are larger and the head is
     rounder (child proportions); from ~25 forehead lines appear one by one and cheek folds darken; from
@@ -729,7 +740,8 @@ def render_synthetic(age: float, rng: np.random.Generator, size: int = 64) -> np
     # background: a random colour with a random linear gradient
     phi = rng.uniform(0, 2 * math.pi)
     gradient = (math.cos(phi) * x + math.sin(phi) * y)[..., None]  # (S, S, 1)
-    image = _f32(rng.uniform(0.05, 0.95, 3)) + gradient * _f32(rng.uniform(-0.2, 0.2, 3))  # (S, S, 3)
+    background = rng.uniform(0.05, 0.95, 3)
+    image = _f32(background) + gradient * _f32(rng.uniform(-0.2, 0.2, 3))  # (S, S, 3)
 
     # skin, with texture that coarsens with age (noise drawn at half resolution so it survives resizing)
     tone = rng.uniform()
@@ -763,7 +775,8 @@ def render_synthetic(age: float, rng: np.random.Generator, size: int = 64) -> np
 
     # hair: a cap above a hairline that recedes with age; colour greys towards white; sparse in babies
     grey = float(np.clip((age - 30) / 45, 0, 1))
-    base = _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 0.03, 3)
+    hair_index = rng.integers(len(_HAIR))
+    base = _HAIR[hair_index] + rng.normal(0, 0.03, 3)
     hair = _f32((1 - grey) * base + grey * rng.uniform(0.75, 0.95))
     hairline = -0.35 - 0.35 * float(np.clip((age - 45) / 40, 0, 1))
     cap = (band(r - 1.12, min(rx, ry)) * band(v - hairline, ry) * min(1.0, 0.3 + age / 4))[..., None]
@@ -772,7 +785,9 @@ def render_synthetic(age: float, rng: np.random.Generator, size: int = 64) -> np
     # global nuisance: contrast, brightness, sensor noise
     image = (image - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)
     image = image + 0.02 * rng.standard_normal(image.shape, dtype=np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    shown = {"hair": "white" if grey > 0.8 else "grey" if grey > 0.4 else _HAIR_NAMES[hair_index],
+             "skin": _SKIN_NAMES[min(int(tone * 3), 2)], "background": colour_name(background)}
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), shown
 
 
 class SyntheticAgeDataset(AgeDataset):
@@ -805,6 +820,89 @@ class SyntheticAgeDataset(AgeDataset):
         code, i = self._keys[index]
         rng = np.random.default_rng([self.seed, code, i])
         return Image.fromarray(render_synthetic(self.samples[index].age, rng, self.image_size))
+
+
+# --------------------------------------------------------------------------- captioned drawings (demo CLIP)
+# The demo's CLIP is pretrained as CLIP was, on image-caption pairs, so that its text tower learns the
+# age words from the pictures. Captions describe a drawing as web captions describe a person: the age in
+# one of several wordings, then some of the other things the drawing shows.
+
+_COLOURS = {"black": (0.1, 0.1, 0.1), "grey": (0.5, 0.5, 0.5), "white": (0.9, 0.9, 0.9),
+            "red": (0.8, 0.15, 0.15), "orange": (0.85, 0.5, 0.1), "yellow": (0.85, 0.8, 0.15),
+            "green": (0.2, 0.7, 0.2), "teal": (0.15, 0.6, 0.6), "blue": (0.15, 0.25, 0.8),
+            "purple": (0.5, 0.2, 0.7), "pink": (0.9, 0.5, 0.7), "brown": (0.45, 0.3, 0.15)}
+_DECADES = ("teens", "twenties", "thirties", "forties", "fifties", "sixties", "seventies", "eighties",
+            "nineties")
+# (first age, last age, wording); {child}/{adult}/{teen} are filled with a noun of the drawn gender
+_STAGES = ((0, 1, "a baby"), (0, 1, "a newborn"), (1, 3, "a toddler"), (4, 12, "a little {child}"),
+           (4, 12, "a young {child}"), (13, 19, "a teenage {child}"), (13, 19, "a teenager"),
+           (20, 34, "a young {adult}"), (35, 44, "an adult {adult}"), (40, 60, "a middle-aged {adult}"),
+           (60, 74, "an older {adult}"), (65, 120, "a senior {adult}"), (75, 120, "an elderly {adult}"),
+           (100, 120, "a centenarian"))
+_NUMBERS = ("a photo of a {n} year old person.", "a {n} year old {noun}", "a {n}-year-old {noun}",
+            "{noun}, {n} years old", "{noun} aged {n}", "age {n}", "a photo of a {n} year old {noun}.")
+
+
+def colour_name(rgb) -> str:
+    """The nearest of a dozen colour words to an RGB triple in [0, 1]."""
+    return min(_COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, _COLOURS[name])))
+
+
+def age_phrase(age: int, rng: np.random.Generator) -> str:
+    """The age in one of three wordings, drawn at random: a number ("a 42 year old man"), a decade
+    ("a woman in her early forties", from 13) or a life stage ("a toddler", "an elderly man")."""
+    female = rng.uniform() < 0.5
+    child, adult, pronoun = ("girl", "woman", "her") if female else ("boy", "man", "his")
+    noun = child if age < 18 else adult
+    form = rng.choice(3, p=(0.5, 0.25, 0.25))   # numbers half the time: the prompts' own wording
+    if form == 1 and 13 <= age < 100:
+        decade = _DECADES[max(age // 10 - 1, 0)]
+        part = age % 10 if age >= 20 else None
+        when = "" if part is None or rng.uniform() < 0.5 else ("early " if part < 4 else "mid " if part < 7 else "late ")
+        return f"a {noun} in {pronoun} {when}{decade}"
+    if form == 2:
+        stages = [wording for first, last, wording in _STAGES if first <= age <= last]
+        return stages[rng.integers(len(stages))].format(child=child, adult=adult)
+    return _NUMBERS[rng.integers(len(_NUMBERS))].format(n=age, noun=noun)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(age: int, shown: dict, rng: np.random.Generator) -> str:
+    """A caption of one drawing: the age phrase, then each of hair, skin and background (as
+    draw_synthetic reports them) with probability 1/2, in random order."""
+    details = [f"with {shown['hair']} hair", f"with {shown['skin']} skin", f"on {_article(shown['background'])} {shown['background']} background"]
+    kept = [details[i] for i in rng.permutation(3) if rng.uniform() < 0.5]
+    return ", ".join([age_phrase(age, rng).rstrip(".")] + kept)
+
+
+class CaptionedDrawings(Dataset):
+    """The demo CLIP's pretraining corpus: n (drawing, tokenised caption) pairs, deterministic from the
+    seed. Integer ages uniform on [0, 100]. Drawn from the random streams [seed, 3, i], which no demo split
+    uses (those are [seed, 0|1|2, i]), so no drawing of the demo's train, val or test splits is in it.
+    Items: (image tensor after transform, (context_length,) token ids)."""
+
+    CODE = 3
+
+    def __init__(self, n: int, seed: int, transform: Callable, image_size: int, context_length: int):
+        self.n, self.seed, self.transform = n, seed, transform
+        self.image_size, self.context_length = image_size, context_length
+
+    def __len__(self) -> int:
+        return self.n
+
+    def pair(self, index: int):
+        """(RGB PIL image, caption text, age) of item index."""
+        rng = np.random.default_rng([self.seed, self.CODE, index])
+        age = int(rng.integers(0, 101))
+        image, shown = draw_synthetic(age, rng, self.image_size)
+        return Image.fromarray(image), caption(age, shown, rng), age
+
+    def __getitem__(self, index: int):
+        image, text, _ = self.pair(index)
+        return self.transform(image), clip_loader.tokenize(text, self.context_length)[0]
 
 
 # --------------------------------------------------------------------------- loading

@@ -241,6 +241,16 @@ def spearman(a, b):
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def prompt_age_order(text_emb, ages):
+    """Do the age prompts carry the order of the ages? Spearman between cos(T_i, T_j) and -|a_i - a_j|
+    over every pair i < j of the K prompts: 1 when nearer ages always have more similar prompts.
+    text_emb (K, E) tensor, ages (K,)."""
+    t = torch.nn.functional.normalize(text_emb.detach().float().cpu(), dim=-1)
+    a = torch.as_tensor(ages, dtype=torch.float64).cpu()
+    i, j = torch.triu_indices(len(a), len(a), offset=1)
+    return spearman((t[i] * t[j]).sum(-1).numpy(), -(a[i] - a[j]).abs().numpy())
+
+
 def compute_metrics(pred, true, ages_per_step=None, uncertainty=None, age_std=None):
     """Every metric of METHOD.md section 7 as one JSON-able dict.
 
@@ -279,6 +289,8 @@ def format_table(metrics, title=""):
         label = f"{100 * iv['level']:g}% interval coverage"
         lines.append(f"{label:<28}{iv['coverage']:>10.3f}   mean width {width(iv['mean_width'])} y "
                      f"(plain conformal: coverage {iv['plain_coverage']:.3f}, width {width(iv['plain_mean_width'])} y)")
+    if "prompt_age_order" in metrics:
+        lines.append(f"{'age prompts ordered (rho)':<28}{metrics['prompt_age_order']:>10.3f}")
     for r, value in enumerate(metrics.get("mae_per_feedback_step", [])):
         lines.append(f"{f'MAE after feedback step {r}':<28}{value:>10.3f}")
     lines.append("CS(theta), % of images with |error| <= theta years:")
@@ -834,10 +846,12 @@ def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
                          f"(the defaults), or --split train to look at training images on purpose.")
 
 
-def labelled_dataset(args, ckpt, train_config, split, transform):
+def labelled_dataset(args, ckpt, train_config, split, transform, resolution):
     """(dataset, name, record) of this evaluation at `split`, with the evaluation transform, once the run's
     data is found unchanged and without training images; record says what was used, for metrics.json."""
     name, root, fold, seed, options = dataset_options(args, train_config)
+    if name == "synthetic":   # drawn at the size train.py draws them for this input resolution
+        options.setdefault("image_size", round(resolution * 256 / 224))
     try:
         change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
         dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
@@ -909,7 +923,8 @@ def main(argv=None):
               f"{len(rows)} rows written to {out_dir / 'predictions.csv'}")
         return None
     split = args.split or "test"
-    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform)
+    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform,
+                                             model.clip.visual.input_resolution)
     tag = f"{name}_{split}"
     out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -923,8 +938,11 @@ def main(argv=None):
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
     metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
                               std)
+    with torch.no_grad():
+        order = prompt_age_order(model.text_embeddings(), model.ages)
     metrics.update(checkpoint=str(source), dataset=name, split=split,
-                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped), **record)
+                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped),
+                   prompt_age_order=order, **record)
     if calibration is not None:
         metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
                                                calibration, args.interval)

@@ -51,6 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -64,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 try:
     import fcntl   # the run-folder lock (POSIX)
@@ -76,7 +78,7 @@ import clip_loader
 import data
 from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, calibrate, clip_record, device_name,
                   fraction, load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int,
-                  positive_float, positive_int, predict, predict_dataset, probability_below_one, prompt_template,
+                  positive_float, positive_int, predict, predict_dataset, probability_below_one, prompt_age_order, prompt_template,
                   select_device, write_json)
 from model import CILFCIAE, CILFConfig
 
@@ -85,8 +87,15 @@ from model import CILFCIAE, CILFConfig
 # prompt, "a photo of a 100 year old person.", with room to spare; 77 would only cost time). Heads are
 # width // 64 in both towers, as clip_loader.build_model infers them back from a checkpoint.
 DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=96, vision_patch_size=8,
-                 context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=1)
+                 context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2)
+# Where the demo keeps its pretrained CLIP (built by `python train.py --objective clip` on first use, then
+# read by clip_loader.load like any OpenAI file), and the SHA-256 record written beside it.
+DEMO_CLIP_FILE = Path(__file__).resolve().parent / "runs" / "demo_clip" / "demo_clip.pt"
+# The demo CLIP's pretraining (--objective clip): sized to take about 2 minutes on 2 CPU cores.
+PRETRAIN = dict(epochs=8, batch_size=128, lr=2e-3, clip_lr=2e-3, weight_decay=0.1)
+# Peak learning rate of the pretrained demo CLIP's image tower when the demo fine-tunes it.
+DEMO_CLIP_LR = 1e-4
 # CILFConfig fields the demo sets differently (a fusion width matching the tiny CLIP); real runs keep
 # CILFConfig's defaults unless an option says otherwise.
 DEMO_MODEL = dict(width=64, heads=4)
@@ -111,6 +120,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     m = CILFConfig()   # the model's defaults, shown in --help
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--objective", default="age", choices=["age", "clip"], help="age: train CILF-CIAE; clip: "
+                   "pretrain the demo CLIP with CLIP's own objective on captioned drawings (see --corpus-size)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=sorted(data.DATASETS),
                    help="; ".join(f"{k}: {v}" for k, v in sorted(data.DATASETS.items())).replace("%", "%%"))
@@ -128,10 +139,13 @@ def parse_args(argv=None):
                    "stop with the list of unreadable files")
     g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
                    "the synthetic images) with training; results do not depend on it")
+    g.add_argument("--corpus-size", type=int, default=30000, help="--objective clip: captioned drawings in "
+                   "the pretraining corpus")
     g = p.add_argument_group("model (CILFConfig)")
     g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
                    "open_clip file (its open_clip_config.json beside it), a Hugging Face CLIP folder; none: the "
-                   "small random demo CLIP")
+                   "demo CLIP, pretrained on captioned drawings and cached (built on first use, see --objective "
+                   "clip); random: the demo CLIP's architecture with random weights")
     add_clip_options(g)
     g.add_argument("--mixer", default=m.mixer, choices=["linear", "fourier", "softmax", "none"],
                    help="token mixer of the fusion Transformer (claim 2); none: global token only")
@@ -147,6 +161,13 @@ def parse_args(argv=None):
     g.add_argument("--feedback-steps", type=non_negative_int, default=m.feedback_steps, help="error-feedback corrections "
                    "(claim 4; 0: off)")
     g.add_argument("--feedback-hidden", type=positive_int, default=m.feedback_hidden, help="width of the error head")
+    g.add_argument("--feedback-design", default=m.feedback_design, choices=["reread", "residual"],
+                   help="reread: each step re-reads the fused image tokens at its hypothesis, trained on "
+                   "perturbed hypotheses; residual: the first reading (a head on [f, t_hat]), which cannot correct")
+    g.add_argument("--feedback-noise", type=non_negative_float, default=m.feedback_noise, help="reread: std "
+                   "(years) of the perturbation of each hypothesis in training")
+    g.add_argument("--uncertainty-loss", default=m.uncertainty_loss, choices=["laplace", "l1"],
+                   help="how the predicted error is trained: Laplace negative log-likelihood or L1")
     g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
     g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
@@ -166,29 +187,32 @@ def parse_args(argv=None):
                    help="one prompt per age class")
     g.add_argument("--image-tower", default="train", choices=["train", "freeze"], help="CLIP's image tower "
                    "(trained at --clip-lr, or frozen)")
-    g.add_argument("--text-tower", default=None, choices=["train", "freeze"], help="CLIP's text tower; demo: "
-                   "train (a random tower's age prompts carry no order until trained) / real: freeze (prompt "
-                   "embeddings computed once and cached)")
+    g.add_argument("--text-tower", default=None, choices=["train", "freeze"], help="CLIP's text tower; --clip "
+                   "random: train (a random tower's age prompts carry no order until trained) / otherwise: freeze "
+                   "(prompt embeddings computed once and cached)")
     g.add_argument("--clip-bn", default=m.clip_bn, choices=["frozen", "train"], help="BatchNorm statistics of a "
                    "trained ResNet image tower: frozen (pretrained, eval mode; affine weights still train) or "
                    "train (moving, synchronised across processes under torchrun on GPUs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=None, help="epochs; demo: 20 / real: 30")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch: images per optimizer step, "
-                   "summed over processes and accumulation steps")
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs; demo: 20 / real: 30 / "
+                   f"--objective clip: {PRETRAIN['epochs']}")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch: images per optimizer step, "
+                   f"summed over processes and accumulation steps; 64 / --objective clip: {PRETRAIN['batch_size']}")
     g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation: micro-batches per step")
     g.add_argument("--lr", type=positive_float, default=None, help="peak AdamW learning rate of the new modules; "
-                   "demo: 1e-3 / real: 1e-4")
-    g.add_argument("--clip-lr", type=non_negative_float, default=None, help="peak learning rate of the CLIP towers; demo: "
-                   "the --lr (a random CLIP must learn everything) / real: 1e-6 (keep the pretrained features)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW weight decay (not on norms, biases, "
-                   "embeddings)")
+                   f"demo: 1e-3 / real: 1e-4 / --objective clip: {PRETRAIN['lr']}")
+    g.add_argument("--clip-lr", type=non_negative_float, default=None, help="peak learning rate of the CLIP towers; "
+                   f"demo: {DEMO_CLIP_LR} (--clip random: the --lr, a random CLIP must learn everything) / real: "
+                   "1e-6 (keep the pretrained features)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay (not on norms, "
+                   f"biases, embeddings); 0.05 / --objective clip: {PRETRAIN['weight_decay']}")
     g.add_argument("--warmup", type=non_negative_float, default=1.0, help="linear warm-up length in epochs (then cosine)")
     g.add_argument("--min-lr-ratio", type=fraction, default=0.01, help="final learning rate / peak")
     g.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of weights, splits, data order, augmentation, dropout")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder; demo: runs/demo / real: runs/<dataset>")
+    g.add_argument("--out", default=None, help="run folder; demo: runs/demo / real: runs/<dataset> / "
+                   "--objective clip: the demo CLIP's cache folder")
     g.add_argument("--resume", action="store_true", help="insist on continuing the run in --out (rerunning "
                    "into a folder that holds last.pt continues it anyway)")
     g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU "
@@ -222,20 +246,30 @@ def check_option_combinations(args):
 
 
 def resolve_defaults(args):
-    """Fill the mode-dependent defaults: the random demo CLIP must learn everything, a pretrained one
-    should move little (small --clip-lr, METHOD.md section 7)."""
-    demo, m = args.clip is None, CILFConfig()
+    """Fill the mode-dependent defaults. The demo (synthetic data) trains a tiny model fast; a pretrained
+    CLIP should move little (small --clip-lr, METHOD.md section 7), the tiny demo CLIP a bit more; a random
+    CLIP must learn everything; the pretraining of the demo CLIP has its own settings (PRETRAIN)."""
+    m = CILFConfig()
+    if args.objective == "clip":
+        for name, value in PRETRAIN.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        args.out = args.out or str(DEMO_CLIP_FILE.parent)
+        return args
+    demo, random_clip = args.dataset == "synthetic", args.clip == "random"
     pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
     args.epochs = pick(args.epochs, 20, 30)
+    args.batch_size = pick(args.batch_size, 64, 64)
     args.lr = pick(args.lr, 1e-3, 1e-4)
-    args.clip_lr = pick(args.clip_lr, args.lr, 1e-6)
-    args.text_tower = pick(args.text_tower, "train", "freeze")
+    args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)
+    args.text_tower = args.text_tower or ("train" if random_clip else "freeze")
     args.width = pick(args.width, DEMO_MODEL["width"], m.width)
     args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
+    args.weight_decay = pick(args.weight_decay, 0.05, 0.05)
     args.out = pick(args.out, "runs/demo", f"runs/{args.dataset}")
     # absolute from here on: config.json and the checkpoints must name the same files from any folder
     absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
-    args.data_root, args.clip, args.out = absolute(args.data_root), absolute(args.clip), absolute(args.out)
+    args.data_root, args.out = absolute(args.data_root), absolute(args.out)
+    args.clip = str(DEMO_CLIP_FILE) if args.clip is None else args.clip if args.clip == "random" else absolute(args.clip)
     return args
 
 
@@ -317,8 +351,9 @@ def save_checkpoint(path, obj):
 # ----------------------------------------------------------------------------- model and data
 
 def build_clip(args):
-    """The demo's random CLIP (seeded by the caller), or the checkpoint given with --clip."""
-    if args.clip is None:
+    """The CLIP of --clip: a checkpoint file (by default the demo CLIP, see demo_clip) or the demo's
+    architecture with random weights ("random", seeded by the caller)."""
+    if args.clip == "random":
         clip_model = clip_loader.CLIP(**DEMO_CLIP)
         # Every released CLIP ends pretraining with its temperature at the cap, 100; a random one starts at
         # 1/0.07, a softmax over the 101 age prompts too flat for the demo's few hundred steps to sharpen
@@ -337,6 +372,143 @@ def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=
     return min_age + math.ceil((top - min_age) / age_step - 1e-9) * age_step
 
 
+# ----------------------------------------------------------------------------- the demo CLIP (--objective clip)
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """CLIP's pretraining loss: symmetric InfoNCE over a batch of matching pairs (image i with caption i).
+
+    image_emb, text_emb (B, E), any norm; logit_scale: the log of the multiplier (CLIP's learned
+    temperature). Cross-entropy of each image over the B captions and of each caption over the B images,
+    the pair's own index the class, averaged."""
+    image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp() * image_emb @ text_emb.t()  # (B, B): image i vs caption j
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def demo_clip():
+    """Path of the pretrained demo CLIP: built on first use (`python train.py --objective clip`, about
+    2 minutes on 2 CPU cores), then read from the cache, its SHA-256 checked against the record written
+    beside it when it was built."""
+    record = DEMO_CLIP_FILE.with_suffix(".json")
+    if not DEMO_CLIP_FILE.exists() or not record.exists():
+        if "RANK" in os.environ:
+            raise SystemExit(f"the demo CLIP is not built yet; build it first with one process: "
+                             f"python train.py --objective clip")
+        print(f"the demo CLIP is not built yet: pretraining it once (python train.py --objective clip) "
+              f"-> {DEMO_CLIP_FILE}", flush=True)
+        pretrain_clip(parse_args(["--objective", "clip"]))
+    want, got = json.loads(record.read_text(encoding="utf-8"))["sha256"], sha256(DEMO_CLIP_FILE)
+    if got != want:
+        raise SystemExit(f"{DEMO_CLIP_FILE}: SHA-256 {got} differs from the one recorded in {record} ({want}); "
+                         f"delete both and rebuild with: python train.py --objective clip")
+    return DEMO_CLIP_FILE
+
+
+def pretrain_clip(args):
+    """Pretrain the demo CLIP as CLIP was pretrained (symmetric InfoNCE, learned temperature capped at
+    100) on data.CaptionedDrawings, then write its state dict (OpenAI's key names, so clip_loader.load
+    reads it like an OpenAI file) to args.out/demo_clip.pt, atomically, with demo_clip.json beside it:
+    the SHA-256, the options and the figures of the run."""
+    start = time.time()
+    device = select_device(args.device)
+    seed_all(args.seed)
+    clip_model = clip_loader.CLIP(**DEMO_CLIP).to(device).train()
+    images, tokens = render_corpus(args)   # (n, 3, R, R) uint8, (n, L)
+    steps_per_epoch = len(images) // args.batch_size
+    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
+    decay = [p for n, p in clip_model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in clip_model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"pretraining the demo CLIP: {args.corpus_size} captioned drawings, {args.epochs} epochs of "
+          f"{steps_per_epoch} steps of {args.batch_size} -> {out}", flush=True)
+    step, history = 0, []
+    mean = torch.tensor(clip_loader.CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(clip_loader.CLIP_STD, device=device).view(1, 3, 1, 1)
+    for epoch in range(args.epochs):
+        seed_all(mix_seed(args.seed, epoch))
+        order = torch.randperm(len(images))
+        totals = np.zeros(3)   # loss sum, image->caption top-1 hits, pairs
+        for batch in order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+            image, token = move_to(images[batch], device), move_to(tokens[batch], device)
+            flip = torch.rand(len(batch), device=device) < 0.5   # the one augmentation: a mirror drawing
+            image = torch.where(flip.view(-1, 1, 1, 1), image.flip(3), image)
+            image = (image.float() / 255 - mean) / std
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
+            image_emb, text_emb = clip_model.encode_image(image), clip_model.encode_text(token)
+            loss = clip_loss(image_emb, text_emb, clip_model.logit_scale)
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"non-finite CLIP loss at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(clip_model.parameters(), args.grad_clip)
+            optimizer.step()
+            with torch.no_grad():   # CLIP's cap on its temperature, applied to the parameter as CLIP does
+                clip_model.logit_scale.clamp_(0, math.log(100.0))
+            hits = (image_emb @ text_emb.t()).argmax(1) == torch.arange(len(batch), device=device)
+            totals += [loss.item() * len(batch), float(hits.sum()), len(batch)]
+            step += 1
+        history.append({"epoch": epoch + 1, "loss": totals[0] / totals[2], "top1": totals[1] / totals[2],
+                        "temperature": clip_model.logit_scale.exp().item(), "seconds": time.time() - start})
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {history[-1]['loss']:.3f}  in-batch top-1 "
+              f"{history[-1]['top1']:.3f}  logit scale {history[-1]['temperature']:.1f}  "
+              f"({history[-1]['seconds']:.0f}s)", flush=True)
+    clip_model.eval()
+    with torch.no_grad():
+        prompts = clip_loader.tokenize(CILFConfig().prompts(), DEMO_CLIP["context_length"]).to(device)
+        order = prompt_age_order(clip_model.encode_text(prompts), CILFConfig().ages())
+    path = out / "demo_clip.pt"
+    save_checkpoint(path, {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
+    record = {"file": path.name, "sha256": sha256(path), "architecture": DEMO_CLIP, "prompt_age_order": order,
+              "options": {k: v for k, v in vars(args).items() if k in ("seed", "corpus_size", "epochs",
+                          "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip")},
+              "history": history, "rebuild": "python train.py --objective clip"}
+    write_json_atomic(out / "demo_clip.json", record)
+    print(f"demo CLIP written to {path} (SHA-256 {record['sha256']}); age prompts' order: Spearman "
+          f"{order:.3f} over {time.time() - start:.0f}s", flush=True)
+    return record
+
+
+def render_corpus(args):
+    """The whole pretraining corpus, drawn once at the demo CLIP's input size: (images (n, 3, R, R) uint8,
+    caption tokens (n, L)). Drawn by --workers processes; every epoch then reads it from memory."""
+    resolution = DEMO_CLIP["image_resolution"]
+    corpus = data.CaptionedDrawings(args.corpus_size, args.seed, data.T.PILToTensor(), resolution,
+                                    DEMO_CLIP["context_length"])
+    loader = torch.utils.data.DataLoader(corpus, batch_size=1024, num_workers=args.workers)
+    parts = list(loader)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def write_json_atomic(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def source_record(args):
+    """config.json's "clip" source: the file the run's CLIP came from (with its SHA-256 for the demo
+    CLIP), or "random" with the demo architecture."""
+    if args.clip == "random":
+        return {"source": "random", **DEMO_CLIP}
+    if args.clip == str(DEMO_CLIP_FILE):
+        return {"source": str(DEMO_CLIP_FILE), "sha256": sha256(DEMO_CLIP_FILE), **DEMO_CLIP}
+    return {"source": args.clip}
+
+
 def build_config(args):
     """CILFConfig from the options (every field has one). run() resolves --max-age from the training split
     first (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
@@ -345,6 +517,8 @@ def build_config(args):
                       mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
                       mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
                       feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
+                      feedback_design=args.feedback_design, feedback_noise=args.feedback_noise,
+                      uncertainty_loss=args.uncertainty_loss,
                       freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
                       clip_bn=args.clip_bn,
                       sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
@@ -512,6 +686,8 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.objective == "clip":
+        return pretrain_clip(args)
     rank, world, device = setup_distributed(args.device)
     lock = claim_run_folder(Path(args.out)) if rank == 0 else None
     try:
@@ -533,6 +709,8 @@ def run(args, rank, world, device, argv_of_run=()):
         torch.set_float32_matmul_precision("high")
     amp_dtype = autocast_dtype(device) if args.amp == "auto" else AMP_DTYPES[args.amp]
 
+    if args.clip == str(DEMO_CLIP_FILE):
+        demo_clip()   # built here, if need be, before the run's seeding: a first run equals a later one
     seed_all(args.seed)
     clip_model = build_clip(args)
     splits, options = build_splits(args, clip_model.visual.input_resolution,
@@ -547,8 +725,7 @@ def run(args, rank, world, device, argv_of_run=()):
     data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
     run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
                   "model": dataclasses.asdict(config),
-                  "clip": {"source": args.clip or "demo", **({} if args.clip else DEMO_CLIP),
-                           **clip_record(clip_model)},
+                  "clip": {**source_record(args), **clip_record(clip_model)},
                   "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index),
                            "root": splits["train"].root, "changes": []}}   # root: what data_index paths are relative to
     if ckpt is not None:

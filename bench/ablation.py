@@ -1,14 +1,20 @@
 """Ablation of every abstract claim on the synthetic demo data: one command, a table of means over seeds.
 
-Trains the full model and each ablation with train.py (a fresh process per run, so runs are independent
-and each one's wall time is its own), evaluates each run's best.pt (chosen on validation) on the test
-split with eval.py, and prints and writes a table: test MAE mean and std over seeds, MAE after each
-feedback step, Spearman rank correlation between the predicted uncertainty and the actual error,
-wall time and trainable parameter count.
+First the demo CLIP (built once by `train.py --objective clip` if the cache lacks it, never per run): how
+well its 101 age prompts carry the order of the ages, and its zero-shot test MAE on each seed's split
+(eval.py --zero-shot --seed). Then it trains the full model and each ablation with train.py (a fresh
+process per run, so runs are independent and each one's wall time is its own), evaluates each run's
+best.pt (chosen on validation) on the test split with eval.py, and prints and writes a table: test MAE
+mean and std over seeds and its ratio to the mean predictor's (worst seed too), MAE after each feedback
+step, the change the feedback makes (last step minus step 0, mean and worst seed), Spearman rank
+correlation between the predicted uncertainty and the actual error, wall time and trainable parameters.
 
-    python bench/ablation.py                          # 7 variants x 3 seeds, 2 runs at a time, ~40 min on 2 cores
+    python bench/ablation.py                          # 9 variants x 3 seeds, 2 runs at a time
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
     python bench/ablation.py --variants feedback-off-l1x2 --out runs/ablation_control   # a control, see CONTROLS
+
+Runs go in the order given (most telling first) and results.json is rewritten after each, so a run cut
+short keeps what it finished.
 
 Nothing is chosen on the test split: every run trains with the demo's settings, and its test figure is
 the one of the checkpoint that train.py selected by validation MAE.
@@ -29,21 +35,28 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each abstract claim switched off on its own, and all of them together (METHOD.md, README's map).
+# Each abstract claim switched off on its own, and all of them together (METHOD.md, README's map), and
+# the feedback designs side by side.
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
-    "mixer-fourier": ["--mixer", "fourier"],                         # claim 2, the abstract's FourierFormer
-    "mixer-softmax": ["--mixer", "softmax"],                         # claim 2, the quadratic baseline
-    "mixer-none": ["--mixer", "none"],                               # claim 2: global token only
-    "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
+    "feedback-residual": ["--feedback-design", "residual",           # claim 4, the first reading (round 1)
+                          "--uncertainty-loss", "l1"],
+    "feedback-reread-l1": ["--uncertainty-loss", "l1"],              # claim 4, uncertainty trained with L1
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
+    "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
+    "mixer-none": ["--mixer", "none"],                               # claim 2: global token only
+    "mixer-fourier": ["--mixer", "fourier"],                         # claim 2, the abstract's FourierFormer
+    "mixer-softmax": ["--mixer", "softmax"],                         # claim 2, the quadratic baseline
 }
-# Controls that separate a component's effect from its loss term; run with --variants NAME.
+# Controls that separate a component's effect from its loss term, or show what pretraining buys; run
+# with --variants NAME.
 CONTROLS = {
     "feedback-off-l1x2": ["--feedback-steps", "0", "--l1-weight", "2"],  # feedback off, but y0 gets the
-}                                                                        # second L1 the feedback loss adds
+                                                                         # second L1 the feedback loss adds
+    "clip-random": ["--clip", "random"],   # round 1's demo: a random CLIP, both towers trained
+}
 RUNS = {**VARIANTS, **CONTROLS}
 
 
@@ -59,49 +72,93 @@ def run(variant, seed, args):
     subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "best.pt"), "--out", str(out / "eval"),
                     "--device", "cpu"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    return {"variant": variant, "seed": seed, "test_mae": metrics["mae"],
+    test = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"test"' in line][-1]
+    return {"variant": variant, "seed": seed, "test_mae": metrics["mae"], "baseline_mae": test["baseline_mae"],
             "mae_per_step": metrics.get("mae_per_feedback_step", [metrics["mae"]]),
             "spearman": metrics.get("spearman_uncertainty_error"), "wall_s": wall,
             "params": trainable_parameters(out / "best.pt")}
 
 
+def zero_shot(seed, args):
+    """The demo CLIP's zero-shot test MAE on seed's split, its age prompts' order, and the mean
+    predictor's MAE on that split (the training split's mean age, as train.py reports it)."""
+    out = Path(args.out) / f"zero-shot_seed{seed}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    subprocess.run([sys.executable, "eval.py", "--zero-shot", "--clip", str(demo_clip_file()), "--dataset",
+                    "synthetic", "--seed", str(seed), "--out", str(out), "--device", "cpu"], cwd=ROOT, env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((out / "metrics.json").read_text())
+    ages = {split: [s.age for s in import_project("data").build_dataset("synthetic", split=split, seed=seed).samples]
+            for split in ("train", "test")}
+    mean = float(np.mean(ages["train"]))
+    baseline = float(np.mean([abs(a - mean) for a in ages["test"]]))
+    return {"seed": seed, "test_mae": metrics["mae"], "baseline_mae": baseline,
+            "prompt_age_order": metrics["prompt_age_order"]}
+
+
+def import_project(name):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return __import__(name)
+
+
+def demo_clip_file():
+    """The cached demo CLIP, built (once) if it is missing, and its SHA-256 checked: train.demo_clip."""
+    return import_project("train").demo_clip()
+
+
 def trainable_parameters(path):
     """Parameters the run trained (frozen CLIP towers excluded), from the checkpoint alone: the model's
     constructor sets requires_grad from the saved CILFConfig."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import eval as evaluation
+    evaluation = import_project("eval")
     model = evaluation.model_from_checkpoint(evaluation.load_checkpoint(path), path)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def summarise(rows):
-    """One line per variant: means and stds over seeds."""
+    """One line per variant: means and stds over seeds, ratios to the mean predictor, feedback change."""
     table = []
     for variant in RUNS:
         mine = [r for r in rows if r["variant"] == variant]
         if not mine:
             continue
         mae = np.array([r["test_mae"] for r in mine])
-        steps = np.array([r["mae_per_step"] for r in mine]).mean(0)
+        ratio = mae / np.array([r["baseline_mae"] for r in mine])
+        steps = np.array([r["mae_per_step"] for r in mine])   # (seeds, R+1)
+        change = steps[:, -1] - steps[:, 0]
         rho = [r["spearman"] for r in mine if r["spearman"] is not None]
         table.append({"variant": variant, "seeds": len(mine), "mae_mean": float(mae.mean()),
                       "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else 0.0,
-                      "mae_per_step": [float(s) for s in steps],
+                      "ratio_mean": float(ratio.mean()), "ratio_max": float(ratio.max()),
+                      "mae_per_step": [float(s) for s in steps.mean(0)],
+                      "feedback_change_mean": float(change.mean()), "feedback_change_max": float(change.max()),
                       "spearman": float(np.mean(rho)) if rho else None,
+                      "spearman_min": float(np.min(rho)) if rho else None,
                       "wall_s": float(np.mean([r["wall_s"] for r in mine])), "params": mine[0]["params"]})
     return table
 
 
-def markdown(table):
-    lines = ["| variant | seeds | test MAE (mean ± std) | MAE after feedback steps 0..R | Spearman(u, abs err) "
-             "| wall s / run | trainable params |",
-             "|---|---|---|---|---|---|---|"]
+def markdown(table, zero):
+    lines = []
+    if zero:
+        ratios = [z["test_mae"] / z["baseline_mae"] for z in zero]
+        lines += [f"demo CLIP: age prompts' order (Spearman of cos(T_i, T_j) with -|a_i - a_j|) "
+                  f"{zero[0]['prompt_age_order']:.3f}; zero-shot test MAE "
+                  + ", ".join(f"{z['test_mae']:.2f} (seed {z['seed']}, mean predictor {z['baseline_mae']:.2f})"
+                              for z in zero)
+                  + f"; MAE / mean predictor {np.mean(ratios):.2f} (worst seed {np.max(ratios):.2f})", ""]
+    lines += ["| variant | seeds | test MAE (mean ± std) | MAE / mean predictor (worst seed) | MAE after feedback "
+              "steps 0..R | last step − step 0 (worst seed) | Spearman(u, abs err) (worst seed) | wall s / run "
+              "| trainable params |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         steps = " → ".join(f"{s:.2f}" for s in t["mae_per_step"])
-        rho = f"{t['spearman']:.2f}" if t["spearman"] is not None else "-"
-        lines.append(f"| {t['variant']} | {t['seeds']} | {t['mae_mean']:.2f} ± {t['mae_std']:.2f} | {steps} | "
-                     f"{rho} | {t['wall_s']:.0f} | {t['params'] / 1e6:.2f}M |")
+        change = (f"{t['feedback_change_mean']:+.2f} ({t['feedback_change_max']:+.2f})"
+                  if len(t["mae_per_step"]) > 1 else "-")
+        rho = f"{t['spearman']:.2f} ({t['spearman_min']:.2f})" if t["spearman"] is not None else "-"
+        lines.append(f"| {t['variant']} | {t['seeds']} | {t['mae_mean']:.2f} ± {t['mae_std']:.2f} | "
+                     f"{t['ratio_mean']:.2f} ({t['ratio_max']:.2f}) | {steps} | {change} | {rho} | "
+                     f"{t['wall_s']:.0f} | {t['params'] / 1e6:.2f}M |")
     return "\n".join(lines)
 
 
@@ -113,23 +170,35 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the demo CLIP's zero-shot evaluation")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="extra train.py options for every run (put last), e.g. --epochs 8")
     args = p.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    todo = [(v, s) for v in args.variants for s in args.seeds]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    demo_clip_file()   # built here once if need be, not by every run
+    todo = [(v, s) for v in args.variants for s in args.seeds]
+    rows, zero = [], []
+
+    def save():
+        (out / "results.json").write_text(json.dumps({"zero_shot": zero, "runs": rows,
+                                                      "table": summarise(rows)}, indent=2))
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda vs: run(*vs, args), todo))
-    table = summarise(rows)
-    text = markdown(table)
+        zero_jobs = [] if args.no_zero_shot else [pool.submit(zero_shot, s, args) for s in args.seeds]
+        for row in pool.map(lambda vs: run(*vs, args), todo):   # in order, as each finishes
+            rows.append(row)
+            save()
+        zero = [job.result() for job in zero_jobs]
+    save()
+    text = markdown(summarise(rows), zero)
     print(text)
     print(f"\n{len(rows)} runs in {(time.time() - start) / 60:.1f} min "
           f"({args.jobs} at a time, {args.threads} thread(s) each); train.py options: "
           f"{' '.join(args.train_args) or '(demo defaults)'}")
-    (Path(args.out) / "results.json").write_text(json.dumps({"runs": rows, "table": table}, indent=2))
-    (Path(args.out) / "table.md").write_text(text + "\n")
+    (out / "table.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

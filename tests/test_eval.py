@@ -119,7 +119,7 @@ def fixture_dataset(tmp_path_factory):
 
 
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
-        "--epochs", "2"]
+        "--clip", "random", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")

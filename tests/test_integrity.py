@@ -24,7 +24,7 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
-        "--workers", "0"]
+        "--workers", "0", "--clip", "random"]
 N_IMAGES = 24   # 12 subjects of 2 images each
 
 

@@ -20,8 +20,9 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny but complete model: every module on (fusion with the linear mixer, contrastive, feedback).
+# The demo CLIP's architecture with random weights (--clip random): the pretrained one takes minutes to build.
 TINY = ["--synthetic-n", "96", "32", "32", "--depth", "1", "--width", "32", "--heads", "2",
-        "--feedback-hidden", "32", "--batch-size", "16"]
+        "--feedback-hidden", "32", "--batch-size", "16", "--clip", "random"]
 
 
 def run_script(args, env=None, **kwargs):
@@ -99,16 +100,24 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 def test_defaults_depend_on_the_mode():
     demo = train.parse_args([])
-    assert demo.dataset == "synthetic" and demo.clip is None and demo.clip_lr == demo.lr
+    assert demo.dataset == "synthetic" and demo.clip == str(train.DEMO_CLIP_FILE)
+    assert demo.clip_lr == train.DEMO_CLIP_LR
     assert demo.out == os.path.abspath("runs/demo") and demo.width == train.DEMO_MODEL["width"]
+    random_clip = train.parse_args(["--clip", "random"])
+    assert random_clip.clip == "random" and random_clip.clip_lr == random_clip.lr
     real = train.parse_args(["--dataset", "utkface", "--data-root", "x", "--clip", "ViT-B-16.pt"])
     assert real.data_root == os.path.abspath("x") and real.clip == os.path.abspath("ViT-B-16.pt")
     assert real.clip_lr < real.lr and real.out == os.path.abspath("runs/utkface") and real.width == train.CILFConfig().width
-    assert not train.build_config(demo).freeze_text_tower and train.build_config(real).freeze_text_tower
+    assert train.build_config(demo).freeze_text_tower and train.build_config(real).freeze_text_tower
+    assert not train.build_config(random_clip).freeze_text_tower
+    pretrain = train.parse_args(["--objective", "clip"])
+    assert pretrain.out == str(train.DEMO_CLIP_FILE.parent)
+    assert (pretrain.epochs, pretrain.batch_size, pretrain.lr) == tuple(
+        train.PRETRAIN[k] for k in ("epochs", "batch_size", "lr"))
     config = train.build_config(train.parse_args(["--mixer", "fourier", "--contrastive-weight", "0",
                                                   "--feedback-steps", "0", "--image-tower", "freeze"]))
     assert (config.mixer, config.contrastive_weight, config.feedback_steps) == ("fourier", 0.0, 0)
-    assert config.freeze_image_tower and not config.freeze_text_tower
+    assert config.freeze_image_tower and config.freeze_text_tower
 
 
 # --------------------------------------------------------------------------- training runs
