@@ -899,7 +899,8 @@ def main(argv=None):
     transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
     calibration = ckpt.get("calibration") if ckpt else None
     if args.calibrate_on:
-        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform)
+        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
+                                            model.clip.visual.input_resolution)
         result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
         calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
                                 levels=sorted({*CONFORMAL_LEVELS, args.interval}))

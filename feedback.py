@@ -176,8 +176,9 @@ class HypothesisFeedback(nn.Module):
 
     embed_dim: E of f and T; token_dim: width of the image tokens it attends over; steps: R (0 = off);
     hidden_dim, heads: width and heads of the query and the attention; age_range: (a_1, a_K), for the
-    hypothesis encoding and the output scale (a tenth of the range per unit); noise: std (years) of the
-    perturbation added to each hypothesis in training (0: none). One head shared by all steps (a loop; a
+    hypothesis encoding and the output scale (a tenth of the range per unit); noise: the largest std
+    (years) of the Gaussian perturbation added to each hypothesis in training, the std drawn per example
+    uniformly from [0, noise] (0: none). One head shared by all steps (a loop; a
     step index beyond those trained reuses the last one's embedding), evaluated R+1 times so y_R is rated.
     """
 
@@ -244,8 +245,9 @@ class HypothesisFeedback(nn.Module):
             ys, us, rated = [y], [], []
             for r in range(steps + 1):
                 y_in = y.detach()
-                if self.training and self.noise > 0:   # a perturbed hypothesis: learn a field, not a constant
-                    y_in = y_in + self.noise * torch.randn_like(y_in)
+                if self.training and self.noise > 0:   # a perturbed hypothesis: learn a field, not a constant;
+                    # its scale drawn per example from [0, noise], so exact and far hypotheses both occur
+                    y_in = y_in + self.noise * torch.rand_like(y_in) * torch.randn_like(y_in)
                 residual, u = self.step(y_in, r, image_emb, text_emb, ages, keys, values)
                 rated.append(y_in)
                 us.append(u)

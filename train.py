@@ -9,7 +9,8 @@ MAE reported at the end is that of the checkpoint chosen on the validation split
 MAE of always predicting the training mean.
 
 Run:
-    python train.py                                   # the demo: synthetic data, random CLIP (~2 min, 2 CPU cores)
+    python train.py                                   # the demo: synthetic data, the pretrained demo CLIP
+    python train.py --objective clip                  # pretrain the demo CLIP alone (the first demo does it)
     python train.py --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt --out runs/utk
     python train.py --dataset morph2 --data-root /data/MORPH --protocol subject5fold --fold 0 \\
         --clip ViT-B-16.pt --out runs/morph_f0
@@ -33,9 +34,15 @@ options. At the end, best.pt is calibrated on the validation split for eval.py's
 
 Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
 per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
-hardware. Defaults written "demo: X / real: Y" depend on whether a CLIP checkpoint is given.
+hardware. Defaults written "demo: X / real: Y" depend on whether the data is the synthetic demo data.
 
-Public names: DEMO_CLIP, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
+The demo CLIP (--objective clip, METHOD.md section 1 at toy size): OpenAI's ViT architecture pretrained
+with CLIP's own objective (clip_loss: symmetric InfoNCE, learned temperature capped at 100) on
+data.CaptionedDrawings, written as a state dict with OpenAI's key names to DEMO_CLIP_FILE with its
+SHA-256 beside it (demo_clip.json); the demo checks the SHA-256 and reads it with clip_loader.load.
+
+Public names: DEMO_CLIP, DEMO_CLIP_FILE, PRETRAIN, DEMO_CLIP_LR, clip_loss, demo_clip, pretrain_clip,
+render_corpus, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
 set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max, resolve_max_age, build_config,
 sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, final_test, calibrate_on_validation,
 main; run-folder handling: LOCK_FILE, claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours,
@@ -93,7 +100,7 @@ DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_widt
 # read by clip_loader.load like any OpenAI file), and the SHA-256 record written beside it.
 DEMO_CLIP_FILE = Path(__file__).resolve().parent / "runs" / "demo_clip" / "demo_clip.pt"
 # The demo CLIP's pretraining (--objective clip): sized to take about 2 minutes on 2 CPU cores.
-PRETRAIN = dict(epochs=8, batch_size=128, lr=2e-3, clip_lr=2e-3, weight_decay=0.1)
+PRETRAIN = dict(epochs=5, batch_size=128, lr=1e-3, clip_lr=1e-3, weight_decay=0.1)
 # Peak learning rate of the pretrained demo CLIP's image tower when the demo fine-tunes it.
 DEMO_CLIP_LR = 1e-4
 # CILFConfig fields the demo sets differently (a fusion width matching the tiny CLIP); real runs keep
@@ -225,7 +232,7 @@ def parse_args(argv=None):
     g.add_argument("--nan-at-step", type=int, default=-1, help="testing aid: feed NaN images at this optimizer "
                    "step to exercise the stop on a non-finite loss (-1: never)")
     args = resolve_defaults(p.parse_args(argv))
-    problem = check_option_combinations(args)
+    problem = None if args.objective == "clip" else check_option_combinations(args)
     if problem:
         p.error(problem)
     return args
@@ -253,7 +260,7 @@ def resolve_defaults(args):
     if args.objective == "clip":
         for name, value in PRETRAIN.items():
             setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-        args.out = args.out or str(DEMO_CLIP_FILE.parent)
+        args.out = os.path.abspath(os.path.expanduser(args.out or str(DEMO_CLIP_FILE.parent)))
         return args
     demo, random_clip = args.dataset == "synthetic", args.clip == "random"
     pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
@@ -270,6 +277,10 @@ def resolve_defaults(args):
     absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
     args.data_root, args.out = absolute(args.data_root), absolute(args.out)
     args.clip = str(DEMO_CLIP_FILE) if args.clip is None else args.clip if args.clip == "random" else absolute(args.clip)
+    if args.clip == str(DEMO_CLIP_FILE):   # OpenAI's architecture, said as an OpenAI file's name says it
+        args.clip_activation = args.clip_activation or "quick_gelu"
+        args.clip_vision_head_width = args.clip_vision_head_width or 64
+        args.clip_text_head_width = args.clip_text_head_width or 64
     return args
 
 

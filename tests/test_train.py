@@ -123,7 +123,7 @@ def test_defaults_depend_on_the_mode():
 # --------------------------------------------------------------------------- training runs
 
 def test_short_demo_learns(tmp_path, capsys):
-    result = train.main(["--out", str(tmp_path), "--synthetic-n", "256", "64", "64", "--epochs", "3",
+    result = train.main(["--out", str(tmp_path), "--clip", "random", "--synthetic-n", "256", "64", "64", "--epochs", "3",
                          "--batch-size", "32"])
     printed = capsys.readouterr().out
     steps = log_lines(tmp_path, "step")
@@ -179,8 +179,9 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     # Same global batch; the contrastive loss is left out because it compares the images of a batch
-    # with each other, which each process does on its own shard (the other losses are per image).
-    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0", "--device", "cpu"]
+    # with each other, which each process does on its own shard (the other losses are per image), and
+    # the feedback's perturbation of hypotheses because each process draws its own (as with dropout).
+    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0", "--feedback-noise", "0", "--device", "cpu"]
     outs = {}
     for n in (1, 2):
         outs[n] = tmp_path / f"n{n}"
@@ -197,7 +198,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0"]
+    common = [*TINY, "--epochs", "1", "--contrastive-weight", "0", "--feedback-noise", "0"]  # per-batch draws
     train.main([*common, "--out", str(tmp_path / "full")])
     train.main([*common, "--accum-steps", "2", "--out", str(tmp_path / "accum")])
     a, b = comparable(weights(tmp_path / "full" / "last.pt")), comparable(weights(tmp_path / "accum" / "last.pt"))
@@ -281,7 +282,7 @@ def test_age_classes_cover_the_training_split_up_to_116(tmp_path):
         rows.append(f"{i}.png,{age},{split}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     common = ["--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"), "--depth", "1", "--width", "32",
-              "--heads", "2", "--feedback-hidden", "32", "--batch-size", "3", "--epochs", "1"]
+              "--heads", "2", "--feedback-hidden", "32", "--batch-size", "3", "--epochs", "1", "--clip", "random"]
     train.main([*common, "--out", str(tmp_path / "run")])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["max_age"] == 116 and config["train"]["max_age"] == 116
