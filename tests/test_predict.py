@@ -103,7 +103,7 @@ def test_face_crop_margin_by_hand():
 AGES = [3, 9, 15, 22, 28, 35, 41, 47, 55, 62, 70, 78, 84, 90, 30, 60, 20, 50, 75, 5]
 SPLITS = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
-        "--epochs", "1"]
+        "--epochs", "1", "--clip", "random"]
 
 
 @pytest.fixture(scope="module")
