@@ -531,9 +531,9 @@ def test_age_classes_reach_116_and_predictions_are_clipped_to_them(vit):
     assert model.ages[-1].item() == 116.0 and model.config.prompts()[-1] == "a photo of a 116 year old person."
     wake(model)
     with torch.no_grad():                                            # corrections far past both ends
-        model.feedback.head[-1].bias[0] = 50.0
-        high = model(images(vit))
-        model.feedback.head[-1].bias[0] = -50.0
+        model.feedback.correction[-1].bias[0] = 50.0
+        high = model.eval()(images(vit))
+        model.feedback.correction[-1].bias[0] = -50.0
         low = model(images(vit))
     assert (high.ages_per_step[:, -1] > 116).all() and torch.equal(high.age, torch.full((4,), 116.0))
     assert (low.ages_per_step[:, -1] < 0).all() and torch.equal(low.age, torch.zeros(4))
