@@ -359,9 +359,10 @@ import torch, torch._utils
 import clip_loader as cl
 
 def snapshot():
-    out = {name: sorted(vars(obj)) for name, obj in vars(cl).items()
+    # every attribute (name -> identity of its value) of clip_loader's classes and functions
+    out = {name: {k: id(v) for k, v in vars(obj).items()} for name, obj in vars(cl).items()
            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", "") == "clip_loader"}
-    out["torch._utils._rebuild_tensor_v2"] = sorted(vars(torch._utils._rebuild_tensor_v2))
+    out["torch._utils._rebuild_tensor_v2"] = {k: id(v) for k, v in vars(torch._utils._rebuild_tensor_v2).items()}
     return out
 
 def memory(field):
