@@ -84,9 +84,11 @@ def zero_shot(seed, args):
     predictor's MAE on that split (the training split's mean age, as train.py reports it)."""
     out = Path(args.out) / f"zero-shot_seed{seed}"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    subprocess.run([sys.executable, "eval.py", "--zero-shot", "--clip", str(demo_clip_file()), "--dataset",
-                    "synthetic", "--seed", str(seed), "--out", str(out), "--device", "cpu"], cwd=ROOT, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    # the demo CLIP is OpenAI's architecture: said explicitly, as train.py says it (no warning)
+    architecture = ["--clip-activation", "quick_gelu", "--clip-vision-head-width", "64", "--clip-text-head-width", "64"]
+    subprocess.run([sys.executable, "eval.py", "--zero-shot", "--clip", str(demo_clip_file()), *architecture,
+                    "--dataset", "synthetic", "--seed", str(seed), "--out", str(out), "--device", "cpu"], cwd=ROOT,
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((out / "metrics.json").read_text())
     ages = {split: [s.age for s in import_project("data").build_dataset("synthetic", split=split, seed=seed).samples]
             for split in ("train", "test")}
