@@ -146,7 +146,7 @@ def parse_args(argv=None):
                    "stop with the list of unreadable files")
     g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
                    "the synthetic images) with training; results do not depend on it")
-    g.add_argument("--corpus-size", type=int, default=30000, help="--objective clip: captioned drawings in "
+    g.add_argument("--corpus-size", type=positive_int, default=30000, help="--objective clip: captioned drawings in "
                    "the pretraining corpus")
     g = p.add_argument_group("model (CILFConfig)")
     g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
