@@ -42,7 +42,7 @@ VARIANTS = {
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
     "feedback-residual": ["--feedback-design", "residual",           # claim 4, the first reading (round 1)
                           "--uncertainty-loss", "l1"],
-    "feedback-reread-l1": ["--uncertainty-loss", "l1"],              # claim 4, uncertainty trained with L1
+    "feedback-reread-laplace": ["--uncertainty-loss", "laplace"],    # claim 4, uncertainty as a Laplace NLL
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
     "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
