@@ -79,53 +79,24 @@ def _number(kind, text):
     return value
 
 
-def positive_int(text):
-    value = _number(int, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
+def _bounded(kind, within, says):
+    """An argparse type: the text read as `kind` (finite), accepted when within(value), else the one-line
+    error "must <says>, not <text>"."""
+    def parse(text):
+        value = _number(kind, text)
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must {says}, not {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
-    return value
-
-
-def positive_float(text):
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value
-
-
-def fraction(text):
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
-    return value
-
-
-def probability_below_one(text):
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), not {text}")
-    return value
-
-
-def coverage_level(text):
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
-    return value
+positive_int = _bounded(int, lambda v: v > 0, "be a positive integer")
+non_negative_int = _bounded(int, lambda v: v >= 0, "be an integer >= 0")
+positive_float = _bounded(float, lambda v: v > 0, "be a finite number > 0")
+non_negative_float = _bounded(float, lambda v: v >= 0, "be a finite number >= 0")
+fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
+probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
+coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
 
 
 def device_name(text):
