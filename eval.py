@@ -29,7 +29,7 @@ val/test images were trained on is refused); protocol, fold and seed are printed
 left out and counted, as in train.py's own evaluation.
 
 Public names: option types (positive_int, non_negative_int, positive_float, non_negative_float, fraction,
-probability_below_one, device_name, prompt_template), atomic_write, write_text, write_json, mae,
+probability_below_one, coverage_level, device_name, prompt_template), one_line_warnings, atomic_write, write_text, write_json, mae,
 cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics, format_table, select_device,
 autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, predict, image_paths, write_predictions,
 check_data_unchanged, check_no_training_overlap, main; conformal intervals: CONFORMAL_LEVELS,
@@ -51,6 +51,7 @@ import math
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,12 @@ def prompt_template(text):
         raise argparse.ArgumentTypeError(f"{text!r} must hold exactly one '{{}}' (where the age goes) and no "
                                          f"other braces")
     return text
+
+
+def one_line_warnings():
+    """Show warnings on the command line as one line each ("UserWarning: message"): Python's default
+    format also echoes the source line that raised it, which says nothing to a user of the scripts."""
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -854,6 +861,7 @@ def predict_dataset(model, dataset, args, device, zero_shot=False):
 
 
 def main(argv=None):
+    one_line_warnings()
     args = parse_args(argv)
     if args.plot:
         pyplot()   # a missing matplotlib is reported before any work

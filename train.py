@@ -84,7 +84,7 @@ from tqdm import tqdm
 import clip_loader
 import data
 from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, calibrate, clip_record, device_name,
-                  fraction, load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int,
+                  fraction, load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int, one_line_warnings,
                   positive_float, positive_int, predict, predict_dataset, probability_below_one, prompt_age_order, prompt_template,
                   select_device, write_json)
 from model import CILFCIAE, CILFConfig
@@ -695,6 +695,7 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
 
 
 def main(argv=None):
+    one_line_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.objective == "clip":
