@@ -119,7 +119,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show '(default: X)' except where the help text already explains a mode-dependent default."""
 
     def _get_help_string(self, action):
-        if action.default is None and "demo:" in (action.help or ""):
+        if action.default is None and ("demo:" in (action.help or "") or "default:" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 
@@ -140,8 +140,8 @@ def parse_args(argv=None):
                    "learn; default: apparent")
     g.add_argument("--synthetic-n", type=positive_int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
                    help="synthetic dataset: images per split")
-    g.add_argument("--no-augment", action="store_true", help="train on the evaluation transform (no random "
-                   "crop, flip or colour jitter)")
+    g.add_argument("--augment", default=None, choices=["on", "off"], help="on: random resized crop, flip and "
+                   "colour jitter (data.train_transform); off: the evaluation transform; demo: off / real: on")
     g.add_argument("--check-images", action="store_true", help="decode every image once before training and "
                    "stop with the list of unreadable files")
     g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
@@ -178,7 +178,8 @@ def parse_args(argv=None):
     g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
     g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
-    g.add_argument("--l1-weight", type=non_negative_float, default=m.l1_weight, help="weight of |y0 - y|")
+    g.add_argument("--l1-weight", type=non_negative_float, default=None, help="weight of |y0 - y|; default: 0 "
+                   "with the feedback on (the corrected estimates carry the L1), 1 with --feedback-steps 0")
     g.add_argument("--contrastive-weight", type=non_negative_float, default=m.contrastive_weight,
                    help="weight of the image-text contrastive loss (claim 3; 0: off)")
     g.add_argument("--contrastive-sigma", type=positive_float, default=m.contrastive_sigma,
@@ -265,6 +266,10 @@ def resolve_defaults(args):
     demo, random_clip = args.dataset == "synthetic", args.clip == "random"
     pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
     args.epochs = pick(args.epochs, 20, 30)
+    # The drawings vary in position, size, tilt, colours and noise already, and their proportions carry age
+    # (a child's rounder head): the crop's aspect jitter would blur that cue (README, Training).
+    args.augment = pick(args.augment, "off", "on")
+    args.l1_weight = CILFConfig(feedback_steps=args.feedback_steps, l1_weight=args.l1_weight).l1_weight
     args.batch_size = pick(args.batch_size, 64, 64)
     args.lr = pick(args.lr, 1e-3, 1e-4)
     args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)
@@ -598,7 +603,7 @@ def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_lo
     options = dataset_options(args, resolution)
     splits = {}
     for split in ("train", "val", "test"):
-        augment = split == "train" and not args.no_augment
+        augment = split == "train" and args.augment == "on"
         transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
         try:
             splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,

@@ -4,20 +4,22 @@ First the demo CLIP (built once by `train.py --objective clip` if the cache lack
 well its 101 age prompts carry the order of the ages, and its zero-shot test MAE on each seed's split
 (eval.py --zero-shot --seed). Then it trains the full model and each ablation with train.py (a fresh
 process per run, so runs are independent and each one's wall time is its own), evaluates each run's
-best.pt (chosen on validation) on the test split with eval.py, and prints and writes a table: test MAE
+best.pt (chosen on validation) on the validation and test splits with eval.py, and prints and writes a
+table: the validation MAE and feedback change (where the demo's defaults were chosen), the test MAE
 mean and std over seeds and its ratio to the mean predictor's (worst seed too), MAE after each feedback
 step, the change the feedback makes (last step minus step 0, mean and worst seed), Spearman rank
 correlation between the predicted uncertainty and the actual error, wall time and trainable parameters.
 
-    python bench/ablation.py                          # 9 variants x 3 seeds, 2 runs at a time
+    python bench/ablation.py                          # 10 variants x 3 seeds, 2 runs at a time
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
-    python bench/ablation.py --variants feedback-off-l1x2 --out runs/ablation_control   # a control, see CONTROLS
+    python bench/ablation.py --variants augment-on clip-random --out runs/ablation_control   # controls
 
 Runs go in the order given (most telling first) and results.json is rewritten after each, so a run cut
 short keeps what it finished.
 
 Nothing is chosen on the test split: every run trains with the demo's settings, and its test figure is
-the one of the checkpoint that train.py selected by validation MAE.
+the one of the checkpoint that train.py selected by validation MAE; the demo's defaults were chosen by the
+validation columns.
 
 Results go to --out (default runs/ablation): one run folder per (variant, seed), results.json and
 table.md.
@@ -39,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the feedback designs side by side.
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
-    "feedback-off": ["--feedback-steps", "0"],                       # claim 4
-    "feedback-residual": ["--feedback-design", "residual",           # claim 4, the first reading (round 1)
-                          "--uncertainty-loss", "l1"],
+    "feedback-off": ["--feedback-steps", "0"],                       # claim 4 (the L1 then goes to y0)
+    "feedback-l1-on-y0": ["--l1-weight", "1"],                       # claim 4 with y0 given its own L1 too
+    "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading (round 1)
     "feedback-reread-laplace": ["--uncertainty-loss", "laplace"],    # claim 4, uncertainty as a Laplace NLL
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
@@ -50,11 +52,9 @@ VARIANTS = {
     "mixer-fourier": ["--mixer", "fourier"],                         # claim 2, the abstract's FourierFormer
     "mixer-softmax": ["--mixer", "softmax"],                         # claim 2, the quadratic baseline
 }
-# Controls that separate a component's effect from its loss term, or show what pretraining buys; run
-# with --variants NAME.
+# Controls that show what a demo setting or the pretraining buys; run with --variants NAME.
 CONTROLS = {
-    "feedback-off-l1x2": ["--feedback-steps", "0", "--l1-weight", "2"],  # feedback off, but y0 gets the
-                                                                         # second L1 the feedback loss adds
+    "augment-on": ["--augment", "on"],     # the real-run augmentation on the drawings (the demo trains without)
     "clip-random": ["--clip", "random"],   # round 1's demo: a random CLIP, both towers trained
 }
 RUNS = {**VARIANTS, **CONTROLS}
@@ -69,13 +69,18 @@ def run(variant, seed, args):
     start = time.time()
     subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - start
-    subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "best.pt"), "--out", str(out / "eval"),
-                    "--device", "cpu"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = {}
+    for split in ("val", "test"):   # val: where the demo's defaults were chosen; test: reported
+        subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "best.pt"), "--split", split,
+                        "--out", str(out / f"eval_{split}"), "--device", "cpu"], cwd=ROOT, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        metrics[split] = json.loads((out / f"eval_{split}" / "metrics.json").read_text())
     test = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"test"' in line][-1]
-    return {"variant": variant, "seed": seed, "test_mae": metrics["mae"], "baseline_mae": test["baseline_mae"],
-            "mae_per_step": metrics.get("mae_per_feedback_step", [metrics["mae"]]),
-            "spearman": metrics.get("spearman_uncertainty_error"), "wall_s": wall,
+    steps = lambda m: m.get("mae_per_feedback_step", [m["mae"]])
+    return {"variant": variant, "seed": seed, "test_mae": metrics["test"]["mae"], "baseline_mae": test["baseline_mae"],
+            "mae_per_step": steps(metrics["test"]), "val_mae": metrics["val"]["mae"],
+            "val_mae_per_step": steps(metrics["val"]),
+            "spearman": metrics["test"].get("spearman_uncertainty_error"), "wall_s": wall,
             "params": trainable_parameters(out / "best.pt")}
 
 
@@ -128,12 +133,17 @@ def summarise(rows):
         ratio = mae / np.array([r["baseline_mae"] for r in mine])
         steps = np.array([r["mae_per_step"] for r in mine])   # (seeds, R+1)
         change = steps[:, -1] - steps[:, 0]
+        val_steps = np.array([r["val_mae_per_step"] for r in mine])
+        val_change = val_steps[:, -1] - val_steps[:, 0]
         rho = [r["spearman"] for r in mine if r["spearman"] is not None]
         table.append({"variant": variant, "seeds": len(mine), "mae_mean": float(mae.mean()),
                       "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else 0.0,
                       "ratio_mean": float(ratio.mean()), "ratio_max": float(ratio.max()),
                       "mae_per_step": [float(s) for s in steps.mean(0)],
                       "feedback_change_mean": float(change.mean()), "feedback_change_max": float(change.max()),
+                      "val_mae_mean": float(np.mean([r["val_mae"] for r in mine])),
+                      "val_feedback_change_mean": float(val_change.mean()),
+                      "val_feedback_change_max": float(val_change.max()),
                       "spearman": float(np.mean(rho)) if rho else None,
                       "spearman_min": float(np.min(rho)) if rho else None,
                       "wall_s": float(np.mean([r["wall_s"] for r in mine])), "params": mine[0]["params"]})
@@ -149,16 +159,19 @@ def markdown(table, zero):
                   + ", ".join(f"{z['test_mae']:.2f} (seed {z['seed']}, mean predictor {z['baseline_mae']:.2f})"
                               for z in zero)
                   + f"; MAE / mean predictor {np.mean(ratios):.2f} (worst seed {np.max(ratios):.2f})", ""]
-    lines += ["| variant | seeds | test MAE (mean ± std) | MAE / mean predictor (worst seed) | MAE after feedback "
-              "steps 0..R | last step − step 0 (worst seed) | Spearman(u, abs err) (worst seed) | wall s / run "
-              "| trainable params |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| variant | seeds | val MAE | val: last step − step 0 (worst seed) | test MAE (mean ± std) | "
+              "MAE / mean predictor (worst seed) | MAE after feedback steps 0..R | last step − step 0 (worst seed) | "
+              "Spearman(u, abs err) (worst seed) | wall s / run | trainable params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         steps = " → ".join(f"{s:.2f}" for s in t["mae_per_step"])
         change = (f"{t['feedback_change_mean']:+.2f} ({t['feedback_change_max']:+.2f})"
                   if len(t["mae_per_step"]) > 1 else "-")
+        val_change = (f"{t['val_feedback_change_mean']:+.2f} ({t['val_feedback_change_max']:+.2f})"
+                      if len(t["mae_per_step"]) > 1 else "-")
         rho = f"{t['spearman']:.2f} ({t['spearman_min']:.2f})" if t["spearman"] is not None else "-"
-        lines.append(f"| {t['variant']} | {t['seeds']} | {t['mae_mean']:.2f} ± {t['mae_std']:.2f} | "
+        lines.append(f"| {t['variant']} | {t['seeds']} | {t['val_mae_mean']:.2f} | {val_change} | "
+                     f"{t['mae_mean']:.2f} ± {t['mae_std']:.2f} | "
                      f"{t['ratio_mean']:.2f} ({t['ratio_max']:.2f}) | {steps} | {change} | {rho} | "
                      f"{t['wall_s']:.0f} | {t['params'] / 1e6:.2f}M |")
     return "\n".join(lines)

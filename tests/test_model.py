@@ -149,7 +149,7 @@ def _same_forward(a: AgeOutput, b: AgeOutput):
                                    "feedback_weight", "uncertainty_weight"])
 def test_a_zero_loss_weight_removes_exactly_its_part(vit, weight):
     part = weight[: -len("_weight")]
-    on = wake(build(vit)).eval()
+    on = wake(build(vit, **{weight: 1.0})).eval()
     off = build(vit, **{weight: 0.0}).eval()
     off.load_state_dict(on.state_dict())
     x = images(vit)
@@ -163,9 +163,19 @@ def test_a_zero_loss_weight_removes_exactly_its_part(vit, weight):
     torch.testing.assert_close(total_on - total_off, getattr(on.config, weight) * parts_on[part])
 
 
+def test_l1_on_y0_by_default_only_without_feedback(vit):
+    """With the feedback on, the L1 is on the corrected estimates only; off, on y0 (the reported age)."""
+    assert (CILFConfig().l1_weight, CILFConfig(feedback_steps=0).l1_weight) == (0.0, 1.0)
+    assert CILFConfig(l1_weight=0.5).l1_weight == 0.5
+    for steps, l1 in ((2, False), (0, True)):
+        model = build(vit, feedback_steps=steps)
+        _, parts = model.loss(model(images(vit)), TARGET)
+        assert ("l1" in parts) == l1 and ("feedback" in parts) != l1
+
+
 def test_feedback_steps_zero_turns_feedback_off_and_nothing_else(vit):
-    on = wake(build(vit, feedback_steps=2)).eval()
-    off = build(vit, feedback_steps=0).eval()
+    on = wake(build(vit, feedback_steps=2, l1_weight=1.0)).eval()
+    off = build(vit, feedback_steps=0, l1_weight=1.0).eval()
     missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
     assert not missing and unexpected and all(k.startswith("feedback.") for k in unexpected)
     assert off.feedback is None

@@ -108,6 +108,8 @@ def test_defaults_depend_on_the_mode():
     real = train.parse_args(["--dataset", "utkface", "--data-root", "x", "--clip", "ViT-B-16.pt"])
     assert real.data_root == os.path.abspath("x") and real.clip == os.path.abspath("ViT-B-16.pt")
     assert real.clip_lr < real.lr and real.out == os.path.abspath("runs/utkface") and real.width == train.CILFConfig().width
+    # the drawings train on the evaluation transform, real photos with the authors' augmentation
+    assert (demo.augment, real.augment, train.parse_args(["--augment", "on"]).augment) == ("off", "on", "on")
     assert train.build_config(demo).freeze_text_tower and train.build_config(real).freeze_text_tower
     assert not train.build_config(random_clip).freeze_text_tower
     pretrain = train.parse_args(["--objective", "clip"])
@@ -117,6 +119,9 @@ def test_defaults_depend_on_the_mode():
     config = train.build_config(train.parse_args(["--mixer", "fourier", "--contrastive-weight", "0",
                                                   "--feedback-steps", "0", "--image-tower", "freeze"]))
     assert (config.mixer, config.contrastive_weight, config.feedback_steps) == ("fourier", 0.0, 0)
+    # the L1 goes to y0 only without the feedback (with it, to the corrected estimates), unless set
+    assert (config.l1_weight, demo.l1_weight, train.build_config(demo).l1_weight) == (1.0, 0.0, 0.0)
+    assert train.parse_args(["--l1-weight", "0.5"]).l1_weight == 0.5
     assert config.freeze_image_tower and config.freeze_text_tower
 
 
@@ -130,7 +135,7 @@ def test_short_demo_learns(tmp_path, capsys):
     assert len(steps) == 3 * (256 // 32)
     first, last = np.mean([s["loss"] for s in steps[:4]]), np.mean([s["loss"] for s in steps[-4:]])
     assert last < 0.9 * first, (first, last)
-    assert {"distribution", "l1", "contrastive", "feedback", "uncertainty"} <= set(steps[0])
+    assert {"distribution", "contrastive", "feedback", "uncertainty"} <= set(steps[0]) and "l1" not in steps[0]
     epochs = log_lines(tmp_path, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(math.isfinite(e["val_mae"]) for e in epochs)
     assert result["test_mae"] > 0 and result["baseline_mae"] > 0
