@@ -926,7 +926,10 @@ def main(argv=None):
     if calibration is not None:
         metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
                                                calibration, args.interval)
-        if calibration["source"] != f"{name} val" or split == "val":
+        if calibration["source"] == f"{name} val" and split == "val":
+            print(f"warning: the interval was calibrated on {calibration['source']}, these very images: its "
+                  f"coverage on them is not a measurement of it (evaluate on test for that)", file=sys.stderr)
+        elif calibration["source"] != f"{name} val":
             print(f"warning: the interval was calibrated on {calibration['source']}; its coverage on {tag} is "
                   f"guaranteed only for images exchangeable with those (and not measured on them)",
                   file=sys.stderr)

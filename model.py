@@ -73,7 +73,7 @@ class CILFConfig:
     feedback_noise: float = 10.0            # reread: std (years) of the training perturbation of hypotheses
     detach_inverse: bool = True             # residual: inverse map reads y_r.detach() (see feedback.ErrorFeedback)
     uncertainty_loss: str = "l1"            # l1 (|u - err|) | laplace (NLL), see feedback.feedback_loss;
-                                            # l1 ranked the error better in the README's ablation
+                                            # the two rank the error about equally (README)
     # CLIP towers (claim 1)
     freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
     freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode

@@ -140,7 +140,7 @@ def test_train_stores_a_calibration_that_eval_reproduces(run, tmp_path, capsys):
     scores = [e / (max(float(r["uncertainty"]), 0) + 1.0) for e, r in zip(err, rows)]
     assert cal["quantiles"]["0.8"]["normalised"] == pytest.approx(max(scores), rel=1e-4)
     assert cal["quantiles"]["0.8"]["plain"] == pytest.approx(max(err), rel=1e-4)
-    assert "calibrated on csv val" in capsys.readouterr().err   # coverage on the calibration images: said
+    assert "calibrated on csv val, these very images" in capsys.readouterr().err   # said, as it is
     # on test: coverage and width in metrics.json agree with the per-image intervals written
     metrics = ev.main(["--ckpt", str(ckpt_path), "--interval", "0.8", "--out", str(tmp_path / "test")])
     rows = read_csv(tmp_path / "test" / "predictions.csv")
