@@ -31,7 +31,7 @@ left out and counted, as in train.py's own evaluation.
 Public names: option types (positive_int, non_negative_int, positive_float, non_negative_float, fraction,
 probability_below_one, coverage_level, device_name, prompt_template), one_line_warnings, atomic_write, write_text, write_json, mae,
 cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics, format_table, select_device,
-autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, predict, image_paths, write_predictions,
+autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, exit_on_checkpoint_error, predict, image_paths, write_predictions,
 check_data_unchanged, check_no_training_overlap, main; conformal intervals: CONFORMAL_LEVELS,
 conformal_quantile, conformal_scores, calibrate, conformal_interval, interval_metrics; the predict API:
 Prediction, load_model, predict_images; faces: face_detector, face_crop, FACE_MARGIN, predict_files.
@@ -395,22 +395,33 @@ def move_to(tensor, device):
 
 def load_checkpoint(path):
     """clip_loader.safe_torch_load (torch.load(weights_only=True) behind checks of the file's zip records,
-    pickle and tensors), with one-line errors that name the file and say what is wrong."""
+    pickle and tensors). Raises clip_loader.CheckpointError (a ValueError) with a one-line message that
+    names the file and says what is wrong; the scripts' main functions turn it into an exit."""
     path = Path(path)
     if not path.is_file():
         kind = "is a folder, not a checkpoint file" if path.is_dir() else \
             "is not a regular file" if os.path.lexists(path) else "not found"
-        raise SystemExit(f"checkpoint {kind}: {path}")
+        raise clip_loader.CheckpointError(f"checkpoint {kind}: {path}")
     try:
         ckpt = clip_loader.safe_torch_load(path)
     except clip_loader.CheckpointError as e:   # truncated, hostile, not a torch file, or pickled code
-        raise SystemExit(str(e).replace(f"{path}: ", f"{path}: cannot be read: ", 1)) from None
+        raise clip_loader.CheckpointError(str(e).replace(f"{path}: ", f"{path}: cannot be read: ", 1)) from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]):
         keys = str(list(ckpt)[:5])[:200] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' "
-                         f"and 'config'; found {keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
+        raise clip_loader.CheckpointError(
+            f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' and 'config'; found "
+            f"{keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
     return ckpt
+
+
+def exit_on_checkpoint_error(function, *args):
+    """function(*args), with a clip_loader.CheckpointError turned into an exit with its one line: what the
+    scripts do with a bad file, where a library caller would rather catch the error."""
+    try:
+        return function(*args)
+    except clip_loader.CheckpointError as e:
+        raise SystemExit(str(e)) from None
 
 
 def config_from_dict(fields):
@@ -457,11 +468,12 @@ def clip_record(clip_model):
 def model_from_checkpoint(ckpt, path="checkpoint"):
     """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
     "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
-    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig."""
+    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig.
+    Raises clip_loader.CheckpointError when the weights do not make that model."""
     state = ckpt["model"]
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
     if not clip_state:
-        raise SystemExit(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+        raise clip_loader.CheckpointError(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
     record = ckpt["config"].get("clip") or {}
     try:
         clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
@@ -470,8 +482,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
         model.load_state_dict(state)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise SystemExit(f"{path}: weights do not fit the CILF-CIAE model they describe "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.float().eval()
 
 
@@ -512,7 +524,8 @@ class Prediction:
 
 def load_model(path, device="cpu"):
     """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
-    the conformal calibration train.py stored in it (None for a checkpoint written before there was one)."""
+    the conformal calibration train.py stored in it (None for a checkpoint written before there was one).
+    A missing, unreadable or foreign file raises clip_loader.CheckpointError (a ValueError) naming it."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
 
@@ -871,9 +884,9 @@ def main(argv=None):
         clip_model = load_clip(args)
         ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
     else:
-        ckpt = load_checkpoint(args.ckpt)
-        model, train_config, source = model_from_checkpoint(ckpt, args.ckpt), ckpt["config"]["train"], \
-            Path(args.ckpt)
+        ckpt = exit_on_checkpoint_error(load_checkpoint, args.ckpt)
+        model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
+            ckpt["config"]["train"], Path(args.ckpt)
     model = model.to(device).eval()
     transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
     calibration = ckpt.get("calibration") if ckpt else None

@@ -84,9 +84,9 @@ from tqdm import tqdm
 import clip_loader
 import data
 from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, calibrate, clip_record, device_name,
-                  fraction, load_checkpoint, load_clip, move_to, non_negative_float, non_negative_int, one_line_warnings,
-                  positive_float, positive_int, predict, predict_dataset, probability_below_one, prompt_age_order, prompt_template,
-                  select_device, write_json)
+                  exit_on_checkpoint_error, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
+                  non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
+                  probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
 from model import CILFCIAE, CILFConfig
 
 # The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
@@ -850,7 +850,7 @@ def run(args, rank, world, device, argv_of_run=()):
 def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log):
     """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean;
     then best.pt is calibrated for conformal age intervals on validation (rewritten atomically)."""
-    best = load_checkpoint(out / "best.pt")
+    best = exit_on_checkpoint_error(load_checkpoint, out / "best.pt")
     raw_model.load_state_dict(best["model"])
     test_mae = evaluate_mae(raw_model, splits["test"], args, device, amp_dtype, rank, world)
     train_mean = float(np.mean([s.age for s in splits["train"].samples]))
@@ -891,7 +891,7 @@ def resume_checkpoint(args, out):
         if args.resume:
             raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
         return None
-    return load_checkpoint(path)
+    return exit_on_checkpoint_error(load_checkpoint, path)
 
 
 def claim_run_folder(out):
@@ -948,7 +948,7 @@ def check_best_is_ours(run_config, out):
     """A new run in a folder that still holds a best.pt (its last.pt deleted) may only be the same run
     started again: a run with other options would replace that result."""
     if (out / "best.pt").exists():
-        check_same_run(load_checkpoint(out / "best.pt")["config"], run_config, out)
+        check_same_run(exit_on_checkpoint_error(load_checkpoint, out / "best.pt")["config"], run_config, out)
 
 
 def check_same_data(ckpt, run_config, data_index, args, out):

@@ -529,12 +529,12 @@ def test_scripts_exit_with_one_line(refusals, tmp_path):
 
 
 def test_checkpoint_loader_of_the_scripts_gives_one_line(refusals):
-    """The loader eval.py --ckpt, train.py --resume and train.py's best.pt share, on every torch-file
-    attack: SystemExit with one line naming the file."""
+    """The loader eval.py --ckpt, train.py --resume, train.py's best.pt and the predict API share, on every
+    torch-file attack: a CheckpointError (which the scripts turn into an exit) with one line naming the file."""
     import eval as evaluation
     for case, result in refusals[0].items():
         if result["path"].endswith(".pt") and "archive" not in case:
-            with pytest.raises(SystemExit) as exit_:
+            with pytest.raises(cl.CheckpointError) as error:
                 evaluation.load_checkpoint(result["path"])
-            message = str(exit_.value.code)
+            message = str(error.value)
             assert message.startswith(f"{result['path']}: ") and "\n" not in message, (case, message)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_loader
 import data
 import eval as ev
 import train
@@ -189,6 +190,16 @@ def test_predict_api_matches_the_command_line(run, tmp_path):
             assert getattr(out, key)[i] == pytest.approx(float(row[column]), abs=1e-3)
     one = ev.predict_images(model, Image.open(root / "img" / "03.png"))   # one image, no calibration
     assert one.age[0] == pytest.approx(out.age[1], abs=1e-4) and math.isnan(one.lower[0])
+
+
+def test_predict_api_raises_a_catchable_error_for_a_bad_file(tmp_path):
+    """A library caller gets a ValueError it can catch (clip_loader.CheckpointError), not an exit."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, message in ((tmp_path / "missing.pt", "checkpoint not found"), (garbage, "garbage.pt: cannot be read")):
+        with pytest.raises(clip_loader.CheckpointError, match=message) as error:
+            ev.load_model(path)
+        assert isinstance(error.value, ValueError)
 
 
 # --------------------------------------------------------------------------- --detect-faces
