@@ -874,25 +874,31 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(age: int, shown: dict, rng: np.random.Generator) -> str:
-    """A caption of one drawing: the age phrase, then each of hair, skin and background (as
+def caption(age: int, shown: dict, rng: np.random.Generator, age_rate: float = 1.0) -> str:
+    """A caption of one drawing: the age phrase (with probability age_rate; otherwise "a photo of a
+    person", as most web captions leave the age out), then each of hair, skin and background (as
     draw_synthetic reports them) with probability 1/2, in random order."""
     details = [f"with {shown['hair']} hair", f"with {shown['skin']} skin", f"on {_article(shown['background'])} {shown['background']} background"]
     kept = [details[i] for i in rng.permutation(3) if rng.uniform() < 0.5]
-    return ", ".join([age_phrase(age, rng).rstrip(".")] + kept)
+    phrase = age_phrase(age, rng).rstrip(".")
+    if age_rate < 1 and rng.uniform() < 1 - age_rate:   # no draw at 1: the default corpus is unchanged
+        phrase = "a photo of a person"
+    return ", ".join([phrase] + kept)
 
 
 class CaptionedDrawings(Dataset):
     """The demo CLIP's pretraining corpus: n (drawing, tokenised caption) pairs, deterministic from the
     seed. Integer ages uniform on [0, 100]. Drawn from the random streams [seed, 3, i], which no demo split
     uses (those are [seed, 0|1|2, i]), so no drawing of the demo's train, val or test splits is in it.
-    Items: (image tensor after transform, (context_length,) token ids)."""
+    Items: (image tensor after transform, (context_length,) token ids). age_rate: the share of captions
+    that state the age (caption)."""
 
     CODE = 3
 
-    def __init__(self, n: int, seed: int, transform: Callable, image_size: int, context_length: int):
+    def __init__(self, n: int, seed: int, transform: Callable, image_size: int, context_length: int,
+                 age_rate: float = 1.0):
         self.n, self.seed, self.transform = n, seed, transform
-        self.image_size, self.context_length = image_size, context_length
+        self.image_size, self.context_length, self.age_rate = image_size, context_length, age_rate
 
     def __len__(self) -> int:
         return self.n
@@ -902,7 +908,7 @@ class CaptionedDrawings(Dataset):
         rng = np.random.default_rng([self.seed, self.CODE, index])
         age = int(rng.integers(0, 101))
         image, shown = draw_synthetic(age, rng, self.image_size)
-        return Image.fromarray(image), caption(age, shown, rng), age
+        return Image.fromarray(image), caption(age, shown, rng, self.age_rate), age
 
     def __getitem__(self, index: int):
         image, text, _ = self.pair(index)

@@ -148,6 +148,8 @@ def parse_args(argv=None):
                    "the synthetic images) with training; results do not depend on it")
     g.add_argument("--corpus-size", type=positive_int, default=30000, help="--objective clip: captioned drawings in "
                    "the pretraining corpus")
+    g.add_argument("--caption-age-rate", type=fraction, default=1.0, help="--objective clip: share of the captions "
+                   "that state the age (the others say 'a photo of a person'); see the README's ablation")
     g = p.add_argument_group("model (CILFConfig)")
     g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
                    "open_clip file (its open_clip_config.json beside it), a Hugging Face CLIP folder; none: the "
@@ -489,8 +491,8 @@ def pretrain_clip(args):
     path = out / "demo_clip.pt"
     save_checkpoint(path, {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
     record = {"file": path.name, "sha256": sha256(path), "architecture": DEMO_CLIP, "prompt_age_order": order,
-              "options": {k: v for k, v in vars(args).items() if k in ("seed", "corpus_size", "epochs",
-                          "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip")},
+              "options": {k: v for k, v in vars(args).items() if k in ("seed", "corpus_size", "caption_age_rate",
+                          "epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip")},
               "history": history, "rebuild": "python train.py --objective clip"}
     write_json_atomic(out / "demo_clip.json", record)
     print(f"demo CLIP written to {path} (SHA-256 {record['sha256']}); age prompts' order: Spearman "
@@ -503,7 +505,7 @@ def render_corpus(args):
     caption tokens (n, L)). Drawn by --workers processes; every epoch then reads it from memory."""
     resolution = DEMO_CLIP["image_resolution"]
     corpus = data.CaptionedDrawings(args.corpus_size, args.seed, data.T.PILToTensor(), resolution,
-                                    DEMO_CLIP["context_length"])
+                                    DEMO_CLIP["context_length"], args.caption_age_rate)
     loader = torch.utils.data.DataLoader(corpus, batch_size=1024, num_workers=args.workers)
     parts = list(loader)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

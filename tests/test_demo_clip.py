@@ -38,6 +38,23 @@ def test_captions_state_the_age_and_what_the_drawing_shows():
     assert all(n > 30 for n in forms.values()), forms
 
 
+def test_caption_age_rate_leaves_the_age_out_of_the_other_captions():
+    """--caption-age-rate r: about r of the captions state the age, the rest say "a photo of a person"
+    with the same details; each stated caption is the one the full corpus has (same drawing, same words)."""
+    full = data.CaptionedDrawings(400, seed=0, transform=None, image_size=37, context_length=32)
+    rare = data.CaptionedDrawings(400, seed=0, transform=None, image_size=37, context_length=32, age_rate=0.25)
+    stated = 0
+    for i in range(len(full)):
+        (image, text, age), (rare_image, rare_text, rare_age) = full.pair(i), rare.pair(i)
+        assert (np.asarray(image) == np.asarray(rare_image)).all() and age == rare_age
+        if rare_text == text:
+            stated += 1
+        else:   # the same details after the generic phrase (an age phrase may hold a comma itself)
+            generic = "a photo of a person"
+            assert rare_text.startswith(generic) and text.endswith(rare_text[len(generic):]), (text, rare_text)
+    assert 0.19 < stated / len(full) < 0.31, stated
+
+
 def test_corpus_drawings_are_not_the_demo_splits():
     corpus = data.CaptionedDrawings(50, seed=0, transform=None, image_size=37, context_length=32)
     demo = data.build_dataset("synthetic", split="all", seed=0, n=50, image_size=37)
