@@ -718,8 +718,8 @@ def draw_synthetic(age: float, rng: np.random.Generator, size: int = 64):
     age; a model has to find the face and read it. The face fills most of the frame, as in the aligned
     crops of UTKFace or MORPH II (centre within 0.1 of the middle, half-width 0.5-0.65 of the image's):
     at the demo CLIP's 32 pixels the child cues span only a few pixels, and a smaller face loses them
-    (measured: the demo CLIP's zero-shot validation MAE on ages 0-9 was 18 years with half-widths of
-    0.375-0.5 and centres within 0.25, 3 years with these)."""
+    (measured with a demo CLIP whose captions all stated the age: its zero-shot validation MAE on ages
+    0-9 was 18 years with half-widths of 0.375-0.5 and centres within 0.25, 3 years with these)."""
     lin = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)  # float32: twice as fast
     x, y = lin[None, :], lin[:, None]  # (1, S), (S, 1): image coordinates in [-1, 1]
     pixel = 2 / size

@@ -38,11 +38,13 @@ hardware. Defaults written "demo: X / real: Y" depend on whether the data is the
 
 The demo CLIP (--objective clip, METHOD.md section 1 at toy size): OpenAI's ViT architecture pretrained
 with CLIP's own objective (clip_loss: symmetric InfoNCE, learned temperature capped at 100) on
-data.CaptionedDrawings, written as a state dict with OpenAI's key names to DEMO_CLIP_FILE with its
-SHA-256 beside it (demo_clip.json); the demo checks the SHA-256 and reads it with clip_loader.load.
+data.CaptionedDrawings, where a quarter of the captions state the age (--caption-age-rate; the rest say
+"a photo of a person", as most web captions leave the age out), written as a state dict with OpenAI's key
+names to DEMO_CLIP_FILE with its SHA-256 and options beside it (demo_clip.json); the demo checks both and
+reads the file with clip_loader.load.
 
-Public names: DEMO_CLIP, DEMO_CLIP_FILE, PRETRAIN, DEMO_CLIP_LR, clip_loss, demo_clip, pretrain_clip,
-render_corpus, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
+Public names: DEMO_CLIP, DEMO_CLIP_FILE, PRETRAIN, DEMO_CLIP_LR, clip_loss, demo_clip, demo_clip_options,
+pretrain_options, pretrain_clip, render_corpus, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed, seed_all, rng_state,
 set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max, resolve_max_age, build_config,
 sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch, final_test, calibrate_on_validation,
 main; run-folder handling: LOCK_FILE, claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours,
@@ -148,8 +150,9 @@ def parse_args(argv=None):
                    "the synthetic images) with training; results do not depend on it")
     g.add_argument("--corpus-size", type=positive_int, default=30000, help="--objective clip: captioned drawings in "
                    "the pretraining corpus")
-    g.add_argument("--caption-age-rate", type=fraction, default=1.0, help="--objective clip: share of the captions "
-                   "that state the age (the others say 'a photo of a person'); see the README's ablation")
+    g.add_argument("--caption-age-rate", type=fraction, default=0.25, help="--objective clip: share of the captions "
+                   "that state the age (the others say 'a photo of a person', as most web captions leave the age "
+                   "out; 1 makes the demo CLIP's zero-shot unrealistically strong, see the README's demo CLIP)")
     g = p.add_argument_group("model (CILFConfig)")
     g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
                    "open_clip file (its open_clip_config.json beside it), a Hugging Face CLIP folder; none: the "
@@ -424,11 +427,32 @@ def demo_clip():
         print(f"the demo CLIP is not built yet: pretraining it once (python train.py --objective clip) "
               f"-> {DEMO_CLIP_FILE}", flush=True)
         pretrain_clip(parse_args(["--objective", "clip"]))
-    want, got = json.loads(record.read_text(encoding="utf-8"))["sha256"], sha256(DEMO_CLIP_FILE)
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    want, got = recorded["sha256"], sha256(DEMO_CLIP_FILE)
     if got != want:
         raise SystemExit(f"{DEMO_CLIP_FILE}: SHA-256 {got} differs from the one recorded in {record} ({want}); "
                          f"delete both and rebuild with: python train.py --objective clip")
+    # A cache built by an older version (or by hand with other options) would give other figures than the
+    # README's without a word: name the difference. Older records lack caption_age_rate (it was then 1).
+    built = {"caption_age_rate": 1.0, **recorded.get("options", {})}
+    differ = {k: (built.get(k), v) for k, v in demo_clip_options().items() if built.get(k) != v}
+    if differ:
+        said = ", ".join(f"{k} {old} (default {new})" for k, (old, new) in differ.items())
+        raise SystemExit(f"{DEMO_CLIP_FILE} was built with other options than the demo's: {said}; delete "
+                         f"{DEMO_CLIP_FILE.parent} to rebuild it with the defaults, or pass it as --clip {DEMO_CLIP_FILE}")
     return DEMO_CLIP_FILE
+
+
+def demo_clip_options():
+    """The options the demo's own CLIP is built with (`python train.py --objective clip`)."""
+    return pretrain_options(parse_args(["--objective", "clip"]))
+
+
+def pretrain_options(args):
+    """The options of a demo CLIP pretraining that decide its weights (recorded beside the file)."""
+    return {k: v for k, v in vars(args).items() if k in ("seed", "corpus_size", "caption_age_rate", "epochs",
+                                                          "batch_size", "lr", "weight_decay", "warmup",
+                                                          "min_lr_ratio", "grad_clip")}
 
 
 def pretrain_clip(args):
@@ -491,8 +515,7 @@ def pretrain_clip(args):
     path = out / "demo_clip.pt"
     save_checkpoint(path, {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
     record = {"file": path.name, "sha256": sha256(path), "architecture": DEMO_CLIP, "prompt_age_order": order,
-              "options": {k: v for k, v in vars(args).items() if k in ("seed", "corpus_size", "caption_age_rate",
-                          "epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip")},
+              "options": pretrain_options(args),
               "history": history, "rebuild": "python train.py --objective clip"}
     write_json_atomic(out / "demo_clip.json", record)
     print(f"demo CLIP written to {path} (SHA-256 {record['sha256']}); age prompts' order: Spearman "

@@ -116,6 +116,7 @@ def test_demo_clip_file_loads_like_an_openai_file_and_its_sha256_is_checked(tiny
     assert model.context_length == train.DEMO_CLIP["context_length"]
     assert model.vocab_size == 49408 and model.logit_scale.exp().item() <= 100.0 + 1e-3
     monkeypatch.setattr(train, "DEMO_CLIP_FILE", path)
+    monkeypatch.setattr(train, "demo_clip_options", lambda: saved["options"])   # built small, on purpose
     assert train.demo_clip() == path
     copy = path.with_name("tampered.pt")
     copy.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
@@ -125,9 +126,28 @@ def test_demo_clip_file_loads_like_an_openai_file_and_its_sha256_is_checked(tiny
         train.demo_clip()
 
 
+def test_a_demo_clip_built_with_other_options_is_refused_by_name(tiny_demo_clip, monkeypatch, tmp_path):
+    """A cache from an older version (captions all stating the age, no caption_age_rate recorded) or
+    built by hand with other options would give other figures than the README's: the demo names them."""
+    path, _ = tiny_demo_clip
+    monkeypatch.setattr(train, "DEMO_CLIP_FILE", path)
+    with pytest.raises(SystemExit, match=r"corpus_size 96 \(default 30000\).*epochs 2 \(default 5\)"):
+        train.demo_clip()
+    old = tmp_path / "demo_clip.pt"
+    old.write_bytes(path.read_bytes())
+    record = json.loads(path.with_suffix(".json").read_text())
+    record["options"] = {k: v for k, v in train.demo_clip_options().items() if k != "caption_age_rate"}
+    old.with_suffix(".json").write_text(json.dumps(record))
+    monkeypatch.setattr(train, "DEMO_CLIP_FILE", old)
+    with pytest.raises(SystemExit, match=r"other options than the demo's: caption_age_rate 1.0 \(default 0.25\); "
+                                         r"delete"):
+        train.demo_clip()
+
+
 def test_demo_run_names_the_demo_clip_in_its_config(tiny_demo_clip, monkeypatch, tmp_path):
     path, record = tiny_demo_clip
     monkeypatch.setattr(train, "DEMO_CLIP_FILE", path)
+    monkeypatch.setattr(train, "demo_clip_options", lambda: record["options"])   # built small, on purpose
     train.main(["--synthetic-n", "64", "32", "32", "--depth", "1", "--epochs", "1", "--workers", "0",
                 "--device", "cpu", "--out", str(tmp_path)])
     config = json.loads((tmp_path / "config.json").read_text())
