@@ -183,8 +183,8 @@ def parse_args(argv=None):
     g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
     g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
-    g.add_argument("--l1-weight", type=non_negative_float, default=None, help="weight of |y0 - y|; default: 0 "
-                   "with the feedback on (the corrected estimates carry the L1), 1 with --feedback-steps 0")
+    g.add_argument("--l1-weight", type=non_negative_float, default=m.l1_weight, help="weight of |y0 - y|, the "
+                   "base estimate's own L1")
     g.add_argument("--contrastive-weight", type=non_negative_float, default=m.contrastive_weight,
                    help="weight of the image-text contrastive loss (claim 3; 0: off)")
     g.add_argument("--contrastive-sigma", type=positive_float, default=m.contrastive_sigma,
@@ -274,7 +274,6 @@ def resolve_defaults(args):
     # The drawings vary in position, size, tilt, colours and noise already, and their proportions carry age
     # (a child's rounder head): the crop's aspect jitter would blur that cue (README, Training).
     args.augment = pick(args.augment, "off", "on")
-    args.l1_weight = CILFConfig(feedback_steps=args.feedback_steps, l1_weight=args.l1_weight).l1_weight
     args.batch_size = pick(args.batch_size, 64, 64)
     args.lr = pick(args.lr, 1e-3, 1e-4)
     args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)

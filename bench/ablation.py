@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the feedback designs side by side.
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
-    "feedback-off": ["--feedback-steps", "0"],                       # claim 4 (the L1 then goes to y0)
-    "feedback-l1-on-y0": ["--l1-weight", "1"],                       # claim 4 with y0 given its own L1 too
+    "feedback-off": ["--feedback-steps", "0"],                       # claim 4
+    "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (round 3)
     "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading (round 1)
     "feedback-reread-laplace": ["--uncertainty-loss", "laplace"],    # claim 4, uncertainty as a Laplace NLL
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,

@@ -163,14 +163,17 @@ def test_a_zero_loss_weight_removes_exactly_its_part(vit, weight):
     torch.testing.assert_close(total_on - total_off, getattr(on.config, weight) * parts_on[part])
 
 
-def test_l1_on_y0_by_default_only_without_feedback(vit):
-    """With the feedback on, the L1 is on the corrected estimates only; off, on y0 (the reported age)."""
-    assert (CILFConfig().l1_weight, CILFConfig(feedback_steps=0).l1_weight) == (0.0, 1.0)
-    assert CILFConfig(l1_weight=0.5).l1_weight == 0.5
-    for steps, l1 in ((2, False), (0, True)):
-        model = build(vit, feedback_steps=steps)
-        _, parts = model.loss(model(images(vit)), TARGET)
-        assert ("l1" in parts) == l1 and ("feedback" in parts) != l1
+def test_y0_keeps_its_own_l1_with_and_without_feedback(vit):
+    """The L1 on y0 is on by default whether the feedback is on or off (the feedback loss never reaches
+    y0); --l1-weight 0 leaves y0 to the distribution loss."""
+    assert CILFConfig().l1_weight == CILFConfig(feedback_steps=0).l1_weight == 1.0
+    for steps, l1_weight, l1 in ((2, 1.0, True), (0, 1.0, True), (2, 0.0, False)):
+        model = build(vit, feedback_steps=steps, l1_weight=l1_weight)
+        out = model(images(vit))
+        _, parts = model.loss(out, TARGET)
+        assert ("l1" in parts) == l1 and ("feedback" in parts) == (steps > 0)
+        if l1:   # the L1 of y0 = E_p[a], the distribution's expectation, before any correction
+            torch.testing.assert_close(parts["l1"], (out.probs @ model.ages - TARGET).abs().mean())
 
 
 def test_feedback_steps_zero_turns_feedback_off_and_nothing_else(vit):

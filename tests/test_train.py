@@ -119,8 +119,8 @@ def test_defaults_depend_on_the_mode():
     config = train.build_config(train.parse_args(["--mixer", "fourier", "--contrastive-weight", "0",
                                                   "--feedback-steps", "0", "--image-tower", "freeze"]))
     assert (config.mixer, config.contrastive_weight, config.feedback_steps) == ("fourier", 0.0, 0)
-    # the L1 goes to y0 only without the feedback (with it, to the corrected estimates), unless set
-    assert (config.l1_weight, demo.l1_weight, train.build_config(demo).l1_weight) == (1.0, 0.0, 0.0)
+    # y0 keeps its own L1 in every mode, unless set
+    assert (config.l1_weight, demo.l1_weight, train.build_config(demo).l1_weight) == (1.0, 1.0, 1.0)
     assert train.parse_args(["--l1-weight", "0.5"]).l1_weight == 0.5
     assert config.freeze_image_tower and config.freeze_text_tower
 
