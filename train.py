@@ -438,7 +438,8 @@ def demo_clip():
     if differ:
         said = ", ".join(f"{k} {old} (default {new})" for k, (old, new) in differ.items())
         raise SystemExit(f"{DEMO_CLIP_FILE} was built with other options than the demo's: {said}; delete "
-                         f"{DEMO_CLIP_FILE.parent} to rebuild it with the defaults, or pass it as --clip {DEMO_CLIP_FILE}")
+                         f"{DEMO_CLIP_FILE.parent} to rebuild it with the defaults, or move it elsewhere and pass "
+                         f"its new path as --clip")
     return DEMO_CLIP_FILE
 
 
