@@ -47,8 +47,8 @@ Public names: DEMO_CLIP, DEMO_CLIP_FILE, PRETRAIN, DEMO_CLIP_LR, clip_loss, demo
 pretrain_options, pretrain_clip, render_corpus, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed,
 seed_all, rng_state, set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max,
 resolve_max_age, build_config, sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch,
-final_test, calibrate_on_validation, main; run-folder handling: LOCK_FILE, claim_run_folder, resume_checkpoint, check_same_run, check_best_is_ours,
-check_same_data, check_labels, retry_command, open_log.
+final_test, calibrate_on_validation, main; run-folder handling: LOCK_FILE, claim_run_folder,
+resume_checkpoint, check_same_run, check_best_is_ours, check_same_data, check_labels, retry_command, open_log.
 """
 import os
 
