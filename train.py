@@ -48,7 +48,8 @@ pretrain_options, pretrain_clip, render_corpus, DEMO_MODEL, parse_args, resolve_
 seed_all, rng_state, set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max,
 resolve_max_age, build_config, sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch,
 final_test, calibrate_on_validation, main; run-folder handling: LOCK_FILE, claim_run_folder,
-resume_checkpoint, check_same_run, check_best_is_ours, check_same_data, check_labels, retry_command, open_log.
+resume_checkpoint, RESUME_FIELDS, check_resumable, restore, check_same_run, check_best_is_ours,
+check_same_data, check_labels, retry_command, open_log.
 """
 import os
 
@@ -773,7 +774,7 @@ def run(args, rank, world, device, argv_of_run=()):
     if ckpt is not None:
         check_same_run(ckpt["config"], run_config, out)
         check_same_data(ckpt, run_config, data_index, args, out)
-        raw_model.load_state_dict(ckpt["model"])
+        restore(out / "last.pt", "model", raw_model.load_state_dict, ckpt["model"])
     elif rank == 0:
         check_best_is_ours(run_config, out)
     raw_model.to(device)
@@ -797,10 +798,10 @@ def run(args, rank, world, device, argv_of_run=()):
 
     state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        restore(out / "last.pt", "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
         if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+            restore(out / "last.pt", "scaler", scaler.load_state_dict, ckpt["scaler"])
+        restore(out / "last.pt", "rng", set_rng_state, ckpt["rng"])
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
                      history=ckpt["history"], log_offset=ckpt["log_offset"])
     model = raw_model
@@ -916,7 +917,38 @@ def resume_checkpoint(args, out):
         if args.resume:
             raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
         return None
-    return exit_on_checkpoint_error(load_checkpoint, path)
+    ckpt = exit_on_checkpoint_error(load_checkpoint, path)
+    check_resumable(ckpt, path)
+    return ckpt
+
+
+# The run state in last.pt beside the model and its config, as train.py writes it (bool is an int to Python).
+RESUME_FIELDS = {"step": int, "epoch": int, "log_offset": int, "best_val_mae": (int, float), "history": list,
+                 "optimizer": dict, "rng": dict}
+
+
+def check_resumable(ckpt, path):
+    """Refuse a last.pt that torch reads but whose run state is not what train.py writes (edited by hand or
+    written by another program), naming the fields, before anything is built: not a traceback mid-setup."""
+    bad = [f"{k} ({type(ckpt.get(k)).__name__})" for k, kind in RESUME_FIELDS.items()
+           if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), kind)
+           or (kind is int and ckpt[k] < 0)]
+    if not isinstance(ckpt["config"].get("train"), dict):
+        bad.append(f"config.train ({type(ckpt['config'].get('train')).__name__})")
+    if bad:
+        raise SystemExit(f"{path}: cannot continue from it: missing or of the wrong type: {', '.join(bad)}; move it "
+                         f"away to start the run again, or choose another --out")
+
+
+def restore(path, what, function, *args):
+    """function(*args), which restores `what` from the checkpoint at path: a part whose contents are not what
+    train.py wrote (other keys, shapes or sizes) stops the run with one line naming the file and the part."""
+    try:
+        return function(*args)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(f"{path}: cannot continue from it: its {what} cannot be restored ({type(e).__name__}: "
+                         f"{first}); move it away to start the run again, or choose another --out") from None
 
 
 def claim_run_folder(out):

@@ -491,3 +491,28 @@ def test_last_pt_that_is_a_folder_is_reported_as_such(tmp_path):
         train.main([*TINY, "--synthetic-n", "8", "4", "4", "--epochs", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"checkpoint is a folder, not a checkpoint file: .*last\.pt"):
         ev.main(["--ckpt", str(tmp_path / "last.pt")])
+
+
+def test_a_last_pt_with_run_state_train_py_did_not_write_is_refused_by_name(tmp_path):
+    """A last.pt that torch reads but whose run state was edited or written by another program: one line
+    naming the file and the fields, before any training, and the file left as it was."""
+    out = tmp_path / "run"
+    args = [*TINY, "--synthetic-n", "8", "4", "4", "--epochs", "1", "--out", str(out)]
+    train.main(args)
+    good = torch.load(out / "last.pt", weights_only=True)
+    cases = [({"epoch": "1", "step": -2}, r"missing or of the wrong type: step \(int\), epoch \(str\)"),
+             ({"history": None, "best_val_mae": True}, r"best_val_mae \(bool\), history \(NoneType\)"),
+             ({"config": {**good["config"], "train": []}}, r"config\.train \(list\)"),
+             ({"optimizer": {"state": {}, "param_groups": []}}, r"its optimizer cannot be restored \(ValueError"),
+             ({"rng": {**good["rng"], "torch": torch.zeros(3, dtype=torch.uint8)}},
+              r"its rng cannot be restored \(RuntimeError"),
+             ({"model": {k: v[:1] if v.ndim else v for k, v in good["model"].items()}},
+              r"its model cannot be restored \(RuntimeError")]
+    for change, message in cases:
+        train.save_checkpoint(out / "last.pt", {**good, **change})
+        written = (out / "last.pt").read_bytes()
+        with pytest.raises(SystemExit, match=r"last\.pt: cannot continue from it: .*" + message):
+            train.main(args)
+        assert (out / "last.pt").read_bytes() == written
+    train.save_checkpoint(out / "last.pt", good)   # the file train.py wrote is taken up again
+    assert train.main(args)["test_mae"] > 0
