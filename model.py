@@ -73,8 +73,8 @@ class CILFConfig:
     feedback_design: str = "reread"         # reread: feedback.HypothesisFeedback | residual: feedback.ErrorFeedback
     feedback_noise: float = 10.0            # reread: std (years) of the training perturbation of hypotheses
     detach_inverse: bool = True             # residual: inverse map reads y_r.detach() (see feedback.ErrorFeedback)
-    uncertainty_loss: str = "l1"            # l1 (|u - err|) | laplace (NLL), see feedback.feedback_loss;
-                                            # the two rank the error about equally (README)
+    uncertainty_loss: str = "laplace"       # laplace (NLL) | l1 (|u - err|), see feedback.feedback_loss;
+                                            # laplace ranks the error better on the demo's validation (README)
     # CLIP towers (claim 1)
     freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
     freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode
@@ -86,7 +86,7 @@ class CILFConfig:
     contrastive_weight: float = 1.0         # soft-target image-text matching (claim 3)
     contrastive_sigma: float = 2.0          # std (years) of the soft contrastive targets
     feedback_weight: float = 1.0            # mean over steps r >= 1 of |y_r - y|
-    uncertainty_weight: float = 1.0         # |u_r - |y - y_r|| for every step
+    uncertainty_weight: float = 1.0         # uncertainty loss of every step (u_r against |y - y_r|)
 
     def ages(self) -> torch.Tensor:
         """The age classes a_1..a_K as a float32 tensor (K,)."""

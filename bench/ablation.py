@@ -5,7 +5,7 @@ well its 101 age prompts carry the order of the ages, and its zero-shot test MAE
 (eval.py --zero-shot --seed). Then it trains the full model and each ablation with train.py (a fresh
 process per run, so runs are independent and each one's wall time is its own), evaluates each run's
 best.pt (chosen on validation) on the validation and test splits with eval.py, and prints and writes a
-table: the validation MAE and feedback change (where the demo's defaults were chosen), the test MAE
+table: the validation MAE, feedback change and Spearman (where the demo's defaults were chosen), the test MAE
 mean and std over seeds and its ratio to the mean predictor's (worst seed too), MAE after each feedback
 step, the change the feedback makes (last step minus step 0, mean and worst seed), Spearman rank
 correlation between the predicted uncertainty and the actual error, wall time and trainable parameters.
@@ -44,7 +44,7 @@ VARIANTS = {
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
     "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (round 3)
     "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading (round 1)
-    "feedback-reread-laplace": ["--uncertainty-loss", "laplace"],    # claim 4, uncertainty as a Laplace NLL
+    "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (round 1)
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
     "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
@@ -80,6 +80,7 @@ def run(variant, seed, args):
     return {"variant": variant, "seed": seed, "test_mae": metrics["test"]["mae"], "baseline_mae": test["baseline_mae"],
             "mae_per_step": steps(metrics["test"]), "val_mae": metrics["val"]["mae"],
             "val_mae_per_step": steps(metrics["val"]),
+            "val_spearman": metrics["val"].get("spearman_uncertainty_error"),
             "spearman": metrics["test"].get("spearman_uncertainty_error"), "wall_s": wall,
             "params": trainable_parameters(out / "best.pt")}
 
@@ -136,6 +137,7 @@ def summarise(rows):
         val_steps = np.array([r["val_mae_per_step"] for r in mine])
         val_change = val_steps[:, -1] - val_steps[:, 0]
         rho = [r["spearman"] for r in mine if r["spearman"] is not None]
+        val_rho = [r["val_spearman"] for r in mine if r.get("val_spearman") is not None]
         table.append({"variant": variant, "seeds": len(mine), "mae_mean": float(mae.mean()),
                       "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else 0.0,
                       "ratio_mean": float(ratio.mean()), "ratio_max": float(ratio.max()),
@@ -144,6 +146,7 @@ def summarise(rows):
                       "val_mae_mean": float(np.mean([r["val_mae"] for r in mine])),
                       "val_feedback_change_mean": float(val_change.mean()),
                       "val_feedback_change_max": float(val_change.max()),
+                      "val_spearman": float(np.mean(val_rho)) if val_rho else None,
                       "spearman": float(np.mean(rho)) if rho else None,
                       "spearman_min": float(np.min(rho)) if rho else None,
                       "wall_s": float(np.mean([r["wall_s"] for r in mine])), "params": mine[0]["params"]})
@@ -159,10 +162,11 @@ def markdown(table, zero):
                   + ", ".join(f"{z['test_mae']:.2f} (seed {z['seed']}, mean predictor {z['baseline_mae']:.2f})"
                               for z in zero)
                   + f"; MAE / mean predictor {np.mean(ratios):.2f} (worst seed {np.max(ratios):.2f})", ""]
-    lines += ["| variant | seeds | val MAE | val: last step − step 0 (worst seed) | test MAE (mean ± std) | "
+    lines += ["| variant | seeds | val MAE | val: last step − step 0 (worst seed) | val Spearman(u, abs err) | "
+              "test MAE (mean ± std) | "
               "MAE / mean predictor (worst seed) | MAE after feedback steps 0..R | last step − step 0 (worst seed) | "
               "Spearman(u, abs err) (worst seed) | wall s / run | trainable params |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         steps = " → ".join(f"{s:.2f}" for s in t["mae_per_step"])
         change = (f"{t['feedback_change_mean']:+.2f} ({t['feedback_change_max']:+.2f})"
@@ -170,7 +174,8 @@ def markdown(table, zero):
         val_change = (f"{t['val_feedback_change_mean']:+.2f} ({t['val_feedback_change_max']:+.2f})"
                       if len(t["mae_per_step"]) > 1 else "-")
         rho = f"{t['spearman']:.2f} ({t['spearman_min']:.2f})" if t["spearman"] is not None else "-"
-        lines.append(f"| {t['variant']} | {t['seeds']} | {t['val_mae_mean']:.2f} | {val_change} | "
+        val_rho = f"{t['val_spearman']:.2f}" if t["val_spearman"] is not None else "-"
+        lines.append(f"| {t['variant']} | {t['seeds']} | {t['val_mae_mean']:.2f} | {val_change} | {val_rho} | "
                      f"{t['mae_mean']:.2f} ± {t['mae_std']:.2f} | "
                      f"{t['ratio_mean']:.2f} ({t['ratio_max']:.2f}) | {steps} | {change} | {rho} | "
                      f"{t['wall_s']:.0f} | {t['params'] / 1e6:.2f}M |")

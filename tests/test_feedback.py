@@ -125,7 +125,7 @@ def test_feedback_loss_hand_computed_and_uncertainty_target_detached():
     ages = torch.tensor([[10.0, 12.0, 11.0], [30.0, 27.0, 29.5]], requires_grad=True)
     unc = torch.tensor([[1.0, 0.5, 0.0], [2.0, 1.0, 1.0]], requires_grad=True)
     y = torch.tensor([11.0, 29.0])
-    parts = feedback_loss(FeedbackOutput(ages, unc), y)
+    parts = feedback_loss(FeedbackOutput(ages, unc), y, uncertainty_loss="l1")
     # errors: [[1, 1, 0], [1, 2, 0.5]]; steps 1..R: (1 + 0 + 2 + 0.5) / 4
     assert parts["feedback"].item() == pytest.approx(3.5 / 4)
     # |u - err|: [[0, 0.5, 0], [1, 1, 0.5]] -> 3 / 6
