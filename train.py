@@ -930,14 +930,19 @@ RESUME_FIELDS = {"step": int, "epoch": int, "log_offset": int, "best_val_mae": (
 def check_resumable(ckpt, path):
     """Refuse a last.pt that torch reads but whose run state is not what train.py writes (edited by hand or
     written by another program), naming the fields, before anything is built: not a traceback mid-setup."""
-    bad = [f"{k} ({type(ckpt.get(k)).__name__})" for k, kind in RESUME_FIELDS.items()
-           if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), kind)
-           or (kind is int and ckpt[k] < 0)]
-    if not isinstance(ckpt["config"].get("train"), dict):
-        bad.append(f"config.train ({type(ckpt['config'].get('train')).__name__})")
+    def problem(value, kind):
+        if value is None:
+            return "missing"
+        if isinstance(value, bool) or not isinstance(value, kind):   # bool is an int to isinstance
+            return f"a {type(value).__name__}"
+        return f"negative: {value}" if kind is int and value < 0 else None
+
+    fields = {**{k: (ckpt.get(k), kind) for k, kind in RESUME_FIELDS.items()},
+              "config.train": (ckpt["config"].get("train"), dict)}
+    bad = [f"{k} ({problem(*v)})" for k, v in fields.items() if problem(*v)]
     if bad:
-        raise SystemExit(f"{path}: cannot continue from it: missing or of the wrong type: {', '.join(bad)}; move it "
-                         f"away to start the run again, or choose another --out")
+        raise SystemExit(f"{path}: cannot continue from it: run state not as train.py writes it: {', '.join(bad)}; "
+                         f"move it away to start the run again, or choose another --out")
 
 
 def restore(path, what, function, *args):

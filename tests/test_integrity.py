@@ -500,9 +500,9 @@ def test_a_last_pt_with_run_state_train_py_did_not_write_is_refused_by_name(tmp_
     args = [*TINY, "--synthetic-n", "8", "4", "4", "--epochs", "1", "--out", str(out)]
     train.main(args)
     good = torch.load(out / "last.pt", weights_only=True)
-    cases = [({"epoch": "1", "step": -2}, r"missing or of the wrong type: step \(int\), epoch \(str\)"),
-             ({"history": None, "best_val_mae": True}, r"best_val_mae \(bool\), history \(NoneType\)"),
-             ({"config": {**good["config"], "train": []}}, r"config\.train \(list\)"),
+    cases = [({"epoch": "1", "step": -2}, r"not as train.py writes it: step \(negative: -2\), epoch \(a str\)"),
+             ({"history": None, "best_val_mae": True}, r"best_val_mae \(a bool\), history \(missing\)"),
+             ({"config": {**good["config"], "train": []}}, r"config\.train \(a list\)"),
              ({"optimizer": {"state": {}, "param_groups": []}}, r"its optimizer cannot be restored \(ValueError"),
              ({"rng": {**good["rng"], "torch": torch.zeros(3, dtype=torch.uint8)}},
               r"its rng cannot be restored \(RuntimeError"),
