@@ -22,6 +22,8 @@ so its loss never reaches y0, and without the L1 y0 would be left to the KL term
 validation splits with the demo CLIP of rarely stated ages (README, ablation): 5.38 against 5.46 years
 for y0 left to the distribution loss (round 3's default, chosen then on a demo CLIP whose captions all
 stated the age, by 3.70 against 3.77); better on two seeds of three, a difference within the seeds' spread.
+With the Laplace uncertainty loss (the default since) the two are equal on validation (5.39, 5.41); the L1
+stays, as METHOD.md section 5 specifies.
 
 The temperature scale = exp(logit_scale) starts at CLIP's and trains (capped at 100 after each optimizer
 step, CILFCIAE.clamp_logit_scale); the reported age y_R is clipped to the class range [a_1, a_K].
