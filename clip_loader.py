@@ -72,8 +72,8 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 __all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "load", "read_state_dict", "verify_checkpoint", "OPENAI_SHA256", "CheckpointError", "scan_pickle",
-           "safe_torch_load", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
+           "load", "read_state_dict", "verify_checkpoint", "sha256", "OPENAI_SHA256", "CheckpointError", "scan_pickle",
+           "safe_torch_load", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
            "SimpleTokenizer", "tokenize", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -851,7 +851,7 @@ def _zip_records(path: str) -> Dict[str, zipfile.ZipInfo]:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
     except Exception as e:  # BadZipFile, struct.error, NotImplementedError, OSError, ...
-        raise CheckpointError(f"not a readable zip archive ({_first_line(e)})") from None
+        raise CheckpointError(f"not a readable zip archive ({error_line(e)})") from None
     records, total = {}, 0
     for info in infos:
         name = _describe(info.filename)
@@ -907,7 +907,7 @@ def _one_data_pickle(records: Dict[str, zipfile.ZipInfo]) -> str:
     return found[0]
 
 
-def _first_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     """An exception as 'Type: first line', at most 200 characters (for one-line messages)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
@@ -1008,7 +1008,7 @@ def safe_torch_load(path: str):
             raise CheckpointError(f"refused to unpickle it ({reason[:200]}); checkpoints are read as data "
                                   "only (torch.load(weights_only=True))") from None
         except Exception as e:
-            raise CheckpointError(f"not a checkpoint torch can read ({_first_line(e)})") from None
+            raise CheckpointError(f"not a checkpoint torch can read ({error_line(e)})") from None
         _check_tensors(_walk_loaded(obj), size)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
@@ -1042,7 +1042,7 @@ def verify_checkpoint(path: str) -> bool:
     expected = OPENAI_SHA256.get(name)
     if expected is None:
         return False
-    digest = _sha256(path)
+    digest = sha256(path)
     if digest != expected:
         raise CheckpointError(
             f"{path}: SHA-256 {digest} does not match OpenAI's published {expected} for "
@@ -1052,7 +1052,8 @@ def verify_checkpoint(path: str) -> bool:
     return True
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -1089,7 +1090,7 @@ def _safetensors_header(path: str, f) -> Tuple[int, Dict[str, Tuple[torch.dtype,
     except CheckpointError:
         raise
     except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"not a safetensors file (header is not JSON: {_first_line(e)})") from None
+        raise CheckpointError(f"not a safetensors file (header is not JSON: {error_line(e)})") from None
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file (header is not a JSON object)")
     start, data_size, tensors = 8 + n, size - 8 - n, {}
@@ -1292,7 +1293,7 @@ def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
         except CheckpointError:
             raise
         except Exception as e:  # what the scan cannot see: a wrong type where the reader needs another
-            raise _ArchiveError(f"its data.pkl could not be read ({_first_line(e)})") from None
+            raise _ArchiveError(f"its data.pkl could not be read ({error_line(e)})") from None
     views = _collect_tensors(root)
     if not views:
         raise _ArchiveError("no tensors found in its module tree")
@@ -1600,7 +1601,7 @@ def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]
 
 def _is_openai(path: str, verified: bool) -> bool:
     """One of OpenAI's checkpoints: by its official name, or renamed (by its SHA-256)."""
-    return verified or os.path.basename(path) in OPENAI_SHA256 or _sha256(path) in OPENAI_SHA256.values()
+    return verified or os.path.basename(path) in OPENAI_SHA256 or sha256(path) in OPENAI_SHA256.values()
 
 
 def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
@@ -1643,7 +1644,7 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
-        raise CheckpointError(f"{path}: not a CLIP state dict ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a CLIP state dict ({error_line(e)})") from None
     return model.to(device).eval(), preprocess
 
 

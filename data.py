@@ -53,7 +53,7 @@ FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test share of subjects (or of images wh
 VAL_FRACTION = 0.1  # of the non-test subjects, for the fold protocols (FG-NET LOPO, MORPH II 5-fold)
 MORPH_FOLDS = 5
 AGE_RANGE = (0.0, 120.0)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 # Large images: PIL refuses files above 2 * 89.5 M pixels as decompression bombs. Face crops never
 # come close, but scans of photographs can; we accept up to MAX_IMAGE_PIXELS and decode anything above
@@ -187,6 +187,12 @@ def train_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def synthetic_image_size(resolution: int) -> int:
+    """The side of the synthetic drawings for a model input of `resolution`: 256/224 of it, the size
+    train_transform's crops come from in the authors' pipeline, so no detail is lost."""
+    return round(resolution * 256 / 224)
 
 
 def eval_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader.CLIP_STD) -> Callable:

@@ -63,8 +63,6 @@ import clip_loader
 import data
 from model import CILFCIAE, CILFConfig
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-
 
 # ----------------------------------------------------------------------------- option values
 # argparse types shared by train.py and eval.py: a bad value is a one-line usage error naming the option,
@@ -483,7 +481,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         model.load_state_dict(state)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "
-                                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                                          f"({clip_loader.error_line(e)})") from None
     return model.float().eval()
 
 
@@ -648,7 +646,7 @@ def image_paths(items):
     paths, skipped = [], []
     for item in map(Path, items):
         if item.is_dir():
-            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS):
                 if p.name.startswith("._"):
                     skipped.append(f"{p} (a macOS metadata file)")
                 elif p.is_file():
@@ -665,7 +663,7 @@ def image_paths(items):
         print(f"--images: skipped {len(skipped)} file(s): " + ", ".join(skipped[:5])
               + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
     if not paths:
-        raise SystemExit(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {' '.join(items)}")
+        raise SystemExit(f"--images: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(items)}")
     return [str(p) for p in paths]
 
 
@@ -842,7 +840,7 @@ def labelled_dataset(args, ckpt, train_config, split, transform, resolution):
     data is found unchanged and without training images; record says what was used, for metrics.json."""
     name, root, fold, seed, options = dataset_options(args, train_config)
     if name == "synthetic":   # drawn at the size train.py draws them for this input resolution
-        options.setdefault("image_size", round(resolution * 256 / 224))
+        options.setdefault("image_size", data.synthetic_image_size(resolution))
     try:
         change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
         dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,

@@ -49,7 +49,7 @@ from feedback import (UNCERTAINTY_LOSSES, ErrorFeedback, FeedbackOutput, Hypothe
 from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
 __all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss",
-           "soft_contrastive_targets", "gaussian_label_distribution"]
+           "soft_contrastive_targets", "gaussian_label_distribution", "weight_decayed"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
 
@@ -226,6 +226,14 @@ class FusionTransformer(nn.Module):
             readout = torch.cat([readout, self.pool_norm(z[:, 1:].mean(dim=1))], dim=1)  # (B, 2d)
         residual = self.out_proj(readout).float()  # (B, E)
         return F.normalize(F.normalize(g.float(), dim=-1) + residual, dim=-1), z
+
+
+def weight_decayed(name, param):
+    """AdamW's decay rule: no decay on norms, biases, embeddings (token, position, class, global), the
+    temperature and the Fourier filter: every parameter with fewer than 2 dimensions, "embedding" in its
+    name, or the filter's complex_weight (it starts at the identity, 1; decay would pull it toward 0,
+    toward deleting the branch)."""
+    return param.ndim >= 2 and "embedding" not in name and not name.endswith("complex_weight")
 
 
 def _base_grid(visual):
@@ -418,17 +426,14 @@ class CILFCIAE(nn.Module):
     def param_groups(self, clip_lr, new_lr, weight_decay):
         """AdamW groups: CLIP towers at clip_lr, new modules at new_lr; each with and without weight decay.
 
-        No decay on norms, biases, embeddings (token, position, class, global), the temperature and the
-        Fourier filter: every parameter with fewer than 2 dimensions, "embedding" in its name, or the
-        filter's complex_weight (it starts at the identity, 1; decay would pull it toward 0, toward
-        deleting the branch). Frozen parameters are left out; empty groups are dropped.
+        Weight decay as weight_decayed says. Frozen parameters are left out; empty groups are dropped.
         """
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             part = "clip" if name.startswith("clip.") else "new"
-            decay = p.ndim >= 2 and "embedding" not in name and not name.endswith("complex_weight")
+            decay = weight_decayed(name, p)
             key = f"{part}_{'decay' if decay else 'no_decay'}"
             if key not in groups:
                 groups[key] = {"name": key, "params": [], "lr": clip_lr if part == "clip" else new_lr,

@@ -61,7 +61,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -90,7 +89,7 @@ from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, cali
                   exit_on_checkpoint_error, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
-from model import CILFCIAE, CILFConfig
+from model import CILFCIAE, CILFConfig, weight_decayed
 
 # The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
 # 49408-token vocabulary so that the prompts go through the real tokenizer (16 tokens hold the longest
@@ -407,14 +406,6 @@ def clip_loss(image_emb, text_emb, logit_scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def demo_clip():
     """Path of the pretrained demo CLIP: built on first use (`python train.py --objective clip`, about
     2 minutes on 2 CPU cores), then read from the cache, its SHA-256 checked against the record written
@@ -428,7 +419,7 @@ def demo_clip():
               f"-> {DEMO_CLIP_FILE}", flush=True)
         pretrain_clip(parse_args(["--objective", "clip"]))
     recorded = json.loads(record.read_text(encoding="utf-8"))
-    want, got = recorded["sha256"], sha256(DEMO_CLIP_FILE)
+    want, got = recorded["sha256"], clip_loader.sha256(DEMO_CLIP_FILE)
     if got != want:
         raise SystemExit(f"{DEMO_CLIP_FILE}: SHA-256 {got} differs from the one recorded in {record} ({want}); "
                          f"delete both and rebuild with: python train.py --objective clip")
@@ -468,8 +459,8 @@ def pretrain_clip(args):
     images, tokens = render_corpus(args)   # (n, 3, R, R) uint8, (n, L)
     steps_per_epoch = len(images) // args.batch_size
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
-    decay = [p for n, p in clip_model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in clip_model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    decay = [p for n, p in clip_model.named_parameters() if weight_decayed(n, p)]
+    no_decay = [p for n, p in clip_model.named_parameters() if not weight_decayed(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     out = Path(args.out)
@@ -515,10 +506,10 @@ def pretrain_clip(args):
         order = prompt_age_order(clip_model.encode_text(prompts), CILFConfig().ages())
     path = out / "demo_clip.pt"
     save_checkpoint(path, {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
-    record = {"file": path.name, "sha256": sha256(path), "architecture": DEMO_CLIP, "prompt_age_order": order,
+    record = {"file": path.name, "sha256": clip_loader.sha256(path), "architecture": DEMO_CLIP, "prompt_age_order": order,
               "options": pretrain_options(args),
               "history": history, "rebuild": "python train.py --objective clip"}
-    write_json_atomic(out / "demo_clip.json", record)
+    write_json(out / "demo_clip.json", record)
     print(f"demo CLIP written to {path} (SHA-256 {record['sha256']}); age prompts' order: Spearman "
           f"{order:.3f} over {time.time() - start:.0f}s", flush=True)
     return record
@@ -535,19 +526,13 @@ def render_corpus(args):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def write_json_atomic(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def source_record(args):
     """config.json's "clip" source: the file the run's CLIP came from (with its SHA-256 for the demo
     CLIP), or "random" with the demo architecture."""
     if args.clip == "random":
         return {"source": "random", **DEMO_CLIP}
     if args.clip == str(DEMO_CLIP_FILE):
-        return {"source": str(DEMO_CLIP_FILE), "sha256": sha256(DEMO_CLIP_FILE), **DEMO_CLIP}
+        return {"source": str(DEMO_CLIP_FILE), "sha256": clip_loader.sha256(DEMO_CLIP_FILE), **DEMO_CLIP}
     return {"source": args.clip}
 
 
@@ -593,9 +578,8 @@ def sync_batchnorm(raw_model, args, device, world):
 def dataset_options(args, resolution):
     """Keyword options for data.build_dataset beyond name/root/split/fold/transform/seed."""
     if args.dataset == "synthetic":
-        # drawn at the size train_transform resizes to anyway (256/224 of the input), so no detail is lost
         return {"n": dict(zip(("train", "val", "test"), args.synthetic_n)),
-                "image_size": round(resolution * 256 / 224)}
+                "image_size": data.synthetic_image_size(resolution)}
     options = {}
     if args.protocol is not None:
         options["protocol"] = args.protocol
@@ -951,9 +935,8 @@ def restore(path, what, function, *args):
     try:
         return function(*args)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise SystemExit(f"{path}: cannot continue from it: its {what} cannot be restored ({type(e).__name__}: "
-                         f"{first}); move it away to start the run again, or choose another --out") from None
+        raise SystemExit(f"{path}: cannot continue from it: its {what} cannot be restored "
+                         f"({clip_loader.error_line(e)}); move it away to start the run again, or choose another --out") from None
 
 
 def claim_run_folder(out):

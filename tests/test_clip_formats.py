@@ -275,7 +275,7 @@ def test_a_file_nothing_describes_gets_a_warning_naming_the_assumption(tmp_path,
         # OpenAI's own files: by name (verify=False: this is not the real file) or, renamed, by SHA-256
         (tmp_path / "ViT-B-32.pt").write_bytes((tmp_path / "mine.pt").read_bytes())
         cl.load(tmp_path / "ViT-B-32.pt", verify=False)
-        monkeypatch.setitem(cl.OPENAI_SHA256, "ViT-B-16.pt", cl._sha256(str(tmp_path / "mine.pt")))
+        monkeypatch.setitem(cl.OPENAI_SHA256, "ViT-B-16.pt", cl.sha256(str(tmp_path / "mine.pt")))
         cl.load(tmp_path / "mine.pt")
 
 

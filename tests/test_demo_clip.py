@@ -109,7 +109,7 @@ def tiny_demo_clip(tmp_path_factory):
 def test_demo_clip_file_loads_like_an_openai_file_and_its_sha256_is_checked(tiny_demo_clip, monkeypatch):
     path, record = tiny_demo_clip
     saved = json.loads(path.with_suffix(".json").read_text())
-    assert saved["sha256"] == record["sha256"] == train.sha256(path)
+    assert saved["sha256"] == record["sha256"] == clip_loader.sha256(path)
     assert len(saved["history"]) == 2 and all(math.isfinite(h["loss"]) for h in saved["history"])
     model, preprocess = clip_loader.load(str(path))
     assert model.embed_dim == train.DEMO_CLIP["embed_dim"]
