@@ -1,8 +1,9 @@
-"""Reversible age estimation with error feedback (CILF-CIAE, abstract claim 4; METHOD.md section 5).
+"""Reversible age estimation with error feedback (CILF-CIAE, abstract claim 4;
+README.md#reversible-estimation).
 
 The abstract says a "reversible age estimation" module uses end-to-end error feedback to correct the
 age prediction and to tell the model how good that prediction is. Two readings, selectable
-(CILFConfig.feedback_design), measured side by side in the README's ablation:
+(CILFConfig.feedback_design), measured side by side in the ablation (bench/README.md#ablation):
 
 "reread" (HypothesisFeedback, the default): every step re-reads the evidence conditioned on the
 hypothesis, as iterative error feedback for pose estimation and RAFT do:
@@ -17,7 +18,7 @@ learns a correction field around the truth rather than a constant; the base esti
 loss (the feedback loss never reaches it).
 
 "residual" (ErrorFeedback, the first reading, kept for the comparison); it cannot correct (the head
-never sees one image at two hypotheses, see METHOD.md section 5):
+never sees one image at two hypotheses, see README.md#reversible-estimation):
 
     inverse map    t_hat_r = interp(T, y_r)                   predicted age -> language space
     error head     (r_hat_r, u_r) = head([f, t_hat_r, f * t_hat_r, f - t_hat_r])
@@ -30,9 +31,6 @@ estimate stays y0 and the uncertainty is zero.
 
 The module needs only a predicted age, an image embedding and age-text embeddings, so it can sit on
 top of any age estimator. Imports nothing but torch.
-
-Public names: interpolate_age_embedding, ErrorFeedback, HypothesisFeedback, FeedbackOutput, feedback_loss,
-UNCERTAINTY_LOSSES.
 """
 import math
 from dataclasses import dataclass
@@ -93,8 +91,7 @@ class ErrorFeedback(nn.Module):
     reaching the base model is noisy. Detached, every step corrects a fixed estimate (as iterative
     error feedback in pose and flow estimation does). The correction itself stays on the graph,
     y_{r+1} = y_r + r_hat_r, so the final loss still reaches the base model and f end to end.
-    On the controlled problem of tests/test_feedback.py (4 seeds, R = 2, the L1 uncertainty loss)
-    detached vs not: final MAE 2.65 vs 2.74 years (base 4.75), Spearman(u_R, |error|) 0.51 vs 0.48.
+    Measured on the controlled problem of tests/test_feedback.py: bench/README.md#what-was-tried.
     """
 
     def __init__(self, embed_dim, steps=2, hidden_dim=256, age_scale=10.0, detach_inverse=True):

@@ -10,15 +10,15 @@ that answer it, written by hand, and the softmax attention they are measured aga
 - softmax attention through torch's scaled_dot_product_attention, O(N^2) time.
 
 It imports only torch, so it can be copied into other code as it is.
-
-Public names: linear_attention, softmax_attention, LinearAttention, SoftmaxAttention, FourierMixer,
-build_token_mixer, MIXERS.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = ["linear_attention", "softmax_attention", "LinearAttention", "SoftmaxAttention", "FourierMixer",
+           "build_token_mixer", "MIXERS"]
 
 MIXERS = ("linear", "fourier", "softmax")
 

@@ -1,5 +1,5 @@
 """The CILF-CIAE age estimator: CLIP features, image-text fusion, age distribution, contrastive
-matching and reversible error feedback (METHOD.md sections 1-6).
+matching and reversible error feedback (the method as implemented: README.md#paper-to-code).
 
 Abstract claim -> code:
 1. CLIP puts image features and text semantics in one space: CILFCIAE.clip, text_embeddings(),
@@ -18,12 +18,8 @@ Abstract claim -> code:
     L = KL(N(y, sigma_y^2) over A || p) + l1 |y0 - y| + con L_con + fb mean_r |y_r - y| + unc L_unc
 
 y0 keeps its own L1 (weight 1) whether the feedback is on or off: the feedback's hypotheses are detached,
-so its loss never reaches y0, and without the L1 y0 would be left to the KL term alone. Chosen on the demo's
-validation splits with the demo CLIP of rarely stated ages (README, ablation): 5.38 against 5.46 years
-for y0 left to the distribution loss (round 3's default, chosen then on a demo CLIP whose captions all
-stated the age, by 3.70 against 3.77); better on two seeds of three, a difference within the seeds' spread.
-With the Laplace uncertainty loss (the default since) the two are equal on validation (5.39, 5.41); the L1
-stays, as METHOD.md section 5 specifies.
+so its loss never reaches y0, and without the L1 y0 would be left to the KL term alone (README.md#loss;
+the choice on the demo's validation splits: bench/README.md#ablation).
 
 The temperature scale = exp(logit_scale) starts at CLIP's and trains (capped at 100 after each optimizer
 step, CILFCIAE.clamp_logit_scale); the reported age y_R is clipped to the class range [a_1, a_K].
@@ -31,9 +27,6 @@ step, CILFCIAE.clamp_logit_scale); the reported age y_R is clipped to the class 
 W_out starts at zero, so an untrained model is CLIP's prompt classifier (with CLIP's temperature, up
 to rounding) followed by a feedback loop that changes nothing; everything switched off (depth 0,
 feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
-
-Public names: CILFConfig, CILFCIAE, AgeOutput, FusionTransformer, contrastive_loss,
-soft_contrastive_targets, gaussian_label_distribution.
 """
 import math
 from dataclasses import dataclass
@@ -76,12 +69,12 @@ class CILFConfig:
     feedback_noise: float = 10.0            # reread: std (years) of the training perturbation of hypotheses
     detach_inverse: bool = True             # residual: inverse map reads y_r.detach() (see feedback.ErrorFeedback)
     uncertainty_loss: str = "laplace"       # laplace (NLL) | l1 (|u - err|), see feedback.feedback_loss;
-                                            # laplace ranks the error better on the demo's validation (README)
+                                            # chosen on the demo's validation splits (bench/README.md#ablation)
     # CLIP towers (claim 1)
     freeze_image_tower: bool = False        # True: no gradient to clip.visual, kept in eval mode
     freeze_text_tower: bool = True          # True: prompts encoded once and cached, tower in eval mode
     clip_bn: str = "frozen"                 # BatchNorm of a trained ResNet tower: frozen (eval mode) | train
-    # loss (METHOD.md section 6); a part whose weight is 0 is not computed
+    # loss (README.md#loss); a part whose weight is 0 is not computed
     sigma_y: float = 2.0                    # std (years) of the Gaussian label distribution
     distribution_weight: float = 1.0        # KL(label distribution || p)
     l1_weight: float = 1.0                  # |y0 - y|: the base estimate's own L1
@@ -174,7 +167,7 @@ class FusionBlock(nn.Module):
 
 
 class FusionTransformer(nn.Module):
-    """Fuses CLIP's global embedding, its image tokens and the age-text embeddings into f (METHOD.md 2).
+    """Fuses CLIP's global embedding, its image tokens and the age-text embeddings into f (README.md#fusion).
 
     Z0 = [LN(g); LN(P)] W_in + position; depth FusionBlocks; readout from the global token and the
     mean image token (the Fourier mixer lets the global token bypass its filter, so without the mean
