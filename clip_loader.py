@@ -80,8 +80,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# ==== Part one: CLIP as OpenAI wrote it (their model.py, simple_tokenizer.py, clip.py) ====
+
+
+# ---- 1. The model (OpenAI's model.py) ----
 
 
 class QuickGELU(nn.Module):
@@ -462,8 +464,7 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# ----------------------------------------------------------------------------------------------
-# Building a model from a state dict
+# ---- 2. Building a model from a state dict (model.py's build_model) ----
 
 # tensors some checkpoints carry that are not weights: cached masks, JIT archives' metadata scalars
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
@@ -611,300 +612,183 @@ def build_model(state_dict: Dict[str, torch.Tensor], **settings) -> CLIP:
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Hostile checkpoint files: pickle opcode scan, zip records, tensor views
-#
-# Researchers load checkpoints from third parties. Besides never running a file's code, the readers
-# below refuse, before unpickling or allocating anything, what no honest checkpoint contains but a
-# few crafted bytes can use to crash the process, hang it, allocate gigabytes or read memory that is
-# not the file's: deep or cyclic nesting, shared sub-objects multiplied along every path, memo
-# indices far beyond the pickle's length, compressed zip records, views that reach outside their
-# storage, overlap themselves (stride 0) or outnumber the file's bytes. Each refusal is one
-# CheckpointError naming the file and what is wrong; an untrusted object is never printed in full.
+# ---- 3. The tokenizer: OpenAI's byte-level BPE, step by step (ids identical to clip.simple_tokenizer) ----
 
-_MAX_NESTING = 100  # containers within containers; OpenAI's archives nest about 20 deep
-_MAX_SHARED_EXPANSION = 16  # objects a pickle may expand to (shared ones counted per use), per byte
-_MAX_DIMS = 16  # dimensions of one tensor
-_MAX_TENSOR_BYTES = 2  # bytes of tensors per byte of file (views sharing storage count separately)
-_MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON header; CLIP's are tens of kilobytes
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
-# The pickle opcodes torch's writers emit (torch.save at its protocol 2; TorchScript's C++ pickler)
-# and torch.load(weights_only=True) reads. No checkpoint needs the others: protocol 0/1 text forms,
-# POP/DUP, INST/OBJ/EXT, STACK_GLOBAL, FRAME, MEMOIZE, out-of-band buffers.
-_PICKLE_OPS = {op[0] for op in (
-    pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.NEWOBJ, pickle.BUILD, pickle.BINPERSID,
-    pickle.MARK, pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
-    pickle.EMPTY_LIST, pickle.APPEND, pickle.APPENDS, pickle.EMPTY_DICT, pickle.SETITEM, pickle.SETITEMS,
-    pickle.EMPTY_SET, pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
-    pickle.BININT2, pickle.LONG1, pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING,
-    pickle.BINPUT, pickle.LONG_BINPUT, pickle.BINGET, pickle.LONG_BINGET)}
-_ARG_BYTES = {pickle.PROTO[0]: 1, pickle.BININT[0]: 4, pickle.BININT1[0]: 1, pickle.BININT2[0]: 2,
-              pickle.BINFLOAT[0]: 8, pickle.BINPUT[0]: 1, pickle.LONG_BINPUT[0]: 4, pickle.BINGET[0]: 1,
-              pickle.LONG_BINGET[0]: 4}
-# The callables torch's writers pickle for checkpoint data (REDUCE), each allocating no more than
-# its arguments' bytes: a tensor or parameter, an OrderedDict, a set, bytes (_codecs.encode), a size,
-# a device, a complex number. torch.load's allow-list has more (torch.Tensor(n), bytearray(n) and
-# quantized tensors allocate n from one integer, meta tensors have any size): no checkpoint needs them.
-_PICKLE_CALLABLES = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor",
-                     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-                     "collections.OrderedDict", "builtins.set", "_codecs.encode", "torch.Size", "torch.device",
-                     "builtins.complex", "torch.serialization._get_layout"}
-_PICKLE_MODULES = ("torch", "__torch__", "collections", "_codecs", "builtins")
 
+@lru_cache()
+def default_bpe() -> str:
+    """The BPE merges file: beside this module (source tree, editable install), else where setup.py's
+    data_files put it (<sys.prefix>/share/cilf-ciae/)."""
+    name = "bpe_simple_vocab_16e6.txt.gz"
+    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name),
+              os.path.join(sys.prefix, "share", "cilf-ciae", name)]
+    for place in places:
+        if os.path.isfile(place):
+            return place
+    raise FileNotFoundError(f"CLIP BPE vocabulary {name} not found in {places}; reinstall the package "
+                            "or pass bpe_path=")
+
+
+@lru_cache()
+def bytes_to_unicode() -> Dict[int, str]:
+    """A reversible map from the 256 byte values to 256 printable unicode characters.
+
+    BPE runs on strings, and we want it to run on the UTF-8 *bytes* of any text (no unknown tokens,
+    any script or emoji). Bytes that are already printable, non-space characters (! to ~, ¡ to ¬,
+    ® to ÿ) map to themselves; the other 68 (control codes, space, soft hyphen, ...) are shifted to
+    unused code points 256, 257, ... so no merge ever sees whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_values, code_points = printable[:], printable[:]
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + len(code_points) - len(printable))
+    # the order (printable bytes first) fixes the first 256 vocabulary ids
+    return dict(zip(byte_values, map(chr, code_points)))
+
+
+# Pre-tokenising split, applied before BPE so merges never cross these boundaries: the two special
+# tokens, common English contractions, runs of letters, single digits (so "37" is "3" "7": ages are
+# read digit by digit), and runs of anything else that is neither space, letter nor digit.
+_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                       regex.IGNORECASE)
+_SPACES = regex.compile(r"\s+")
+# printable ASCII without '&', plus tab and newline: ftfy.fix_text and html.unescape leave such text
+# unchanged (nothing to repair, no entity), so the clean-up reduces to whitespace and lower case
+_PLAIN = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
+def _clean(text: str) -> str:
+    """OpenAI's normalisation: ftfy repair (mojibake, curly quotes, width, NFC), HTML entities undone
+    twice (captions were often double-escaped), whitespace runs -> one space, strip, lower case."""
+    if _PLAIN.fullmatch(text):
+        return " ".join(text.split()).lower()  # the same result without ftfy's cost
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+class SimpleTokenizer:
+    """Byte-level BPE with OpenAI's 49,408-token vocabulary: encode(text) -> ids, decode(ids) -> text."""
+
+    def __init__(self, bpe_path: Optional[str] = None):
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # line 0 is a version header; the vocabulary keeps the first 49152 - 256 - 2 merges, listed
+        # best first: a merge's line number is its rank (lower merges earlier)
+        merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
+        # ids: 256 byte characters, the same with the end-of-word mark, one per merge, two specials
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(merge) for merge in merges]
+        vocab += [SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
+        # word -> BPE pieces, and word -> ids (what encode needs); specials are whole tokens already
+        self.cache = {SOT: (SOT,), EOT: (EOT,)}
+        self._ids = {}
+
+    def bpe(self, word: str) -> Tuple[str, ...]:
+        """Merge a byte-encoded word's characters greedily, lowest-ranked adjacent pair first."""
+        if word in self.cache:
+            return self.cache[word]
+        # "</w>" marks the last character, so "a" ending a word and "a" inside one are different symbols
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
+            if best not in self.bpe_ranks:
+                break  # no adjacent pair is a known merge: done
+            first, second = best
+            merged, i = [], 0
+            while i < len(parts):  # replace every occurrence of the pair, left to right
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = tuple(parts)
+        return self.cache[word]
+
+    def encode(self, text: str) -> List[int]:
+        ids = []
+        for word in _WORDS.findall(_clean(text)):
+            word_ids = self._ids.get(word)
+            if word_ids is None:
+                # UTF-8 bytes -> printable characters, BPE, then vocabulary ids
+                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                word_ids = self._ids[word] = [self.encoder[piece] for piece in self.bpe(encoded)]
+            ids.extend(word_ids)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text: pieces joined, characters back to bytes, UTF-8 decoded, "</w>" -> space."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+# ---- 4. Image preprocessing (clip.py's _transform) ----
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB.
+
+    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) use PIL's convert("RGB") exactly as OpenAI
+    does (alpha is dropped, not composited). Deviation: wide modes are *scaled* to 8 bits, where
+    convert("RGB") clips every value above 255 to white. I;16*: full range, value / 257.
+    I (int32) and F (float): values in 0..255 kept, in 0..65535 (I) or 0..1 (F) scaled to 0..255,
+    anything else stretched linearly from its min..max."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if image.mode in _SIXTEEN_BIT:
+            x = x / 257.0
+        elif image.mode == "F" and lo >= 0 and hi <= 1:
+            x = x * 255.0
+        elif image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
+            x = x / 257.0  # 16-bit data, as older Pillow opens 16-bit PNGs
+        elif not (lo >= 0 and hi <= 255):
+            x = (x - lo) * (255.0 / max(hi - lo, 1e-12))  # a constant image becomes black
+        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: keep the L band
+        image = image.getchannel(0)
+    return image.convert("RGB")
+
+
+def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
+                    resize_mode: str = "shortest") -> Compose:
+    """OpenAI's eval transform: resize of the short side to n_px (bicubic), centre crop, RGB, to
+    tensor, normalise. PIL image -> (3, h, w) float tensor. The options are open_clip's
+    preprocess_cfg: another mean/std or interpolation ("bicubic", "bilinear"); resize_mode "squash"
+    resizes to (h, w) without keeping the aspect. A non-square (h, w) in "shortest" mode resizes the
+    short side to max(h, w), then crops (open_clip resizes a little less, keeping more context)."""
+    size = _pair(n_px)
+    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+    if interpolation not in modes or resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"preprocessing with interpolation {interpolation!r} and resize_mode {resize_mode!r} "
+                         f"is not served (interpolation: {sorted(modes)}; resize_mode: shortest, squash)")
+    resize = ([Resize(size, interpolation=modes[interpolation])] if resize_mode == "squash" else
+              [Resize(max(size), interpolation=modes[interpolation]), CenterCrop(size)])
+    return Compose([*resize, to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])
+
+
+# ---- 5. load and tokenize (clip.py) ----
 
 class CheckpointError(ValueError):
     """A file that cannot be read as a checkpoint; the message names the file and what is wrong."""
-
-
-def _describe(obj) -> str:
-    """A few words about an untrusted object for an error message, never its full repr (which can be
-    huge, or take exponential time for a list shared with itself at every level)."""
-    if isinstance(obj, (str, bytes)):
-        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
-    if isinstance(obj, bool) or obj is None or isinstance(obj, float):
-        return repr(obj)
-    if isinstance(obj, int):
-        return str(obj) if obj.bit_length() < 64 else f"an integer of {obj.bit_length()} bits"
-    return f"a {type(obj).__name__}"
-
-
-class _Node:
-    """What the opcode scan knows of one pickled object: how deep it nests, how many objects it
-    expands to (shared sub-objects counted per use), whether it sits inside another object yet."""
-    __slots__ = ("kind", "name", "depth", "size", "placed", "built")
-
-    def __init__(self, kind: str, children=(), name: str = ""):
-        self.kind, self.name, self.placed, self.built = kind, name, False, False
-        self.depth = 1 + max((c.depth for c in children), default=0)
-        self.size = 1 + sum(c.size for c in children)
-        for child in children:
-            child.placed = True
-
-
-def scan_pickle(data: bytes, where: str = "pickle") -> int:
-    """Check the pickle at the start of data opcode by opcode, without building anything; returns
-    the position after its STOP. Raises CheckpointError("<where>: ... (byte N)") on an opcode outside
-    _PICKLE_OPS, a global outside torch/collections/_codecs/builtins, a call outside
-    _PICKLE_CALLABLES (NEWOBJ: TorchScript classes only), a BUILD on anything but a TorchScript
-    object or an OrderedDict, nesting deeper than _MAX_NESTING, an expansion beyond
-    _MAX_SHARED_EXPANSION objects per byte, a memo index beyond the opcodes read so far, a container
-    changed after it was placed in another (the only way to make a cycle), or a malformed stream.
-
-    The stack is simulated with _Nodes so that depth and expansion are exact: torch's writers fill
-    every container before placing it, which is what the last rule demands."""
-    stack, metastack, memo = [], [], {}
-    value = _Node("value")  # one node for every scalar (number, string, None, bool): a leaf
-    value.depth = 0
-    budget = 1_000_000 + _MAX_SHARED_EXPANSION * len(data)
-    pos, ops, at = 0, 0, 0
-
-    def refuse(reason: str):
-        raise CheckpointError(f"{where}: {reason} (byte {at})")
-
-    def argument(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(data):
-            refuse("the pickle is truncated")
-        pos += n
-        return data[pos - n: pos]
-
-    def push(node: _Node):
-        if node.depth > _MAX_NESTING:
-            refuse(f"objects nested more than {_MAX_NESTING} deep")
-        if node.size > budget:
-            refuse(f"shared objects expand to more than {budget:,} objects")
-        stack.append(node)
-
-    def pop_mark() -> list:
-        nonlocal stack
-        if not metastack:
-            refuse("an opcode needs a MARK that is not there")
-        items, stack = stack, metastack.pop()
-        return items
-
-    def fill(target: _Node, kinds: Tuple[str, ...], items: list):
-        """target (still on the stack) receives items: APPEND(S), SETITEM(S), BUILD."""
-        for item in items:
-            item.placed = True
-        if target.kind not in kinds:
-            refuse(f"{pickle_name} on a {target.kind}")
-        if target.placed:
-            refuse(f"{pickle_name} changes an object already placed inside another (a cycle?)")
-        target.depth = max(target.depth, 1 + max((i.depth for i in items), default=0))
-        target.size += sum(i.size for i in items)
-        stack.pop()
-        push(target)
-
-    try:
-        while True:
-            at = pos
-            op = data[pos] if pos < len(data) else None
-            if op is None:
-                refuse("the pickle ends without STOP (truncated?)")
-            pos, ops = pos + 1, ops + 1
-            pickle_name = _PICKLE_OP_NAMES.get(op) or f"opcode 0x{op:02x}"
-            if op not in _PICKLE_OPS:
-                refuse(f"{pickle_name}, which torch's checkpoint writers never emit")
-            arg = argument(_ARG_BYTES[op]) if op in _ARG_BYTES else b""
-            if op in (pickle.BINPUT[0], pickle.LONG_BINPUT[0]):  # the commonest opcodes first
-                index = arg[0] if op == pickle.BINPUT[0] else struct.unpack("<I", arg)[0]
-                if index >= ops:  # torch's writers number memo entries 0, 1, 2, ...
-                    refuse(f"memo index {index} after only {ops} opcodes")
-                memo[index] = stack[-1]
-            elif op in (pickle.BINGET[0], pickle.LONG_BINGET[0]):
-                index = arg[0] if op == pickle.BINGET[0] else struct.unpack("<I", arg)[0]
-                if index not in memo:
-                    refuse(f"memo index {index} that was never set")
-                push(memo[index])
-            elif op in _SCALAR_OPS:
-                push(value)
-            elif op in (pickle.BINUNICODE[0], pickle.SHORT_BINSTRING[0], pickle.LONG1[0]):
-                n = struct.unpack("<I", argument(4))[0] if op == pickle.BINUNICODE[0] else argument(1)[0]
-                argument(n)
-                push(value)
-            elif op == pickle.GLOBAL[0]:
-                lines = []
-                for _ in range(2):
-                    end = data.find(b"\n", pos, pos + 257)
-                    if end < 0:
-                        refuse("GLOBAL without a short name")
-                    lines.append(data[pos:end].decode("ascii", "replace"))
-                    pos = end + 1
-                module, name = lines
-                module = "builtins" if module == "__builtin__" else module  # protocol 2's Python 2 name
-                if not (module in _PICKLE_MODULES or module.startswith(("torch.", "__torch__."))):
-                    refuse(f"it refers to {module[:100]}.{name[:100]}, which no checkpoint needs")
-                push(_Node("global", name=f"{module}.{name}"))
-            elif op == pickle.MARK[0]:
-                metastack.append(stack)
-                stack = []
-            elif op in _TUPLE_SIZES:
-                n = _TUPLE_SIZES[op]
-                if n is None:
-                    items = pop_mark()
-                else:
-                    if len(stack) < n:
-                        refuse(f"{pickle_name} on a stack of {len(stack)}")
-                    items = stack[len(stack) - n:]
-                    del stack[len(stack) - n:]
-                push(_Node("tuple", items))
-            elif op in _EMPTY_KINDS:
-                push(_Node(_EMPTY_KINDS[op]))
-            elif op == pickle.APPEND[0]:
-                item = stack.pop()
-                fill(stack[-1], ("list",), [item])
-            elif op == pickle.APPENDS[0]:
-                items = pop_mark()
-                fill(stack[-1], ("list",), items)
-            elif op == pickle.SETITEM[0]:
-                item, key = stack.pop(), stack.pop()
-                fill(stack[-1], ("dict", "OrderedDict"), [key, item])
-            elif op == pickle.SETITEMS[0]:
-                items = pop_mark()
-                fill(stack[-1], ("dict", "OrderedDict"), items)
-            elif op in (pickle.REDUCE[0], pickle.NEWOBJ[0]):
-                args, func = stack.pop(), stack.pop()
-                if func.kind != "global" or args.kind != "tuple":
-                    refuse(f"{pickle_name} calls a {func.kind} with a {args.kind}")
-                if op == pickle.REDUCE[0] and func.name not in _PICKLE_CALLABLES:
-                    refuse(f"REDUCE calls {func.name}, which no checkpoint needs")
-                if op == pickle.NEWOBJ[0] and not func.name.startswith("__torch__."):
-                    refuse(f"NEWOBJ creates {func.name}; only TorchScript objects are created so")
-                kind = ("OrderedDict" if func.name == "collections.OrderedDict"
-                        else "object" if op == pickle.NEWOBJ[0] else "result")
-                push(_Node(kind, [func, args]))
-            elif op == pickle.BUILD[0]:
-                state, target = stack.pop(), stack[-1]
-                if target.built:
-                    refuse("a second BUILD on one object")
-                fill(target, ("object", "OrderedDict"), [state])
-                target.built = True
-            elif op == pickle.BINPERSID[0]:
-                pid = stack.pop()
-                if pid.kind != "tuple":
-                    refuse(f"a persistent id that is a {pid.kind}, not a tuple")
-                push(_Node("persistent", [pid]))
-            elif op == pickle.PROTO[0]:
-                if at != 0 or arg[0] > pickle.HIGHEST_PROTOCOL:
-                    refuse(f"PROTO {arg[0]} where a pickle cannot have it")
-            else:  # STOP
-                if metastack or len(stack) != 1:
-                    refuse("STOP with an unfinished stack")
-                return pos
-    except IndexError:  # a pop from an empty stack
-        refuse(f"{pickle_name} on an empty stack")
-
-
-_PICKLE_OP_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
-_TUPLE_SIZES = {pickle.EMPTY_TUPLE[0]: 0, pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3,
-                pickle.TUPLE[0]: None}  # None: up to the MARK
-_EMPTY_KINDS = {pickle.EMPTY_LIST[0]: "list", pickle.EMPTY_DICT[0]: "dict", pickle.EMPTY_SET[0]: "set"}
-_SCALAR_OPS = {op[0] for op in (pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
-                                pickle.BININT2, pickle.BINFLOAT)}
-
-
-def _zip_records(path: str) -> Dict[str, zipfile.ZipInfo]:
-    """A zip checkpoint's records from its central directory, refused unless each is unencrypted,
-    named once and inside the file, and all together no larger than the file."""
-    size = os.path.getsize(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except Exception as e:  # BadZipFile, struct.error, NotImplementedError, OSError, ...
-        raise CheckpointError(f"not a readable zip archive ({error_line(e)})") from None
-    records, total = {}, 0
-    for info in infos:
-        name = _describe(info.filename)
-        if info.flag_bits & 1:
-            raise CheckpointError(f"zip record {name} is encrypted")
-        if info.filename in records:
-            raise CheckpointError(f"zip record {name} appears twice")
-        if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
-            raise CheckpointError(f"zip record {name} ({info.compress_size} bytes) lies outside the file")
-        records[info.filename] = info
-        total += info.compress_size
-    if total > size:
-        raise CheckpointError(f"its zip records add up to {total} bytes, more than the file's {size}")
-    return records
-
-
-def _check_stored(info: zipfile.ZipInfo):
-    """torch writes the records it reads uncompressed; a compressed one is a bomb until read (1 GiB
-    of zeros fits in a kilobyte). TorchScript's code records, which are never read, may be compressed."""
-    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-        raise CheckpointError(f"zip record {_describe(info.filename)} is compressed (method "
-                              f"{info.compress_type}); torch stores the records it reads uncompressed")
-
-
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip record's local header (zipfile.structFileHeader)
-
-
-def _read_record(f, info: zipfile.ZipInfo) -> torch.Tensor:
-    """A stored record's bytes as a uint8 tensor, read straight into it (no zero-filling, no copy)
-    and checked against its CRC-32."""
-    _check_stored(info)
-    f.seek(info.header_offset)
-    header = f.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"zip record {_describe(info.filename)} has no local header")
-    name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
-    if f.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
-        raise CheckpointError(f"zip record {_describe(info.filename)}: its two names differ")
-    f.seek(extra_length, os.SEEK_CUR)
-    if info.file_size == 0 and info.CRC == 0:  # frombuffer's storage cannot be resized (grown) later
-        return torch.frombuffer(bytearray(1), dtype=torch.uint8)[:0]
-    data = torch.empty(info.file_size, dtype=torch.uint8)
-    if f.readinto(data.numpy()) != info.file_size or zlib.crc32(data.numpy()) != info.CRC:
-        raise CheckpointError(f"zip record {_describe(info.filename)} is truncated or corrupted (CRC-32)")
-    return data
-
-
-def _one_data_pickle(records: Dict[str, zipfile.ZipInfo]) -> str:
-    """The name of the archive's <name>/data.pkl (its root pickle), refusing zero or several."""
-    found = [n for n in records if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
-    if len(found) != 1:
-        raise CheckpointError(f"expected one <name>/data.pkl in the zip archive, found {len(found)}")
-    return found[0]
 
 
 def error_line(error: BaseException) -> str:
@@ -913,153 +797,353 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
-def _view_problem(storage_numel: int, offset, size, stride) -> Optional[str]:
-    """Why the strided view (offset, size, stride) of a storage of storage_numel elements is refused,
-    or None: integer sizes, strides and offset, none negative; elements that never overlap (no
-    stride 0: one stored row expanded into millions); every element inside the storage."""
-    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= _MAX_DIMS):
-        return f"size and stride must be tuples of one length (at most {_MAX_DIMS})"
-    if not all(type(v) is int for v in (offset, *size, *stride)):
-        return "size, stride and offset must be integers"
-    if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
-        return f"a negative size, stride or offset ({size}, {stride}, {offset})"
-    if 0 in size:
-        return None if offset <= storage_numel else f"offset {offset} beyond its storage of {storage_numel}"
-    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
-    for step, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
-        if step < extent:
-            return f"its elements overlap (size {size}, stride {stride})"
-        extent += (n - 1) * step
-    if offset + extent > storage_numel:
-        return f"it reaches element {offset + extent} of a storage of {storage_numel}"
-    return None
+def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
+         verify: bool = True, activation: Optional[str] = None, vision_head_width: Optional[int] = None,
+         text_head_width: Optional[int] = None):
+    """Load a CLIP checkpoint -> (model in eval mode on device, float32; preprocess).
 
-
-def _check_tensors(tensors, file_size: int):
-    """Views checked (see _view_problem) and their bytes capped at _MAX_TENSOR_BYTES per file byte
-    (distinct views of one storage count separately), so no file builds a model bigger than itself."""
-    total = 0
-    for name, t in tensors:
-        if t.layout != torch.strided or t.device.type != "cpu":
-            raise CheckpointError(f"tensor {name} is {t.layout} on {t.device}, not a dense CPU tensor")
-        problem = _view_problem(t.untyped_storage().nbytes() // t.element_size(), t.storage_offset(),
-                                tuple(t.shape), t.stride())
-        if problem:
-            raise CheckpointError(f"tensor {name}: {problem}")
-        total += t.numel() * t.element_size()
-    if total > _MAX_TENSOR_BYTES * file_size + (1 << 20):
-        raise CheckpointError(f"its tensors hold {total:,} bytes, more than {_MAX_TENSOR_BYTES} x the "
-                              f"file's {file_size:,}")
-
-
-def _walk_loaded(obj) -> List[Tuple[str, torch.Tensor]]:
-    """Every distinct tensor in what torch.load returned (dicts, lists, tuples, sets), with a name
-    for messages; iterative, each container once, at most _MAX_NESTING deep."""
-    found, seen, todo = [], set(), [(obj, "", 0)]
-    while todo:
-        x, name, depth = todo.pop()
-        if not isinstance(x, (torch.Tensor, dict, list, tuple, set, frozenset)) or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if depth > _MAX_NESTING:
-            raise CheckpointError(f"objects nested more than {_MAX_NESTING} deep")
-        if isinstance(x, torch.Tensor):
-            found.append((name or "(top level)", x))
-        elif isinstance(x, dict):
-            for key, value in x.items():
-                label = f"{name}.{key}" if isinstance(key, str) and len(key) < 100 else f"{name}.<key>"
-                todo += [(key, label, depth + 1), (value, label.lstrip("."), depth + 1)]
-        else:
-            todo += [(item, f"{name}[{i}]", depth + 1) for i, item in enumerate(x)]
-    return found
-
-
-def safe_torch_load(path: str):
-    """torch.load(path, map_location="cpu", weights_only=True) behind the checks of this section:
-    zip records (_zip_records) and the root pickle (scan_pickle) before, tensor views and total size
-    (_check_tensors) after. For every file a user names: checkpoints to resume or evaluate, state
-    dicts. Raises CheckpointError (a ValueError) "<path>: ..." for anything it cannot read; torch's
-    legacy pre-1.6 format is refused (its storage records are sized by the file itself)."""
+    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt; a state-dict file or open_clip's .bin/.safetensors
+    (its open_clip_config.json read from beside it); a Hugging Face CLIPModel folder or the
+    model.safetensors / pytorch_model.bin in one (its config.json read from beside it).
+    activation ("quick_gelu" | "gelu"), vision_head_width, text_head_width: override any config.
+    A file with neither a config nor OpenAI's name or SHA-256, loaded without an activation, gets a
+    warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
+    verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
+    converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
+    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
+    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    weights, folder = _locate(path)
+    verified = verify_checkpoint(weights) if verify else False
+    state_dict = _read_weights(weights, trust_torchscript)
     try:
-        size = os.path.getsize(path)
-        if not zipfile.is_zipfile(path):
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-            if head[:1] != pickle.PROTO:
-                raise CheckpointError("not a torch checkpoint (neither a zip archive nor a pickle)")
-            scan_pickle(head, "its first pickle")
-            raise CheckpointError("not a zip archive: torch's legacy (pre-1.6) format, or not a torch "
-                                  "checkpoint; re-save it with torch.save in a trusted environment")
-        records = _zip_records(path)
-        for info in records.values():  # torch.load reads every record of a torch.save file
-            _check_stored(info)
-        name = _one_data_pickle(records)
-        with open(path, "rb") as f:
-            scan_pickle(_read_record(f, records[name]).numpy().tobytes(), name)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            lines = [line for line in str(e).splitlines() if line.strip()]
-            # torch names the global it refused on a later line ("... GLOBAL posix.system ...")
-            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
-            raise CheckpointError(f"refused to unpickle it ({reason[:200]}); checkpoints are read as data "
-                                  "only (torch.load(weights_only=True))") from None
-        except Exception as e:
-            raise CheckpointError(f"not a checkpoint torch can read ({error_line(e)})") from None
-        _check_tensors(_walk_loaded(obj), size)
-    except CheckpointError as e:
+        state_dict, settings, stated, preprocessing, source = _described(state_dict, folder)
+        if source is None and activation is None and not _is_openai(weights, verified):
+            warnings.warn(
+                f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
+                f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
+                "and attention heads of 64 channels. open_clip's laion2b/datacomp/commonpool weights need GELU "
+                "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
+                "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
+                f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
+        settings.update(_explicit(state_dict, activation, vision_head_width, text_head_width))
+        model = build_model(state_dict, **settings)
+        _check_stated(model.config, stated, source)
+        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
+        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
+        preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
+                                     preprocessing.get("interpolation", "bicubic"),
+                                     preprocessing.get("resize_mode", "shortest"))
+    except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return obj
+    except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
+        raise CheckpointError(f"{path}: not a CLIP state dict ({error_line(e)})") from None
+    return model.to(device).eval(), preprocess
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoint files as data
+def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
+              text_head_width: Optional[int]) -> dict:
+    """load()'s arguments as build_model settings (they win over any config)."""
+    settings = {} if activation is None else {"activation": activation}
+    for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
+    if vision_head_width is not None:
+        settings["vision_head_width"] = vision_head_width
+    if text_head_width is not None:
+        text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
+        if text_width % text_head_width:
+            raise ValueError(f"text heads of {text_head_width} channels cannot split the text width {text_width}")
+        settings["transformer_heads"] = text_width // text_head_width
+    return settings
 
-_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
-# OpenAI publishes each file's SHA-256 as a directory of its download address (clip/clip.py, _MODELS)
-OPENAI_SHA256 = {
-    "RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
-    "RN101.pt": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
-    "RN50x4.pt": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
-    "RN50x16.pt": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
-    "RN50x64.pt": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
-    "ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-    "ViT-B-16.pt": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-    "ViT-L-14.pt": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-    "ViT-L-14-336px.pt": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+
+@lru_cache()
+def _default_tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+    """Texts -> (n, context_length) int64 ids: start token, BPE ids, end token, zero padding.
+
+    An over-long text raises RuntimeError unless truncate=True, which cuts it and ends it with the
+    end-of-text token (encode_text reads the embedding there)."""
+    tok = _default_tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    rows = []
+    for text in texts:
+        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"Input {text!r} is too long for context length {context_length} "
+                                   f"({len(ids)} tokens with start/end); shorten it or pass truncate=True")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
+
+
+# ==== Part two: files you did not write ====
+
+
+# ---- 6. Hugging Face and open_clip files: their layouts, the config files beside them ----
+#
+# Three layouts hold the same CLIP: OpenAI's (which open_clip keeps), and Hugging Face's CLIPModel,
+# mapped here onto OpenAI's without loss. What no weight file tells (the activation, head widths,
+# layer-norm eps, how text is pooled, a non-square image size, the normalisation) comes from the
+# config file published beside the weights; load() warns when it has to assume OpenAI's values.
+
+HF_CONFIG, OPEN_CLIP_CONFIG, HF_PREPROCESSOR_CONFIG = "config.json", "open_clip_config.json", "preprocessor_config.json"
+# in the order a folder is searched; *.index.json lists the shards of a large model
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Hugging Face model types that are not CLIP's architecture, by family
+_HF_FAMILIES = {"siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP (a BERT text tower)",
+                "altclip": "AltCLIP (an XLM-R text tower)", "clipseg": "CLIPSeg", "owlvit": "OWL-ViT",
+                "owlv2": "OWLv2", "x_clip": "X-CLIP", "metaclip_2": "MetaCLIP 2 (a multilingual vocabulary)"}
+# module names inside a Hugging Face encoder layer -> OpenAI's (q/k/v are concatenated separately)
+_HF_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+             "self_attn.out_proj.": "attn.out_proj."}
+_HF_NAMES = {"vision_model.embeddings.class_embedding": "visual.class_embedding",
+             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+             "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
+             "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias",
+             "logit_scale": "logit_scale"}
+_HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def is_hf_layout(state_dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state_dict)
+
+
+def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A Hugging Face CLIPModel state dict -> OpenAI's layout, losslessly: q/k/v projections
+    concatenated into in_proj, the projection layers' (E, W) weights transposed to OpenAI's (W, E)
+    matrices, layer norms renamed, the position_ids buffers dropped."""
+    out, qkv = {}, {}
+    for key, tensor in hf.items():
+        layer = _HF_LAYER.fullmatch(key)
+        if key.endswith("position_ids"):
+            continue  # an arange buffer that older files saved, not a weight
+        elif key in ("visual_projection.weight", "text_projection.weight"):
+            out["visual.proj" if key.startswith("visual") else "text_projection"] = tensor.t()  # (E, W) -> (W, E)
+        elif key in _HF_NAMES:
+            out[_HF_NAMES[key]] = tensor
+        elif layer:
+            tower, index, name = layer.groups()
+            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
+            module, _, kind = name.rpartition(".")  # kind: weight or bias
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((block, kind), {})[module[len("self_attn.")]] = tensor  # "q", "k" or "v"
+                continue
+            old = next((old for old in _HF_BLOCK if name.startswith(old)), None)
+            if old is None:
+                raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout")
+            out[block + _HF_BLOCK[old] + name[len(old):]] = tensor
+        else:
+            raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout (a CLIPModel has "
+                             "vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)")
+    for (block, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{block}: Hugging Face attention {kind} has only {sorted(parts)} of q, k, v")
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3W, ...)
+    return out
+
+
+def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
+    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
+    if not width or width % heads:
+        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    return width // heads
+
+
+def hf_settings(config: dict) -> dict:
+    """build_model settings from a Hugging Face CLIPModel's config.json (absent keys: Hugging Face's
+    defaults). The text is pooled as that config makes Hugging Face pool it: at the highest id when
+    eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
+        raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
+    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
+    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
+        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
+                         "in both towers")
+    vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
+    if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
+        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
+                         f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
+    image_size = vision.get("image_size", 224)
+    return {"activation": activations.pop(),
+            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
+            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
+            "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
+            "text_eos_id": None if eos == 2 else eos,
+            "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
+
+
+# open_clip settings this CLIP cannot run, with the family that uses them. A setting whose value
+# differs from the one given here refuses the file.
+_OPEN_CLIP_UNSERVABLE = {
+    "vision_cfg": {"timm_model_name": (None, "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, ...)"),
+                   "attentional_pool": (False, "CoCa (attentional pooler)"),
+                   "no_ln_pre": (False, "CLIPA (an image tower without ln_pre)"),
+                   "pool_type": ("tok", "CLIPA-style average pooling"),
+                   "final_ln_after_pool": (False, "CLIPA (layer norm after pooling)"),
+                   "ls_init_value": (None, "a ViT with layer scale"),
+                   "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
+                   "act_kwargs": (None, "a parametrised activation")},
+    "text_cfg": {"hf_model_name": (None, "a Hugging Face text tower (RoBERTa, XLM-R, mT5, ...)"),
+                 "hf_tokenizer_name": (None, "another vocabulary (a Hugging Face tokenizer)"),
+                 "tokenizer_mode": (None, "another tokenizer"),
+                 "tokenizer_kwargs": (None, "another tokenizer's text cleaning (SigLIP)"),
+                 "vocab_size": (OPENAI_VOCAB_SIZE, "another vocabulary"),
+                 "embed_cls": (False, "CoCa (a text class token)"),
+                 "no_causal_mask": (False, "a bidirectional text tower (SigLIP, CLIPA)"),
+                 "proj_bias": (False, "SigLIP (a text projection with bias)"),
+                 "proj_type": ("linear", "a text projection layer"),
+                 "final_ln_after_pool": (False, "layer norm after text pooling"),
+                 "ls_init_value": (None, "a text tower with layer scale"),
+                 "act_kwargs": (None, "a parametrised activation")},
 }
+_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
-def verify_checkpoint(path: str) -> bool:
-    """If path's file name is an official OpenAI one, check its SHA-256 (streamed, 1 MiB at a time).
-
-    Returns True when verified, False when the name is not an official one; raises CheckpointError
-    on a mismatch."""
-    name = os.path.basename(path)
-    expected = OPENAI_SHA256.get(name)
-    if expected is None:
-        return False
-    digest = sha256(path)
-    if digest != expected:
-        raise CheckpointError(
-            f"{path}: SHA-256 {digest} does not match OpenAI's published {expected} for "
-            f"{name} ({os.path.getsize(path)} bytes read): the download is truncated or corrupted. "
-            f"Re-download it from {_OPENAI_URL.format(expected, name)}, or pass verify=False if you "
-            "renamed or converted the file on purpose.")
-    return True
+def _open_clip_eps(tower: dict, name: str) -> float:
+    norm = tower.get("norm_kwargs") or {}
+    if set(norm) - {"eps"}:
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
+    return norm.get("eps", 1e-5)
 
 
-def sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
+    """An open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}, or a bare model config as
+    in open_clip's model_configs/) -> (build_model settings, the sizes it states as CLIPConfig fields
+    (checked against the weights), preprocessing: mean, std, interpolation, resize_mode).
+    Defaults are open_clip's (CLIPVisionCfg, CLIPTextCfg): GELU unless quick_gelu, heads of 64."""
+    model_cfg = config.get("model_cfg", config)
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    for key, family in (("init_logit_bias", "SigLIP (logit_bias)"), ("multimodal_cfg", "CoCa (a text decoder)"),
+                        ("custom_text", "CustomTextCLIP (a custom text tower)")):
+        if model_cfg.get(key):
+            raise ValueError(f"{OPEN_CLIP_CONFIG} describes {family}, which this CLIP implementation cannot run")
+    for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
+        for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
+            if tower.get(key, default) not in (default, {} if default is None else default):
+                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
+                                 "CLIP implementation cannot run")
+        custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
+                                                                (None, "default") else [])
+        if custom:
+            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
+                             "which this CLIP implementation cannot run")
+    text_eos_id = None
+    if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
+        text_eos_id = 49407
+    elif text.get("pool_type", "argmax") != "argmax":
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
+                         "is not served: our tokenizer ends every text with 49407")
+    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
+    head_width = vision.get("head_width", 64)
+    settings = {"activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                "vision_head_width": head_width, "transformer_heads": text.get("heads", 8),
+                "vision_ln_eps": _open_clip_eps(vision, "vision_cfg"), "text_ln_eps": _open_clip_eps(text, "text_cfg"),
+                "text_eos_id": text_eos_id, "image_resolution": tuple(size) if isinstance(size, (list, tuple)) else size}
+    layers = vision.get("layers", 12)
+    resnet = isinstance(layers, (list, tuple))
+    stated = {"embed_dim": model_cfg.get("embed_dim"), "vision_layers": tuple(layers) if resnet else layers,
+              "vision_width": width, "transformer_width": text.get("width", 512),
+              "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
+    if not resnet:
+        patch = _pair(patch)
+        stated.update(vision_patch_size=patch[0] if patch[0] == patch[1] else patch,
+                      vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
+    stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
+    pre = config.get("preprocess_cfg") or {}
+    preprocessing = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
+    return settings, stated, preprocessing
 
+
+def _check_stated(config: CLIPConfig, stated: dict, source: str):
+    """Every size a config file states must be what the weights hold (MLP widths: None means 4 x width)."""
+    effective = asdict(config)
+    effective["vision_mlp_width"] = config.vision_mlp_width or 4 * config.vision_width
+    effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
+    for field, value in stated.items():
+        if value is not None and effective[field] != value:
+            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
+                             "config belongs to another model")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
+    return config
+
+
+def _parse(reader, path: str):
+    """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
+    text where a number does) reported as such, not as a traceback."""
+    try:
+        return reader(_read_json(path))
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _described(state_dict: Dict[str, torch.Tensor], folder: str):
+    """What the config files in folder say about state_dict -> (state dict in OpenAI's layout,
+    build_model settings, sizes stated, preprocessing, the config's path or None if none describes it).
+    A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
+    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+    if is_hf_layout(state_dict):
+        source = beside(HF_CONFIG)
+        if source is None:
+            raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
+                             "beside it (its activation, heads, layer-norm eps and pooling rule)")
+        settings = _parse(hf_settings, source)  # refuses SigLIP & co. by their model_type
+        processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
+        preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
+        return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
+    family = unservable_family(state_dict)
+    if family:
+        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
+    source = beside(OPEN_CLIP_CONFIG)
+    if source is None:
+        return state_dict, {}, {}, {}, None
+    return (state_dict, *_parse(open_clip_settings, source), source)
+
+
+def _locate(path: str) -> Tuple[str, str]:
+    """A file, or a folder holding one -> (weights file, its folder). A folder is searched for
+    open_clip's file names first (with open_clip_config.json beside them), then Hugging Face's."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        return path, os.path.dirname(os.path.abspath(path))
+    has = lambda name: os.path.isfile(os.path.join(path, name))
+    names = ([n for n in _OPEN_CLIP_WEIGHTS if has(n)] if has(OPEN_CLIP_CONFIG) else []) + \
+            ([n for n in _HF_WEIGHTS if has(n)] if has(HF_CONFIG) else [])
+    if not names:
+        raise FileNotFoundError(f"{path}: a folder without CLIP weights and their config: expected {HF_CONFIG} with one "
+                                f"of {', '.join(_HF_WEIGHTS)}, or {OPEN_CLIP_CONFIG} with one of "
+                                f"{', '.join(_OPEN_CLIP_WEIGHTS)}")
+    return os.path.join(path, names[0]), path
+
+
+# ---- 7. Reading checkpoint files as data: safetensors, TorchScript archives, shards ----
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -1358,232 +1442,6 @@ def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, tor
     return state
 
 
-# ----------------------------------------------------------------------------------------------
-# Hugging Face and open_clip files: their layouts, the config files beside them, load()
-#
-# Three layouts hold the same CLIP: OpenAI's (which open_clip keeps), and Hugging Face's CLIPModel,
-# mapped here onto OpenAI's without loss. What no weight file tells (the activation, head widths,
-# layer-norm eps, how text is pooled, a non-square image size, the normalisation) comes from the
-# config file published beside the weights; load() warns when it has to assume OpenAI's values.
-
-HF_CONFIG, OPEN_CLIP_CONFIG, HF_PREPROCESSOR_CONFIG = "config.json", "open_clip_config.json", "preprocessor_config.json"
-# in the order a folder is searched; *.index.json lists the shards of a large model
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# Hugging Face model types that are not CLIP's architecture, by family
-_HF_FAMILIES = {"siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP (a BERT text tower)",
-                "altclip": "AltCLIP (an XLM-R text tower)", "clipseg": "CLIPSeg", "owlvit": "OWL-ViT",
-                "owlv2": "OWLv2", "x_clip": "X-CLIP", "metaclip_2": "MetaCLIP 2 (a multilingual vocabulary)"}
-# module names inside a Hugging Face encoder layer -> OpenAI's (q/k/v are concatenated separately)
-_HF_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
-             "self_attn.out_proj.": "attn.out_proj."}
-_HF_NAMES = {"vision_model.embeddings.class_embedding": "visual.class_embedding",
-             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-             "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
-             "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias",
-             "logit_scale": "logit_scale"}
-_HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)")
-
-
-def is_hf_layout(state_dict) -> bool:
-    return any(k.startswith(("vision_model.", "text_model.")) for k in state_dict)
-
-
-def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A Hugging Face CLIPModel state dict -> OpenAI's layout, losslessly: q/k/v projections
-    concatenated into in_proj, the projection layers' (E, W) weights transposed to OpenAI's (W, E)
-    matrices, layer norms renamed, the position_ids buffers dropped."""
-    out, qkv = {}, {}
-    for key, tensor in hf.items():
-        layer = _HF_LAYER.fullmatch(key)
-        if key.endswith("position_ids"):
-            continue  # an arange buffer that older files saved, not a weight
-        elif key in ("visual_projection.weight", "text_projection.weight"):
-            out["visual.proj" if key.startswith("visual") else "text_projection"] = tensor.t()  # (E, W) -> (W, E)
-        elif key in _HF_NAMES:
-            out[_HF_NAMES[key]] = tensor
-        elif layer:
-            tower, index, name = layer.groups()
-            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
-            module, _, kind = name.rpartition(".")  # kind: weight or bias
-            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault((block, kind), {})[module[len("self_attn.")]] = tensor  # "q", "k" or "v"
-                continue
-            old = next((old for old in _HF_BLOCK if name.startswith(old)), None)
-            if old is None:
-                raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout")
-            out[block + _HF_BLOCK[old] + name[len(old):]] = tensor
-        else:
-            raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout (a CLIPModel has "
-                             "vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)")
-    for (block, kind), parts in qkv.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"{block}: Hugging Face attention {kind} has only {sorted(parts)} of q, k, v")
-        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3W, ...)
-    return out
-
-
-def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
-    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
-    if not width or width % heads:
-        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
-    return width // heads
-
-
-def hf_settings(config: dict) -> dict:
-    """build_model settings from a Hugging Face CLIPModel's config.json (absent keys: Hugging Face's
-    defaults). The text is pooled as that config makes Hugging Face pool it: at the highest id when
-    eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
-    model_type = config.get("model_type")
-    if model_type != "clip":
-        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
-        raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
-    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
-    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
-    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
-        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
-                         "in both towers")
-    vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
-    if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
-        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
-                         f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
-    image_size = vision.get("image_size", 224)
-    return {"activation": activations.pop(),
-            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
-            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
-            "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
-            "text_eos_id": None if eos == 2 else eos,
-            "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
-
-
-# open_clip settings this CLIP cannot run, with the family that uses them. A setting whose value
-# differs from the one given here refuses the file.
-_OPEN_CLIP_UNSERVABLE = {
-    "vision_cfg": {"timm_model_name": (None, "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, ...)"),
-                   "attentional_pool": (False, "CoCa (attentional pooler)"),
-                   "no_ln_pre": (False, "CLIPA (an image tower without ln_pre)"),
-                   "pool_type": ("tok", "CLIPA-style average pooling"),
-                   "final_ln_after_pool": (False, "CLIPA (layer norm after pooling)"),
-                   "ls_init_value": (None, "a ViT with layer scale"),
-                   "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
-                   "act_kwargs": (None, "a parametrised activation")},
-    "text_cfg": {"hf_model_name": (None, "a Hugging Face text tower (RoBERTa, XLM-R, mT5, ...)"),
-                 "hf_tokenizer_name": (None, "another vocabulary (a Hugging Face tokenizer)"),
-                 "tokenizer_mode": (None, "another tokenizer"),
-                 "tokenizer_kwargs": (None, "another tokenizer's text cleaning (SigLIP)"),
-                 "vocab_size": (OPENAI_VOCAB_SIZE, "another vocabulary"),
-                 "embed_cls": (False, "CoCa (a text class token)"),
-                 "no_causal_mask": (False, "a bidirectional text tower (SigLIP, CLIPA)"),
-                 "proj_bias": (False, "SigLIP (a text projection with bias)"),
-                 "proj_type": ("linear", "a text projection layer"),
-                 "final_ln_after_pool": (False, "layer norm after text pooling"),
-                 "ls_init_value": (None, "a text tower with layer scale"),
-                 "act_kwargs": (None, "a parametrised activation")},
-}
-_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
-
-
-def _open_clip_eps(tower: dict, name: str) -> float:
-    norm = tower.get("norm_kwargs") or {}
-    if set(norm) - {"eps"}:
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
-    return norm.get("eps", 1e-5)
-
-
-def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
-    """An open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}, or a bare model config as
-    in open_clip's model_configs/) -> (build_model settings, the sizes it states as CLIPConfig fields
-    (checked against the weights), preprocessing: mean, std, interpolation, resize_mode).
-    Defaults are open_clip's (CLIPVisionCfg, CLIPTextCfg): GELU unless quick_gelu, heads of 64."""
-    model_cfg = config.get("model_cfg", config)
-    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
-    for key, family in (("init_logit_bias", "SigLIP (logit_bias)"), ("multimodal_cfg", "CoCa (a text decoder)"),
-                        ("custom_text", "CustomTextCLIP (a custom text tower)")):
-        if model_cfg.get(key):
-            raise ValueError(f"{OPEN_CLIP_CONFIG} describes {family}, which this CLIP implementation cannot run")
-    for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
-        for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
-            if tower.get(key, default) not in (default, {} if default is None else default):
-                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
-                                 "CLIP implementation cannot run")
-        custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
-                                                                (None, "default") else [])
-        if custom:
-            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
-                             "which this CLIP implementation cannot run")
-    text_eos_id = None
-    if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
-        text_eos_id = 49407
-    elif text.get("pool_type", "argmax") != "argmax":
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
-                         "is not served: our tokenizer ends every text with 49407")
-    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
-    head_width = vision.get("head_width", 64)
-    settings = {"activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-                "vision_head_width": head_width, "transformer_heads": text.get("heads", 8),
-                "vision_ln_eps": _open_clip_eps(vision, "vision_cfg"), "text_ln_eps": _open_clip_eps(text, "text_cfg"),
-                "text_eos_id": text_eos_id, "image_resolution": tuple(size) if isinstance(size, (list, tuple)) else size}
-    layers = vision.get("layers", 12)
-    resnet = isinstance(layers, (list, tuple))
-    stated = {"embed_dim": model_cfg.get("embed_dim"), "vision_layers": tuple(layers) if resnet else layers,
-              "vision_width": width, "transformer_width": text.get("width", 512),
-              "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
-    if not resnet:
-        patch = _pair(patch)
-        stated.update(vision_patch_size=patch[0] if patch[0] == patch[1] else patch,
-                      vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
-    stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
-    pre = config.get("preprocess_cfg") or {}
-    preprocessing = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
-    return settings, stated, preprocessing
-
-
-def _check_stated(config: CLIPConfig, stated: dict, source: str):
-    """Every size a config file states must be what the weights hold (MLP widths: None means 4 x width)."""
-    effective = asdict(config)
-    effective["vision_mlp_width"] = config.vision_mlp_width or 4 * config.vision_width
-    effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
-    for field, value in stated.items():
-        if value is not None and effective[field] != value:
-            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
-                             "config belongs to another model")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
-    return config
-
-
-def _locate(path: str) -> Tuple[str, str]:
-    """A file, or a folder holding one -> (weights file, its folder). A folder is searched for
-    open_clip's file names first (with open_clip_config.json beside them), then Hugging Face's."""
-    if not os.path.isdir(path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-        return path, os.path.dirname(os.path.abspath(path))
-    has = lambda name: os.path.isfile(os.path.join(path, name))
-    names = ([n for n in _OPEN_CLIP_WEIGHTS if has(n)] if has(OPEN_CLIP_CONFIG) else []) + \
-            ([n for n in _HF_WEIGHTS if has(n)] if has(HF_CONFIG) else [])
-    if not names:
-        raise FileNotFoundError(f"{path}: a folder without CLIP weights and their config: expected {HF_CONFIG} with one "
-                                f"of {', '.join(_HF_WEIGHTS)}, or {OPEN_CLIP_CONFIG} with one of "
-                                f"{', '.join(_OPEN_CLIP_WEIGHTS)}")
-    return os.path.join(path, names[0]), path
-
-
 def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
     """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names."""
     if not path.endswith(".index.json"):
@@ -1599,299 +1457,443 @@ def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]
     return state
 
 
+# ---- 8. Hostile checkpoint files: pickle opcode scan, zip records, tensor views ----
+# Researchers load checkpoints from third parties. Besides never running a file's code, the readers
+# below refuse, before unpickling or allocating anything, what no honest checkpoint contains but a
+# few crafted bytes can use to crash the process, hang it, allocate gigabytes or read memory that is
+# not the file's: deep or cyclic nesting, shared sub-objects multiplied along every path, memo
+# indices far beyond the pickle's length, compressed zip records, views that reach outside their
+# storage, overlap themselves (stride 0) or outnumber the file's bytes. Each refusal is one
+# CheckpointError naming the file and what is wrong; an untrusted object is never printed in full.
+
+_MAX_NESTING = 100  # containers within containers; OpenAI's archives nest about 20 deep
+_MAX_SHARED_EXPANSION = 16  # objects a pickle may expand to (shared ones counted per use), per byte
+_MAX_DIMS = 16  # dimensions of one tensor
+_MAX_TENSOR_BYTES = 2  # bytes of tensors per byte of file (views sharing storage count separately)
+_MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON header; CLIP's are tens of kilobytes
+
+# The pickle opcodes torch's writers emit (torch.save at its protocol 2; TorchScript's C++ pickler)
+# and torch.load(weights_only=True) reads. No checkpoint needs the others: protocol 0/1 text forms,
+# POP/DUP, INST/OBJ/EXT, STACK_GLOBAL, FRAME, MEMOIZE, out-of-band buffers.
+_PICKLE_OPS = {op[0] for op in (
+    pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.NEWOBJ, pickle.BUILD, pickle.BINPERSID,
+    pickle.MARK, pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
+    pickle.EMPTY_LIST, pickle.APPEND, pickle.APPENDS, pickle.EMPTY_DICT, pickle.SETITEM, pickle.SETITEMS,
+    pickle.EMPTY_SET, pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
+    pickle.BININT2, pickle.LONG1, pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING,
+    pickle.BINPUT, pickle.LONG_BINPUT, pickle.BINGET, pickle.LONG_BINGET)}
+_ARG_BYTES = {pickle.PROTO[0]: 1, pickle.BININT[0]: 4, pickle.BININT1[0]: 1, pickle.BININT2[0]: 2,
+              pickle.BINFLOAT[0]: 8, pickle.BINPUT[0]: 1, pickle.LONG_BINPUT[0]: 4, pickle.BINGET[0]: 1,
+              pickle.LONG_BINGET[0]: 4}
+# The callables torch's writers pickle for checkpoint data (REDUCE), each allocating no more than
+# its arguments' bytes: a tensor or parameter, an OrderedDict, a set, bytes (_codecs.encode), a size,
+# a device, a complex number. torch.load's allow-list has more (torch.Tensor(n), bytearray(n) and
+# quantized tensors allocate n from one integer, meta tensors have any size): no checkpoint needs them.
+_PICKLE_CALLABLES = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor",
+                     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+                     "collections.OrderedDict", "builtins.set", "_codecs.encode", "torch.Size", "torch.device",
+                     "builtins.complex", "torch.serialization._get_layout"}
+_PICKLE_MODULES = ("torch", "__torch__", "collections", "_codecs", "builtins")
+
+
+def _describe(obj) -> str:
+    """A few words about an untrusted object for an error message, never its full repr (which can be
+    huge, or take exponential time for a list shared with itself at every level)."""
+    if isinstance(obj, (str, bytes)):
+        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
+    if isinstance(obj, bool) or obj is None or isinstance(obj, float):
+        return repr(obj)
+    if isinstance(obj, int):
+        return str(obj) if obj.bit_length() < 64 else f"an integer of {obj.bit_length()} bits"
+    return f"a {type(obj).__name__}"
+
+
+class _Node:
+    """What the opcode scan knows of one pickled object: how deep it nests, how many objects it
+    expands to (shared sub-objects counted per use), whether it sits inside another object yet."""
+    __slots__ = ("kind", "name", "depth", "size", "placed", "built")
+
+    def __init__(self, kind: str, children=(), name: str = ""):
+        self.kind, self.name, self.placed, self.built = kind, name, False, False
+        self.depth = 1 + max((c.depth for c in children), default=0)
+        self.size = 1 + sum(c.size for c in children)
+        for child in children:
+            child.placed = True
+
+
+def scan_pickle(data: bytes, where: str = "pickle") -> int:
+    """Check the pickle at the start of data opcode by opcode, without building anything; returns
+    the position after its STOP. Raises CheckpointError("<where>: ... (byte N)") on an opcode outside
+    _PICKLE_OPS, a global outside torch/collections/_codecs/builtins, a call outside
+    _PICKLE_CALLABLES (NEWOBJ: TorchScript classes only), a BUILD on anything but a TorchScript
+    object or an OrderedDict, nesting deeper than _MAX_NESTING, an expansion beyond
+    _MAX_SHARED_EXPANSION objects per byte, a memo index beyond the opcodes read so far, a container
+    changed after it was placed in another (the only way to make a cycle), or a malformed stream.
+
+    The stack is simulated with _Nodes so that depth and expansion are exact: torch's writers fill
+    every container before placing it, which is what the last rule demands."""
+    stack, metastack, memo = [], [], {}
+    value = _Node("value")  # one node for every scalar (number, string, None, bool): a leaf
+    value.depth = 0
+    budget = 1_000_000 + _MAX_SHARED_EXPANSION * len(data)
+    pos, ops, at = 0, 0, 0
+
+    def refuse(reason: str):
+        raise CheckpointError(f"{where}: {reason} (byte {at})")
+
+    def argument(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            refuse("the pickle is truncated")
+        pos += n
+        return data[pos - n: pos]
+
+    def push(node: _Node):
+        if node.depth > _MAX_NESTING:
+            refuse(f"objects nested more than {_MAX_NESTING} deep")
+        if node.size > budget:
+            refuse(f"shared objects expand to more than {budget:,} objects")
+        stack.append(node)
+
+    def pop_mark() -> list:
+        nonlocal stack
+        if not metastack:
+            refuse("an opcode needs a MARK that is not there")
+        items, stack = stack, metastack.pop()
+        return items
+
+    def fill(target: _Node, kinds: Tuple[str, ...], items: list):
+        """target (still on the stack) receives items: APPEND(S), SETITEM(S), BUILD."""
+        for item in items:
+            item.placed = True
+        if target.kind not in kinds:
+            refuse(f"{pickle_name} on a {target.kind}")
+        if target.placed:
+            refuse(f"{pickle_name} changes an object already placed inside another (a cycle?)")
+        target.depth = max(target.depth, 1 + max((i.depth for i in items), default=0))
+        target.size += sum(i.size for i in items)
+        stack.pop()
+        push(target)
+
+    try:
+        while True:
+            at = pos
+            op = data[pos] if pos < len(data) else None
+            if op is None:
+                refuse("the pickle ends without STOP (truncated?)")
+            pos, ops = pos + 1, ops + 1
+            pickle_name = _PICKLE_OP_NAMES.get(op) or f"opcode 0x{op:02x}"
+            if op not in _PICKLE_OPS:
+                refuse(f"{pickle_name}, which torch's checkpoint writers never emit")
+            arg = argument(_ARG_BYTES[op]) if op in _ARG_BYTES else b""
+            if op in (pickle.BINPUT[0], pickle.LONG_BINPUT[0]):  # the commonest opcodes first
+                index = arg[0] if op == pickle.BINPUT[0] else struct.unpack("<I", arg)[0]
+                if index >= ops:  # torch's writers number memo entries 0, 1, 2, ...
+                    refuse(f"memo index {index} after only {ops} opcodes")
+                memo[index] = stack[-1]
+            elif op in (pickle.BINGET[0], pickle.LONG_BINGET[0]):
+                index = arg[0] if op == pickle.BINGET[0] else struct.unpack("<I", arg)[0]
+                if index not in memo:
+                    refuse(f"memo index {index} that was never set")
+                push(memo[index])
+            elif op in _SCALAR_OPS:
+                push(value)
+            elif op in (pickle.BINUNICODE[0], pickle.SHORT_BINSTRING[0], pickle.LONG1[0]):
+                n = struct.unpack("<I", argument(4))[0] if op == pickle.BINUNICODE[0] else argument(1)[0]
+                argument(n)
+                push(value)
+            elif op == pickle.GLOBAL[0]:
+                lines = []
+                for _ in range(2):
+                    end = data.find(b"\n", pos, pos + 257)
+                    if end < 0:
+                        refuse("GLOBAL without a short name")
+                    lines.append(data[pos:end].decode("ascii", "replace"))
+                    pos = end + 1
+                module, name = lines
+                module = "builtins" if module == "__builtin__" else module  # protocol 2's Python 2 name
+                if not (module in _PICKLE_MODULES or module.startswith(("torch.", "__torch__."))):
+                    refuse(f"it refers to {module[:100]}.{name[:100]}, which no checkpoint needs")
+                push(_Node("global", name=f"{module}.{name}"))
+            elif op == pickle.MARK[0]:
+                metastack.append(stack)
+                stack = []
+            elif op in _TUPLE_SIZES:
+                n = _TUPLE_SIZES[op]
+                if n is None:
+                    items = pop_mark()
+                else:
+                    if len(stack) < n:
+                        refuse(f"{pickle_name} on a stack of {len(stack)}")
+                    items = stack[len(stack) - n:]
+                    del stack[len(stack) - n:]
+                push(_Node("tuple", items))
+            elif op in _EMPTY_KINDS:
+                push(_Node(_EMPTY_KINDS[op]))
+            elif op == pickle.APPEND[0]:
+                item = stack.pop()
+                fill(stack[-1], ("list",), [item])
+            elif op == pickle.APPENDS[0]:
+                items = pop_mark()
+                fill(stack[-1], ("list",), items)
+            elif op == pickle.SETITEM[0]:
+                item, key = stack.pop(), stack.pop()
+                fill(stack[-1], ("dict", "OrderedDict"), [key, item])
+            elif op == pickle.SETITEMS[0]:
+                items = pop_mark()
+                fill(stack[-1], ("dict", "OrderedDict"), items)
+            elif op in (pickle.REDUCE[0], pickle.NEWOBJ[0]):
+                args, func = stack.pop(), stack.pop()
+                if func.kind != "global" or args.kind != "tuple":
+                    refuse(f"{pickle_name} calls a {func.kind} with a {args.kind}")
+                if op == pickle.REDUCE[0] and func.name not in _PICKLE_CALLABLES:
+                    refuse(f"REDUCE calls {func.name}, which no checkpoint needs")
+                if op == pickle.NEWOBJ[0] and not func.name.startswith("__torch__."):
+                    refuse(f"NEWOBJ creates {func.name}; only TorchScript objects are created so")
+                kind = ("OrderedDict" if func.name == "collections.OrderedDict"
+                        else "object" if op == pickle.NEWOBJ[0] else "result")
+                push(_Node(kind, [func, args]))
+            elif op == pickle.BUILD[0]:
+                state, target = stack.pop(), stack[-1]
+                if target.built:
+                    refuse("a second BUILD on one object")
+                fill(target, ("object", "OrderedDict"), [state])
+                target.built = True
+            elif op == pickle.BINPERSID[0]:
+                pid = stack.pop()
+                if pid.kind != "tuple":
+                    refuse(f"a persistent id that is a {pid.kind}, not a tuple")
+                push(_Node("persistent", [pid]))
+            elif op == pickle.PROTO[0]:
+                if at != 0 or arg[0] > pickle.HIGHEST_PROTOCOL:
+                    refuse(f"PROTO {arg[0]} where a pickle cannot have it")
+            else:  # STOP
+                if metastack or len(stack) != 1:
+                    refuse("STOP with an unfinished stack")
+                return pos
+    except IndexError:  # a pop from an empty stack
+        refuse(f"{pickle_name} on an empty stack")
+
+
+_PICKLE_OP_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+_TUPLE_SIZES = {pickle.EMPTY_TUPLE[0]: 0, pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3,
+                pickle.TUPLE[0]: None}  # None: up to the MARK
+_EMPTY_KINDS = {pickle.EMPTY_LIST[0]: "list", pickle.EMPTY_DICT[0]: "dict", pickle.EMPTY_SET[0]: "set"}
+_SCALAR_OPS = {op[0] for op in (pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1,
+                                pickle.BININT2, pickle.BINFLOAT)}
+
+
+def _zip_records(path: str) -> Dict[str, zipfile.ZipInfo]:
+    """A zip checkpoint's records from its central directory, refused unless each is unencrypted,
+    named once and inside the file, and all together no larger than the file."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except Exception as e:  # BadZipFile, struct.error, NotImplementedError, OSError, ...
+        raise CheckpointError(f"not a readable zip archive ({error_line(e)})") from None
+    records, total = {}, 0
+    for info in infos:
+        name = _describe(info.filename)
+        if info.flag_bits & 1:
+            raise CheckpointError(f"zip record {name} is encrypted")
+        if info.filename in records:
+            raise CheckpointError(f"zip record {name} appears twice")
+        if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
+            raise CheckpointError(f"zip record {name} ({info.compress_size} bytes) lies outside the file")
+        records[info.filename] = info
+        total += info.compress_size
+    if total > size:
+        raise CheckpointError(f"its zip records add up to {total} bytes, more than the file's {size}")
+    return records
+
+
+def _check_stored(info: zipfile.ZipInfo):
+    """torch writes the records it reads uncompressed; a compressed one is a bomb until read (1 GiB
+    of zeros fits in a kilobyte). TorchScript's code records, which are never read, may be compressed."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise CheckpointError(f"zip record {_describe(info.filename)} is compressed (method "
+                              f"{info.compress_type}); torch stores the records it reads uncompressed")
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip record's local header (zipfile.structFileHeader)
+
+
+def _read_record(f, info: zipfile.ZipInfo) -> torch.Tensor:
+    """A stored record's bytes as a uint8 tensor, read straight into it (no zero-filling, no copy)
+    and checked against its CRC-32."""
+    _check_stored(info)
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"zip record {_describe(info.filename)} has no local header")
+    name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
+    if f.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise CheckpointError(f"zip record {_describe(info.filename)}: its two names differ")
+    f.seek(extra_length, os.SEEK_CUR)
+    if info.file_size == 0 and info.CRC == 0:  # frombuffer's storage cannot be resized (grown) later
+        return torch.frombuffer(bytearray(1), dtype=torch.uint8)[:0]
+    data = torch.empty(info.file_size, dtype=torch.uint8)
+    if f.readinto(data.numpy()) != info.file_size or zlib.crc32(data.numpy()) != info.CRC:
+        raise CheckpointError(f"zip record {_describe(info.filename)} is truncated or corrupted (CRC-32)")
+    return data
+
+
+def _one_data_pickle(records: Dict[str, zipfile.ZipInfo]) -> str:
+    """The name of the archive's <name>/data.pkl (its root pickle), refusing zero or several."""
+    found = [n for n in records if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    if len(found) != 1:
+        raise CheckpointError(f"expected one <name>/data.pkl in the zip archive, found {len(found)}")
+    return found[0]
+
+
+def _view_problem(storage_numel: int, offset, size, stride) -> Optional[str]:
+    """Why the strided view (offset, size, stride) of a storage of storage_numel elements is refused,
+    or None: integer sizes, strides and offset, none negative; elements that never overlap (no
+    stride 0: one stored row expanded into millions); every element inside the storage."""
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= _MAX_DIMS):
+        return f"size and stride must be tuples of one length (at most {_MAX_DIMS})"
+    if not all(type(v) is int for v in (offset, *size, *stride)):
+        return "size, stride and offset must be integers"
+    if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+        return f"a negative size, stride or offset ({size}, {stride}, {offset})"
+    if 0 in size:
+        return None if offset <= storage_numel else f"offset {offset} beyond its storage of {storage_numel}"
+    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
+    for step, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
+        if step < extent:
+            return f"its elements overlap (size {size}, stride {stride})"
+        extent += (n - 1) * step
+    if offset + extent > storage_numel:
+        return f"it reaches element {offset + extent} of a storage of {storage_numel}"
+    return None
+
+
+def _check_tensors(tensors, file_size: int):
+    """Views checked (see _view_problem) and their bytes capped at _MAX_TENSOR_BYTES per file byte
+    (distinct views of one storage count separately), so no file builds a model bigger than itself."""
+    total = 0
+    for name, t in tensors:
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise CheckpointError(f"tensor {name} is {t.layout} on {t.device}, not a dense CPU tensor")
+        problem = _view_problem(t.untyped_storage().nbytes() // t.element_size(), t.storage_offset(),
+                                tuple(t.shape), t.stride())
+        if problem:
+            raise CheckpointError(f"tensor {name}: {problem}")
+        total += t.numel() * t.element_size()
+    if total > _MAX_TENSOR_BYTES * file_size + (1 << 20):
+        raise CheckpointError(f"its tensors hold {total:,} bytes, more than {_MAX_TENSOR_BYTES} x the "
+                              f"file's {file_size:,}")
+
+
+def _walk_loaded(obj) -> List[Tuple[str, torch.Tensor]]:
+    """Every distinct tensor in what torch.load returned (dicts, lists, tuples, sets), with a name
+    for messages; iterative, each container once, at most _MAX_NESTING deep."""
+    found, seen, todo = [], set(), [(obj, "", 0)]
+    while todo:
+        x, name, depth = todo.pop()
+        if not isinstance(x, (torch.Tensor, dict, list, tuple, set, frozenset)) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if depth > _MAX_NESTING:
+            raise CheckpointError(f"objects nested more than {_MAX_NESTING} deep")
+        if isinstance(x, torch.Tensor):
+            found.append((name or "(top level)", x))
+        elif isinstance(x, dict):
+            for key, value in x.items():
+                label = f"{name}.{key}" if isinstance(key, str) and len(key) < 100 else f"{name}.<key>"
+                todo += [(key, label, depth + 1), (value, label.lstrip("."), depth + 1)]
+        else:
+            todo += [(item, f"{name}[{i}]", depth + 1) for i, item in enumerate(x)]
+    return found
+
+
+def safe_torch_load(path: str):
+    """torch.load(path, map_location="cpu", weights_only=True) behind the checks of this section:
+    zip records (_zip_records) and the root pickle (scan_pickle) before, tensor views and total size
+    (_check_tensors) after. For every file a user names: checkpoints to resume or evaluate, state
+    dicts. Raises CheckpointError (a ValueError) "<path>: ..." for anything it cannot read; torch's
+    legacy pre-1.6 format is refused (its storage records are sized by the file itself)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        size = os.path.getsize(path)
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+            if head[:1] != pickle.PROTO:
+                raise CheckpointError("not a torch checkpoint (neither a zip archive nor a pickle)")
+            scan_pickle(head, "its first pickle")
+            raise CheckpointError("not a zip archive: torch's legacy (pre-1.6) format, or not a torch "
+                                  "checkpoint; re-save it with torch.save in a trusted environment")
+        records = _zip_records(path)
+        for info in records.values():  # torch.load reads every record of a torch.save file
+            _check_stored(info)
+        name = _one_data_pickle(records)
+        with open(path, "rb") as f:
+            scan_pickle(_read_record(f, records[name]).numpy().tobytes(), name)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            # torch names the global it refused on a later line ("... GLOBAL posix.system ...")
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise CheckpointError(f"refused to unpickle it ({reason[:200]}); checkpoints are read as data "
+                                  "only (torch.load(weights_only=True))") from None
+        except Exception as e:
+            raise CheckpointError(f"not a checkpoint torch can read ({error_line(e)})") from None
+        _check_tensors(_walk_loaded(obj), size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return obj
+
+
+# ---- 9. SHA-256 verification of OpenAI's files ----
+
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
+# OpenAI publishes each file's SHA-256 as a directory of its download address (clip/clip.py, _MODELS)
+OPENAI_SHA256 = {
+    "RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101.pt": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+    "RN50x4.pt": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+    "RN50x16.pt": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+    "RN50x64.pt": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+    "ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B-16.pt": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L-14.pt": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L-14-336px.pt": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}
+
+
+def verify_checkpoint(path: str) -> bool:
+    """If path's file name is an official OpenAI one, check its SHA-256 (streamed, 1 MiB at a time).
+
+    Returns True when verified, False when the name is not an official one; raises CheckpointError
+    on a mismatch."""
+    name = os.path.basename(path)
+    expected = OPENAI_SHA256.get(name)
+    if expected is None:
+        return False
+    digest = sha256(path)
+    if digest != expected:
+        raise CheckpointError(
+            f"{path}: SHA-256 {digest} does not match OpenAI's published {expected} for "
+            f"{name} ({os.path.getsize(path)} bytes read): the download is truncated or corrupted. "
+            f"Re-download it from {_OPENAI_URL.format(expected, name)}, or pass verify=False if you "
+            "renamed or converted the file on purpose.")
+    return True
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _is_openai(path: str, verified: bool) -> bool:
     """One of OpenAI's checkpoints: by its official name, or renamed (by its SHA-256)."""
     return verified or os.path.basename(path) in OPENAI_SHA256 or sha256(path) in OPENAI_SHA256.values()
-
-
-def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
-         verify: bool = True, activation: Optional[str] = None, vision_head_width: Optional[int] = None,
-         text_head_width: Optional[int] = None):
-    """Load a CLIP checkpoint -> (model in eval mode on device, float32; preprocess).
-
-    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt; a state-dict file or open_clip's .bin/.safetensors
-    (its open_clip_config.json read from beside it); a Hugging Face CLIPModel folder or the
-    model.safetensors / pytorch_model.bin in one (its config.json read from beside it).
-    activation ("quick_gelu" | "gelu"), vision_head_width, text_head_width: override any config.
-    A file with neither a config nor OpenAI's name or SHA-256, loaded without an activation, gets a
-    warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
-    verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
-    converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
-    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
-    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
-    path = os.fspath(path)
-    weights, folder = _locate(path)
-    verified = verify_checkpoint(weights) if verify else False
-    state_dict = _read_weights(weights, trust_torchscript)
-    try:
-        state_dict, settings, stated, preprocessing, source = _described(state_dict, folder)
-        if source is None and activation is None and not _is_openai(weights, verified):
-            warnings.warn(
-                f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
-                f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
-                "and attention heads of 64 channels. open_clip's laion2b/datacomp/commonpool weights need GELU "
-                "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
-                "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
-                f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
-        settings.update(_explicit(state_dict, activation, vision_head_width, text_head_width))
-        model = build_model(state_dict, **settings)
-        _check_stated(model.config, stated, source)
-        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
-        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
-        preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
-                                     preprocessing.get("interpolation", "bicubic"),
-                                     preprocessing.get("resize_mode", "shortest"))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
-        raise CheckpointError(f"{path}: not a CLIP state dict ({error_line(e)})") from None
-    return model.to(device).eval(), preprocess
-
-
-def _described(state_dict: Dict[str, torch.Tensor], folder: str):
-    """What the config files in folder say about state_dict -> (state dict in OpenAI's layout,
-    build_model settings, sizes stated, preprocessing, the config's path or None if none describes it).
-    A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
-    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
-    if is_hf_layout(state_dict):
-        source = beside(HF_CONFIG)
-        if source is None:
-            raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
-                             "beside it (its activation, heads, layer-norm eps and pooling rule)")
-        settings = _parse(hf_settings, source)  # refuses SigLIP & co. by their model_type
-        processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
-        preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
-        return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
-    family = unservable_family(state_dict)
-    if family:
-        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
-    source = beside(OPEN_CLIP_CONFIG)
-    if source is None:
-        return state_dict, {}, {}, {}, None
-    return (state_dict, *_parse(open_clip_settings, source), source)
-
-
-def _parse(reader, path: str):
-    """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
-    text where a number does) reported as such, not as a traceback."""
-    try:
-        return reader(_read_json(path))
-    except (AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
-
-
-def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
-              text_head_width: Optional[int]) -> dict:
-    """load()'s arguments as build_model settings (they win over any config)."""
-    settings = {} if activation is None else {"activation": activation}
-    for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
-    if vision_head_width is not None:
-        settings["vision_head_width"] = vision_head_width
-    if text_head_width is not None:
-        text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
-        if text_width % text_head_width:
-            raise ValueError(f"text heads of {text_head_width} channels cannot split the text width {text_width}")
-        settings["transformer_heads"] = text_width // text_head_width
-    return settings
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: OpenAI's byte-level BPE, step by step (ids identical to clip.simple_tokenizer)
-
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-
-
-@lru_cache()
-def default_bpe() -> str:
-    """The BPE merges file: beside this module (source tree, editable install), else where setup.py's
-    data_files put it (<sys.prefix>/share/cilf-ciae/)."""
-    name = "bpe_simple_vocab_16e6.txt.gz"
-    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name),
-              os.path.join(sys.prefix, "share", "cilf-ciae", name)]
-    for place in places:
-        if os.path.isfile(place):
-            return place
-    raise FileNotFoundError(f"CLIP BPE vocabulary {name} not found in {places}; reinstall the package "
-                            "or pass bpe_path=")
-
-
-@lru_cache()
-def bytes_to_unicode() -> Dict[int, str]:
-    """A reversible map from the 256 byte values to 256 printable unicode characters.
-
-    BPE runs on strings, and we want it to run on the UTF-8 *bytes* of any text (no unknown tokens,
-    any script or emoji). Bytes that are already printable, non-space characters (! to ~, ¡ to ¬,
-    ® to ÿ) map to themselves; the other 68 (control codes, space, soft hyphen, ...) are shifted to
-    unused code points 256, 257, ... so no merge ever sees whitespace or a control character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    byte_values, code_points = printable[:], printable[:]
-    for b in range(256):
-        if b not in printable:
-            byte_values.append(b)
-            code_points.append(256 + len(code_points) - len(printable))
-    # the order (printable bytes first) fixes the first 256 vocabulary ids
-    return dict(zip(byte_values, map(chr, code_points)))
-
-
-# Pre-tokenising split, applied before BPE so merges never cross these boundaries: the two special
-# tokens, common English contractions, runs of letters, single digits (so "37" is "3" "7": ages are
-# read digit by digit), and runs of anything else that is neither space, letter nor digit.
-_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                       regex.IGNORECASE)
-_SPACES = regex.compile(r"\s+")
-# printable ASCII without '&', plus tab and newline: ftfy.fix_text and html.unescape leave such text
-# unchanged (nothing to repair, no entity), so the clean-up reduces to whitespace and lower case
-_PLAIN = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
-
-
-def _clean(text: str) -> str:
-    """OpenAI's normalisation: ftfy repair (mojibake, curly quotes, width, NFC), HTML entities undone
-    twice (captions were often double-escaped), whitespace runs -> one space, strip, lower case."""
-    if _PLAIN.fullmatch(text):
-        return " ".join(text.split()).lower()  # the same result without ftfy's cost
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _SPACES.sub(" ", text).strip().lower()
-
-
-class SimpleTokenizer:
-    """Byte-level BPE with OpenAI's 49,408-token vocabulary: encode(text) -> ids, decode(ids) -> text."""
-
-    def __init__(self, bpe_path: Optional[str] = None):
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # line 0 is a version header; the vocabulary keeps the first 49152 - 256 - 2 merges, listed
-        # best first: a merge's line number is its rank (lower merges earlier)
-        merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
-        # ids: 256 byte characters, the same with the end-of-word mark, one per merge, two specials
-        vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab]
-        vocab += ["".join(merge) for merge in merges]
-        vocab += [SOT, EOT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = {i: token for token, i in self.encoder.items()}
-        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
-        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
-        # word -> BPE pieces, and word -> ids (what encode needs); specials are whole tokens already
-        self.cache = {SOT: (SOT,), EOT: (EOT,)}
-        self._ids = {}
-
-    def bpe(self, word: str) -> Tuple[str, ...]:
-        """Merge a byte-encoded word's characters greedily, lowest-ranked adjacent pair first."""
-        if word in self.cache:
-            return self.cache[word]
-        # "</w>" marks the last character, so "a" ending a word and "a" inside one are different symbols
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
-            if best not in self.bpe_ranks:
-                break  # no adjacent pair is a known merge: done
-            first, second = best
-            merged, i = [], 0
-            while i < len(parts):  # replace every occurrence of the pair, left to right
-                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = tuple(parts)
-        return self.cache[word]
-
-    def encode(self, text: str) -> List[int]:
-        ids = []
-        for word in _WORDS.findall(_clean(text)):
-            word_ids = self._ids.get(word)
-            if word_ids is None:
-                # UTF-8 bytes -> printable characters, BPE, then vocabulary ids
-                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-                word_ids = self._ids[word] = [self.encoder[piece] for piece in self.bpe(encoded)]
-            ids.extend(word_ids)
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids -> text: pieces joined, characters back to bytes, UTF-8 decoded, "</w>" -> space."""
-        text = "".join(self.decoder[int(i)] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
-
-
-@lru_cache()
-def _default_tokenizer() -> SimpleTokenizer:
-    return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
-
-
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
-    """Texts -> (n, context_length) int64 ids: start token, BPE ids, end token, zero padding.
-
-    An over-long text raises RuntimeError unless truncate=True, which cuts it and ends it with the
-    end-of-text token (encode_text reads the embedding there)."""
-    tok = _default_tokenizer()
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    rows = []
-    for text in texts:
-        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
-        if len(ids) > context_length:
-            if not truncate:
-                raise RuntimeError(f"Input {text!r} is too long for context length {context_length} "
-                                   f"({len(ids)} tokens with start/end); shorten it or pass truncate=True")
-            ids = ids[:context_length]
-            ids[-1] = tok.eot_token
-        rows.append(ids + [0] * (context_length - len(ids)))
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
-
-
-# ----------------------------------------------------------------------------------------------
-# Image preprocessing
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB.
-
-    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) use PIL's convert("RGB") exactly as OpenAI
-    does (alpha is dropped, not composited). Deviation: wide modes are *scaled* to 8 bits, where
-    convert("RGB") clips every value above 255 to white. I;16*: full range, value / 257.
-    I (int32) and F (float): values in 0..255 kept, in 0..65535 (I) or 0..1 (F) scaled to 0..255,
-    anything else stretched linearly from its min..max."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
-        x = np.asarray(image, dtype=np.float64)
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if image.mode in _SIXTEEN_BIT:
-            x = x / 257.0
-        elif image.mode == "F" and lo >= 0 and hi <= 1:
-            x = x * 255.0
-        elif image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
-            x = x / 257.0  # 16-bit data, as older Pillow opens 16-bit PNGs
-        elif not (lo >= 0 and hi <= 255):
-            x = (x - lo) * (255.0 / max(hi - lo, 1e-12))  # a constant image becomes black
-        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: keep the L band
-        image = image.getchannel(0)
-    return image.convert("RGB")
-
-
-def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
-                    resize_mode: str = "shortest") -> Compose:
-    """OpenAI's eval transform: resize of the short side to n_px (bicubic), centre crop, RGB, to
-    tensor, normalise. PIL image -> (3, h, w) float tensor. The options are open_clip's
-    preprocess_cfg: another mean/std or interpolation ("bicubic", "bilinear"); resize_mode "squash"
-    resizes to (h, w) without keeping the aspect. A non-square (h, w) in "shortest" mode resizes the
-    short side to max(h, w), then crops (open_clip resizes a little less, keeping more context)."""
-    size = _pair(n_px)
-    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
-    if interpolation not in modes or resize_mode not in ("shortest", "squash"):
-        raise ValueError(f"preprocessing with interpolation {interpolation!r} and resize_mode {resize_mode!r} "
-                         f"is not served (interpolation: {sorted(modes)}; resize_mode: shortest, squash)")
-    resize = ([Resize(size, interpolation=modes[interpolation])] if resize_mode == "squash" else
-              [Resize(max(size), interpolation=modes[interpolation]), CenterCrop(size)])
-    return Compose([*resize, to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])
