@@ -23,21 +23,21 @@ What differs from OpenAI's clip package, on purpose:
   and families this CLIP cannot run (SigLIP, CoCa, CLIPA, EVA, timm towers, other vocabularies)
   are refused by name.
 
-Contents (sections in this order):
-- Model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
-- Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
-- Hostile checkpoint files: CheckpointError, scan_pickle (pickle opcodes), zip records, tensor views,
-  safe_torch_load (torch.load(weights_only=True) behind those checks)
-- Reading checkpoint files as data: verify_checkpoint, OPENAI_SHA256, read_state_dict (safetensors,
-  TorchScript archives, safe_torch_load)
-- Hugging Face and open_clip files: from_hf_state_dict, hf_settings, open_clip_settings, load
-- Tokenizer: SimpleTokenizer, tokenize, default_bpe
-- Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
+Contents, in two halves (the numbered banners in the file):
+CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py and clip.py, in that order)
+  1. The model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
+  2. Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
+  3. The tokenizer, byte-level BPE step by step: SimpleTokenizer, default_bpe
+  4. Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
+  5. load and tokenize: load, tokenize, CheckpointError, error_line
+Files you did not write
+  6. Hugging Face and open_clip files: is_hf_layout, from_hf_state_dict, hf_settings,
+     open_clip_settings; the config files beside the weights, the folders that hold them
+  7. Reading checkpoint files as data: read_state_dict (.safetensors by hand, TorchScript archives
+     without torch.jit.load, a sharded Hugging Face model)
+  8. Hostile checkpoint files: scan_pickle (pickle opcodes), zip records, tensor views, safe_torch_load
+  9. SHA-256 verification: OPENAI_SHA256, verify_checkpoint, sha256
 
-Public names: CLIP, CLIPConfig, ACTIVATIONS, SETTINGS, infer_config, unservable_family, build_model,
-load, read_state_dict, verify_checkpoint, OPENAI_SHA256, CheckpointError, scan_pickle, safe_torch_load,
-is_hf_layout, from_hf_state_dict, hf_settings, open_clip_settings, SimpleTokenizer, tokenize,
-default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
 Typical use (`import clip_loader as clip`):
     model, preprocess = clip.load("ViT-B-16.pt")           # or a Hugging Face folder, open_clip file
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
@@ -60,7 +60,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ftfy
 import numpy as np
@@ -72,15 +72,15 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 __all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "load", "read_state_dict", "verify_checkpoint", "sha256", "OPENAI_SHA256", "CheckpointError", "scan_pickle",
-           "safe_torch_load", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
-           "SimpleTokenizer", "tokenize", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
+           "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD", "load", "tokenize",
+           "CheckpointError", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
+           "read_state_dict", "scan_pickle", "safe_torch_load", "verify_checkpoint", "sha256", "OPENAI_SHA256"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ==== Part one: CLIP as OpenAI wrote it (their model.py, simple_tokenizer.py, clip.py) ====
+# ==== Part one: CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py, clip.py) ====
 
 
 # ---- 1. The model (OpenAI's model.py) ----
@@ -508,7 +508,7 @@ def unservable_family(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _unless_default(c_fc: torch.Tensor, width: int) -> Optional[int]:
+def _mlp_width_unless_4x(c_fc: torch.Tensor, width: int) -> Optional[int]:
     """An MLP's hidden width, None when it is OpenAI's 4 x width (so OpenAI's configs compare equal)."""
     return None if c_fc.shape[0] == 4 * width else c_fc.shape[0]
 
@@ -554,7 +554,8 @@ def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
             raise ValueError(f"its {cells} image positions with patches {patch} are not a square grid: "
                              "give the image size (open_clip_config.json's vision_cfg.image_size)")
         patch = patch[0] if patch[0] == patch[1] else patch
-        vision_mlp_width = _unless_default(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"], vision_width)
+        vision_mlp_width = _mlp_width_unless_4x(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+                                                vision_width)
     else:
         vision_layers = tuple(_count(state_dict, f"visual.layer{i}.", 2) for i in (1, 2, 3, 4))
         vision_width, patch = state_dict["visual.layer1.0.conv1.weight"].shape[0], None
@@ -574,7 +575,7 @@ def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
         transformer_width=width,
         transformer_layers=_count(state_dict, "transformer.resblocks.", 2),
         vision_mlp_width=vision_mlp_width,
-        text_mlp_width=_unless_default(state_dict["transformer.resblocks.0.mlp.c_fc.weight"], width),
+        text_mlp_width=_mlp_width_unless_4x(state_dict["transformer.resblocks.0.mlp.c_fc.weight"], width),
         **settings,
     )
 
@@ -612,7 +613,10 @@ def build_model(state_dict: Dict[str, torch.Tensor], **settings) -> CLIP:
     return model.eval()
 
 
-# ---- 3. The tokenizer: OpenAI's byte-level BPE, step by step (ids identical to clip.simple_tokenizer) ----
+# ---- 3. The tokenizer (simple_tokenizer.py) ----
+#
+# OpenAI's byte-level BPE, each step explained where it happens; the ids are identical to
+# clip.simple_tokenizer's.
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
@@ -786,6 +790,9 @@ def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = C
 
 
 # ---- 5. load and tokenize (clip.py) ----
+#
+# load takes a file or a folder (it downloads nothing); how that file is found, read and checked is
+# the second half of this file (sections 6 to 9).
 
 class CheckpointError(ValueError):
     """A file that cannot be read as a checkpoint; the message names the file and what is wrong."""
@@ -817,7 +824,7 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     verified = verify_checkpoint(weights) if verify else False
     state_dict = _read_weights(weights, trust_torchscript)
     try:
-        state_dict, settings, stated, preprocessing, source = _described(state_dict, folder)
+        state_dict, settings, stated, preprocessing, source = _read_configs_beside(state_dict, folder)
         if source is None and activation is None and not _is_openai(weights, verified):
             warnings.warn(
                 f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
@@ -826,7 +833,7 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
                 "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
                 "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
                 f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
-        settings.update(_explicit(state_dict, activation, vision_head_width, text_head_width))
+        settings.update(_settings_from_arguments(state_dict, activation, vision_head_width, text_head_width))
         model = build_model(state_dict, **settings)
         _check_stated(model.config, stated, source)
         model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
@@ -841,8 +848,8 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     return model.to(device).eval(), preprocess
 
 
-def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
-              text_head_width: Optional[int]) -> dict:
+def _settings_from_arguments(state_dict: Dict[str, torch.Tensor], activation: Optional[str],
+                             vision_head_width: Optional[int], text_head_width: Optional[int]) -> dict:
     """load()'s arguments as build_model settings (they win over any config)."""
     settings = {} if activation is None else {"activation": activation}
     for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
@@ -1094,7 +1101,7 @@ def _read_json(path: str) -> dict:
     return config
 
 
-def _parse(reader, path: str):
+def _read_config(reader, path: str):
     """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
     text where a number does) reported as such, not as a traceback."""
     try:
@@ -1103,27 +1110,35 @@ def _parse(reader, path: str):
         raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
 
 
-def _described(state_dict: Dict[str, torch.Tensor], folder: str):
-    """What the config files in folder say about state_dict -> (state dict in OpenAI's layout,
-    build_model settings, sizes stated, preprocessing, the config's path or None if none describes it).
-    A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
+class _ConfigsBeside(NamedTuple):
+    """What the config files beside a weights file say about its state dict."""
+    state_dict: Dict[str, torch.Tensor]  # in OpenAI's layout
+    settings: dict  # build_model settings
+    stated: dict  # sizes the config states, as CLIPConfig fields (checked against the weights)
+    preprocessing: dict  # mean, std, interpolation, resize_mode
+    source: Optional[str]  # the config's path; None when no config describes the weights
+
+
+def _read_configs_beside(state_dict: Dict[str, torch.Tensor], folder: str) -> _ConfigsBeside:
+    """What the config files in folder say about state_dict (a Hugging Face layout converted to
+    OpenAI's). A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
     beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
     if is_hf_layout(state_dict):
         source = beside(HF_CONFIG)
         if source is None:
             raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
                              "beside it (its activation, heads, layer-norm eps and pooling rule)")
-        settings = _parse(hf_settings, source)  # refuses SigLIP & co. by their model_type
+        settings = _read_config(hf_settings, source)  # refuses SigLIP & co. by their model_type
         processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
         preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
-        return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
+        return _ConfigsBeside(from_hf_state_dict(state_dict), settings, {}, preprocessing, source)
     family = unservable_family(state_dict)
     if family:
         raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
     source = beside(OPEN_CLIP_CONFIG)
     if source is None:
-        return state_dict, {}, {}, {}, None
-    return (state_dict, *_parse(open_clip_settings, source), source)
+        return _ConfigsBeside(state_dict, {}, {}, {}, None)
+    return _ConfigsBeside(state_dict, *_read_config(open_clip_settings, source), source)
 
 
 def _locate(path: str) -> Tuple[str, str]:
@@ -1144,6 +1159,9 @@ def _locate(path: str) -> Tuple[str, str]:
 
 
 # ---- 7. Reading checkpoint files as data: safetensors, TorchScript archives, shards ----
+#
+# No file's code is run: a .safetensors file is read by hand, OpenAI's TorchScript archives by a
+# restricted reader of their pickle and tensor records, anything else by safe_torch_load (section 8).
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -1366,7 +1384,7 @@ def _collect_tensors(root) -> Dict[str, _TensorView]:
 def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
     """A TorchScript archive is a zip: <name>/data.pkl pickles the module tree, whose tensors point
     at raw records <name>/data/<key>. The code in <name>/code/ is never read or run. Records, the
-    pickle and every tensor view are checked first (the section above)."""
+    pickle and every tensor view are checked first (section 8)."""
     records = _zip_records(path)
     name = _one_data_pickle(records)
     with open(path, "rb") as f:
@@ -1458,13 +1476,15 @@ def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]
 
 
 # ---- 8. Hostile checkpoint files: pickle opcode scan, zip records, tensor views ----
+#
 # Researchers load checkpoints from third parties. Besides never running a file's code, the readers
-# below refuse, before unpickling or allocating anything, what no honest checkpoint contains but a
-# few crafted bytes can use to crash the process, hang it, allocate gigabytes or read memory that is
-# not the file's: deep or cyclic nesting, shared sub-objects multiplied along every path, memo
-# indices far beyond the pickle's length, compressed zip records, views that reach outside their
-# storage, overlap themselves (stride 0) or outnumber the file's bytes. Each refusal is one
-# CheckpointError naming the file and what is wrong; an untrusted object is never printed in full.
+# (section 7, safe_torch_load here) refuse, before unpickling or allocating anything, what no honest
+# checkpoint contains but a few crafted bytes can use to crash the process, hang it, allocate
+# gigabytes or read memory that is not the file's: deep or cyclic nesting, shared sub-objects
+# multiplied along every path, memo indices far beyond the pickle's length, compressed zip records,
+# views that reach outside their storage, overlap themselves (stride 0) or outnumber the file's
+# bytes. Each refusal is one CheckpointError naming the file and what is wrong; an untrusted object
+# is never printed in full.
 
 _MAX_NESTING = 100  # containers within containers; OpenAI's archives nest about 20 deep
 _MAX_SHARED_EXPANSION = 16  # objects a pickle may expand to (shared ones counted per use), per byte
