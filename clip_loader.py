@@ -23,21 +23,21 @@ What differs from OpenAI's clip package, on purpose:
   and families this CLIP cannot run (SigLIP, CoCa, CLIPA, EVA, timm towers, other vocabularies)
   are refused by name.
 
-Contents (sections in this order):
-- Model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
-- Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
-- Hostile checkpoint files: CheckpointError, scan_pickle (pickle opcodes), zip records, tensor views,
-  safe_torch_load (torch.load(weights_only=True) behind those checks)
-- Reading checkpoint files as data: verify_checkpoint, OPENAI_SHA256, read_state_dict (safetensors,
-  TorchScript archives, safe_torch_load)
-- Hugging Face and open_clip files: from_hf_state_dict, hf_settings, open_clip_settings, load
-- Tokenizer: SimpleTokenizer, tokenize, default_bpe
-- Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
+Contents, in two halves (the numbered banners in the file):
+CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py and clip.py, in that order)
+  1. The model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
+  2. Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
+  3. The tokenizer, byte-level BPE step by step: SimpleTokenizer, default_bpe
+  4. Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
+  5. load and tokenize: load, tokenize, CheckpointError, error_line
+Files you did not write
+  6. Hugging Face and open_clip files: is_hf_layout, from_hf_state_dict, hf_settings,
+     open_clip_settings; the config files beside the weights, the folders that hold them
+  7. Reading checkpoint files as data: read_state_dict (.safetensors by hand, TorchScript archives
+     without torch.jit.load, a sharded Hugging Face model)
+  8. Hostile checkpoint files: scan_pickle (pickle opcodes), zip records, tensor views, safe_torch_load
+  9. SHA-256 verification: OPENAI_SHA256, verify_checkpoint, sha256
 
-Public names: CLIP, CLIPConfig, ACTIVATIONS, SETTINGS, infer_config, unservable_family, build_model,
-load, read_state_dict, verify_checkpoint, OPENAI_SHA256, CheckpointError, scan_pickle, safe_torch_load,
-is_hf_layout, from_hf_state_dict, hf_settings, open_clip_settings, SimpleTokenizer, tokenize,
-default_bpe, image_transform, to_rgb, CLIP_MEAN, CLIP_STD.
 Typical use (`import clip_loader as clip`):
     model, preprocess = clip.load("ViT-B-16.pt")           # or a Hugging Face folder, open_clip file
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
@@ -60,7 +60,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ftfy
 import numpy as np
@@ -72,16 +72,18 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 __all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "load", "read_state_dict", "verify_checkpoint", "sha256", "OPENAI_SHA256", "CheckpointError", "scan_pickle",
-           "safe_torch_load", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
-           "SimpleTokenizer", "tokenize", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD"]
+           "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD", "load", "tokenize",
+           "CheckpointError", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
+           "read_state_dict", "scan_pickle", "safe_torch_load", "verify_checkpoint", "sha256", "OPENAI_SHA256"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# ==== Part one: CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py, clip.py) ====
+
+
+# ---- 1. The model (OpenAI's model.py) ----
 
 
 class QuickGELU(nn.Module):
@@ -462,8 +464,7 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# ----------------------------------------------------------------------------------------------
-# Building a model from a state dict
+# ---- 2. Building a model from a state dict (model.py's build_model) ----
 
 # tensors some checkpoints carry that are not weights: cached masks, JIT archives' metadata scalars
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
@@ -507,7 +508,7 @@ def unservable_family(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _unless_default(c_fc: torch.Tensor, width: int) -> Optional[int]:
+def _mlp_width_unless_4x(c_fc: torch.Tensor, width: int) -> Optional[int]:
     """An MLP's hidden width, None when it is OpenAI's 4 x width (so OpenAI's configs compare equal)."""
     return None if c_fc.shape[0] == 4 * width else c_fc.shape[0]
 
@@ -553,7 +554,8 @@ def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
             raise ValueError(f"its {cells} image positions with patches {patch} are not a square grid: "
                              "give the image size (open_clip_config.json's vision_cfg.image_size)")
         patch = patch[0] if patch[0] == patch[1] else patch
-        vision_mlp_width = _unless_default(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"], vision_width)
+        vision_mlp_width = _mlp_width_unless_4x(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+                                                vision_width)
     else:
         vision_layers = tuple(_count(state_dict, f"visual.layer{i}.", 2) for i in (1, 2, 3, 4))
         vision_width, patch = state_dict["visual.layer1.0.conv1.weight"].shape[0], None
@@ -573,7 +575,7 @@ def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
         transformer_width=width,
         transformer_layers=_count(state_dict, "transformer.resblocks.", 2),
         vision_mlp_width=vision_mlp_width,
-        text_mlp_width=_unless_default(state_dict["transformer.resblocks.0.mlp.c_fc.weight"], width),
+        text_mlp_width=_mlp_width_unless_4x(state_dict["transformer.resblocks.0.mlp.c_fc.weight"], width),
         **settings,
     )
 
@@ -611,16 +613,878 @@ def build_model(state_dict: Dict[str, torch.Tensor], **settings) -> CLIP:
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Hostile checkpoint files: pickle opcode scan, zip records, tensor views
+# ---- 3. The tokenizer (simple_tokenizer.py) ----
+#
+# OpenAI's byte-level BPE, each step explained where it happens; the ids are identical to
+# clip.simple_tokenizer's.
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+@lru_cache()
+def default_bpe() -> str:
+    """The BPE merges file: beside this module (source tree, editable install), else where setup.py's
+    data_files put it (<sys.prefix>/share/cilf-ciae/)."""
+    name = "bpe_simple_vocab_16e6.txt.gz"
+    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name),
+              os.path.join(sys.prefix, "share", "cilf-ciae", name)]
+    for place in places:
+        if os.path.isfile(place):
+            return place
+    raise FileNotFoundError(f"CLIP BPE vocabulary {name} not found in {places}; reinstall the package "
+                            "or pass bpe_path=")
+
+
+@lru_cache()
+def bytes_to_unicode() -> Dict[int, str]:
+    """A reversible map from the 256 byte values to 256 printable unicode characters.
+
+    BPE runs on strings, and we want it to run on the UTF-8 *bytes* of any text (no unknown tokens,
+    any script or emoji). Bytes that are already printable, non-space characters (! to ~, ¡ to ¬,
+    ® to ÿ) map to themselves; the other 68 (control codes, space, soft hyphen, ...) are shifted to
+    unused code points 256, 257, ... so no merge ever sees whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_values, code_points = printable[:], printable[:]
+    for b in range(256):
+        if b not in printable:
+            byte_values.append(b)
+            code_points.append(256 + len(code_points) - len(printable))
+    # the order (printable bytes first) fixes the first 256 vocabulary ids
+    return dict(zip(byte_values, map(chr, code_points)))
+
+
+# Pre-tokenising split, applied before BPE so merges never cross these boundaries: the two special
+# tokens, common English contractions, runs of letters, single digits (so "37" is "3" "7": ages are
+# read digit by digit), and runs of anything else that is neither space, letter nor digit.
+_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                       regex.IGNORECASE)
+_SPACES = regex.compile(r"\s+")
+# printable ASCII without '&', plus tab and newline: ftfy.fix_text and html.unescape leave such text
+# unchanged (nothing to repair, no entity), so the clean-up reduces to whitespace and lower case
+_PLAIN = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
+def _clean(text: str) -> str:
+    """OpenAI's normalisation: ftfy repair (mojibake, curly quotes, width, NFC), HTML entities undone
+    twice (captions were often double-escaped), whitespace runs -> one space, strip, lower case."""
+    if _PLAIN.fullmatch(text):
+        return " ".join(text.split()).lower()  # the same result without ftfy's cost
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+class SimpleTokenizer:
+    """Byte-level BPE with OpenAI's 49,408-token vocabulary: encode(text) -> ids, decode(ids) -> text."""
+
+    def __init__(self, bpe_path: Optional[str] = None):
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # line 0 is a version header; the vocabulary keeps the first 49152 - 256 - 2 merges, listed
+        # best first: a merge's line number is its rank (lower merges earlier)
+        merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
+        # ids: 256 byte characters, the same with the end-of-word mark, one per merge, two specials
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(merge) for merge in merges]
+        vocab += [SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
+        # word -> BPE pieces, and word -> ids (what encode needs); specials are whole tokens already
+        self.cache = {SOT: (SOT,), EOT: (EOT,)}
+        self._ids = {}
+
+    def bpe(self, word: str) -> Tuple[str, ...]:
+        """Merge a byte-encoded word's characters greedily, lowest-ranked adjacent pair first."""
+        if word in self.cache:
+            return self.cache[word]
+        # "</w>" marks the last character, so "a" ending a word and "a" inside one are different symbols
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
+            if best not in self.bpe_ranks:
+                break  # no adjacent pair is a known merge: done
+            first, second = best
+            merged, i = [], 0
+            while i < len(parts):  # replace every occurrence of the pair, left to right
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = tuple(parts)
+        return self.cache[word]
+
+    def encode(self, text: str) -> List[int]:
+        ids = []
+        for word in _WORDS.findall(_clean(text)):
+            word_ids = self._ids.get(word)
+            if word_ids is None:
+                # UTF-8 bytes -> printable characters, BPE, then vocabulary ids
+                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                word_ids = self._ids[word] = [self.encoder[piece] for piece in self.bpe(encoded)]
+            ids.extend(word_ids)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text: pieces joined, characters back to bytes, UTF-8 decoded, "</w>" -> space."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+# ---- 4. Image preprocessing (clip.py's _transform) ----
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB.
+
+    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) use PIL's convert("RGB") exactly as OpenAI
+    does (alpha is dropped, not composited). Deviation: wide modes are *scaled* to 8 bits, where
+    convert("RGB") clips every value above 255 to white. I;16*: full range, value / 257.
+    I (int32) and F (float): values in 0..255 kept, in 0..65535 (I) or 0..1 (F) scaled to 0..255,
+    anything else stretched linearly from its min..max."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if image.mode in _SIXTEEN_BIT:
+            x = x / 257.0
+        elif image.mode == "F" and lo >= 0 and hi <= 1:
+            x = x * 255.0
+        elif image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
+            x = x / 257.0  # 16-bit data, as older Pillow opens 16-bit PNGs
+        elif not (lo >= 0 and hi <= 255):
+            x = (x - lo) * (255.0 / max(hi - lo, 1e-12))  # a constant image becomes black
+        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: keep the L band
+        image = image.getchannel(0)
+    return image.convert("RGB")
+
+
+def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
+                    resize_mode: str = "shortest") -> Compose:
+    """OpenAI's eval transform: resize of the short side to n_px (bicubic), centre crop, RGB, to
+    tensor, normalise. PIL image -> (3, h, w) float tensor. The options are open_clip's
+    preprocess_cfg: another mean/std or interpolation ("bicubic", "bilinear"); resize_mode "squash"
+    resizes to (h, w) without keeping the aspect. A non-square (h, w) in "shortest" mode resizes the
+    short side to max(h, w), then crops (open_clip resizes a little less, keeping more context)."""
+    size = _pair(n_px)
+    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+    if interpolation not in modes or resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"preprocessing with interpolation {interpolation!r} and resize_mode {resize_mode!r} "
+                         f"is not served (interpolation: {sorted(modes)}; resize_mode: shortest, squash)")
+    resize = ([Resize(size, interpolation=modes[interpolation])] if resize_mode == "squash" else
+              [Resize(max(size), interpolation=modes[interpolation]), CenterCrop(size)])
+    return Compose([*resize, to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])
+
+
+# ---- 5. load and tokenize (clip.py) ----
+#
+# load takes a file or a folder (it downloads nothing); how that file is found, read and checked is
+# the second half of this file (sections 6 to 9).
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint; the message names the file and what is wrong."""
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as 'Type: first line', at most 200 characters (for one-line messages)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
+         verify: bool = True, activation: Optional[str] = None, vision_head_width: Optional[int] = None,
+         text_head_width: Optional[int] = None):
+    """Load a CLIP checkpoint -> (model in eval mode on device, float32; preprocess).
+
+    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt; a state-dict file or open_clip's .bin/.safetensors
+    (its open_clip_config.json read from beside it); a Hugging Face CLIPModel folder or the
+    model.safetensors / pytorch_model.bin in one (its config.json read from beside it).
+    activation ("quick_gelu" | "gelu"), vision_head_width, text_head_width: override any config.
+    A file with neither a config nor OpenAI's name or SHA-256, loaded without an activation, gets a
+    warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
+    verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
+    converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
+    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
+    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
+    path = os.fspath(path)
+    weights, folder = _locate(path)
+    verified = verify_checkpoint(weights) if verify else False
+    state_dict = _read_weights(weights, trust_torchscript)
+    try:
+        state_dict, settings, stated, preprocessing, source = _read_configs_beside(state_dict, folder)
+        if source is None and activation is None and not _is_openai(weights, verified):
+            warnings.warn(
+                f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
+                f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
+                "and attention heads of 64 channels. open_clip's laion2b/datacomp/commonpool weights need GELU "
+                "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
+                "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
+                f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
+        settings.update(_settings_from_arguments(state_dict, activation, vision_head_width, text_head_width))
+        model = build_model(state_dict, **settings)
+        _check_stated(model.config, stated, source)
+        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
+        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
+        preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
+                                     preprocessing.get("interpolation", "bicubic"),
+                                     preprocessing.get("resize_mode", "shortest"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
+        raise CheckpointError(f"{path}: not a CLIP state dict ({error_line(e)})") from None
+    return model.to(device).eval(), preprocess
+
+
+def _settings_from_arguments(state_dict: Dict[str, torch.Tensor], activation: Optional[str],
+                             vision_head_width: Optional[int], text_head_width: Optional[int]) -> dict:
+    """load()'s arguments as build_model settings (they win over any config)."""
+    settings = {} if activation is None else {"activation": activation}
+    for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
+    if vision_head_width is not None:
+        settings["vision_head_width"] = vision_head_width
+    if text_head_width is not None:
+        text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
+        if text_width % text_head_width:
+            raise ValueError(f"text heads of {text_head_width} channels cannot split the text width {text_width}")
+        settings["transformer_heads"] = text_width // text_head_width
+    return settings
+
+
+@lru_cache()
+def _default_tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+    """Texts -> (n, context_length) int64 ids: start token, BPE ids, end token, zero padding.
+
+    An over-long text raises RuntimeError unless truncate=True, which cuts it and ends it with the
+    end-of-text token (encode_text reads the embedding there)."""
+    tok = _default_tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    rows = []
+    for text in texts:
+        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"Input {text!r} is too long for context length {context_length} "
+                                   f"({len(ids)} tokens with start/end); shorten it or pass truncate=True")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
+
+
+# ==== Part two: files you did not write ====
+
+
+# ---- 6. Hugging Face and open_clip files: their layouts, the config files beside them ----
+#
+# Three layouts hold the same CLIP: OpenAI's (which open_clip keeps), and Hugging Face's CLIPModel,
+# mapped here onto OpenAI's without loss. What no weight file tells (the activation, head widths,
+# layer-norm eps, how text is pooled, a non-square image size, the normalisation) comes from the
+# config file published beside the weights; load() warns when it has to assume OpenAI's values.
+
+HF_CONFIG, OPEN_CLIP_CONFIG, HF_PREPROCESSOR_CONFIG = "config.json", "open_clip_config.json", "preprocessor_config.json"
+# in the order a folder is searched; *.index.json lists the shards of a large model
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Hugging Face model types that are not CLIP's architecture, by family
+_HF_FAMILIES = {"siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP (a BERT text tower)",
+                "altclip": "AltCLIP (an XLM-R text tower)", "clipseg": "CLIPSeg", "owlvit": "OWL-ViT",
+                "owlv2": "OWLv2", "x_clip": "X-CLIP", "metaclip_2": "MetaCLIP 2 (a multilingual vocabulary)"}
+# module names inside a Hugging Face encoder layer -> OpenAI's (q/k/v are concatenated separately)
+_HF_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+             "self_attn.out_proj.": "attn.out_proj."}
+_HF_NAMES = {"vision_model.embeddings.class_embedding": "visual.class_embedding",
+             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+             "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
+             "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias",
+             "logit_scale": "logit_scale"}
+_HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def is_hf_layout(state_dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state_dict)
+
+
+def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A Hugging Face CLIPModel state dict -> OpenAI's layout, losslessly: q/k/v projections
+    concatenated into in_proj, the projection layers' (E, W) weights transposed to OpenAI's (W, E)
+    matrices, layer norms renamed, the position_ids buffers dropped."""
+    out, qkv = {}, {}
+    for key, tensor in hf.items():
+        layer = _HF_LAYER.fullmatch(key)
+        if key.endswith("position_ids"):
+            continue  # an arange buffer that older files saved, not a weight
+        elif key in ("visual_projection.weight", "text_projection.weight"):
+            out["visual.proj" if key.startswith("visual") else "text_projection"] = tensor.t()  # (E, W) -> (W, E)
+        elif key in _HF_NAMES:
+            out[_HF_NAMES[key]] = tensor
+        elif layer:
+            tower, index, name = layer.groups()
+            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
+            module, _, kind = name.rpartition(".")  # kind: weight or bias
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((block, kind), {})[module[len("self_attn.")]] = tensor  # "q", "k" or "v"
+                continue
+            old = next((old for old in _HF_BLOCK if name.startswith(old)), None)
+            if old is None:
+                raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout")
+            out[block + _HF_BLOCK[old] + name[len(old):]] = tensor
+        else:
+            raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout (a CLIPModel has "
+                             "vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)")
+    for (block, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{block}: Hugging Face attention {kind} has only {sorted(parts)} of q, k, v")
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3W, ...)
+    return out
+
+
+def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
+    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
+    if not width or width % heads:
+        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    return width // heads
+
+
+def hf_settings(config: dict) -> dict:
+    """build_model settings from a Hugging Face CLIPModel's config.json (absent keys: Hugging Face's
+    defaults). The text is pooled as that config makes Hugging Face pool it: at the highest id when
+    eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
+        raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
+    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
+    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
+        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
+                         "in both towers")
+    vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
+    if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
+        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
+                         f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
+    image_size = vision.get("image_size", 224)
+    return {"activation": activations.pop(),
+            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
+            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
+            "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
+            "text_eos_id": None if eos == 2 else eos,
+            "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
+
+
+# open_clip settings this CLIP cannot run, with the family that uses them. A setting whose value
+# differs from the one given here refuses the file.
+_OPEN_CLIP_UNSERVABLE = {
+    "vision_cfg": {"timm_model_name": (None, "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, ...)"),
+                   "attentional_pool": (False, "CoCa (attentional pooler)"),
+                   "no_ln_pre": (False, "CLIPA (an image tower without ln_pre)"),
+                   "pool_type": ("tok", "CLIPA-style average pooling"),
+                   "final_ln_after_pool": (False, "CLIPA (layer norm after pooling)"),
+                   "ls_init_value": (None, "a ViT with layer scale"),
+                   "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
+                   "act_kwargs": (None, "a parametrised activation")},
+    "text_cfg": {"hf_model_name": (None, "a Hugging Face text tower (RoBERTa, XLM-R, mT5, ...)"),
+                 "hf_tokenizer_name": (None, "another vocabulary (a Hugging Face tokenizer)"),
+                 "tokenizer_mode": (None, "another tokenizer"),
+                 "tokenizer_kwargs": (None, "another tokenizer's text cleaning (SigLIP)"),
+                 "vocab_size": (OPENAI_VOCAB_SIZE, "another vocabulary"),
+                 "embed_cls": (False, "CoCa (a text class token)"),
+                 "no_causal_mask": (False, "a bidirectional text tower (SigLIP, CLIPA)"),
+                 "proj_bias": (False, "SigLIP (a text projection with bias)"),
+                 "proj_type": ("linear", "a text projection layer"),
+                 "final_ln_after_pool": (False, "layer norm after text pooling"),
+                 "ls_init_value": (None, "a text tower with layer scale"),
+                 "act_kwargs": (None, "a parametrised activation")},
+}
+_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+def _open_clip_eps(tower: dict, name: str) -> float:
+    norm = tower.get("norm_kwargs") or {}
+    if set(norm) - {"eps"}:
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
+    return norm.get("eps", 1e-5)
+
+
+def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
+    """An open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}, or a bare model config as
+    in open_clip's model_configs/) -> (build_model settings, the sizes it states as CLIPConfig fields
+    (checked against the weights), preprocessing: mean, std, interpolation, resize_mode).
+    Defaults are open_clip's (CLIPVisionCfg, CLIPTextCfg): GELU unless quick_gelu, heads of 64."""
+    model_cfg = config.get("model_cfg", config)
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    for key, family in (("init_logit_bias", "SigLIP (logit_bias)"), ("multimodal_cfg", "CoCa (a text decoder)"),
+                        ("custom_text", "CustomTextCLIP (a custom text tower)")):
+        if model_cfg.get(key):
+            raise ValueError(f"{OPEN_CLIP_CONFIG} describes {family}, which this CLIP implementation cannot run")
+    for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
+        for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
+            if tower.get(key, default) not in (default, {} if default is None else default):
+                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
+                                 "CLIP implementation cannot run")
+        custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
+                                                                (None, "default") else [])
+        if custom:
+            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
+                             "which this CLIP implementation cannot run")
+    text_eos_id = None
+    if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
+        text_eos_id = 49407
+    elif text.get("pool_type", "argmax") != "argmax":
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
+                         "is not served: our tokenizer ends every text with 49407")
+    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
+    head_width = vision.get("head_width", 64)
+    settings = {"activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                "vision_head_width": head_width, "transformer_heads": text.get("heads", 8),
+                "vision_ln_eps": _open_clip_eps(vision, "vision_cfg"), "text_ln_eps": _open_clip_eps(text, "text_cfg"),
+                "text_eos_id": text_eos_id, "image_resolution": tuple(size) if isinstance(size, (list, tuple)) else size}
+    layers = vision.get("layers", 12)
+    resnet = isinstance(layers, (list, tuple))
+    stated = {"embed_dim": model_cfg.get("embed_dim"), "vision_layers": tuple(layers) if resnet else layers,
+              "vision_width": width, "transformer_width": text.get("width", 512),
+              "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
+    if not resnet:
+        patch = _pair(patch)
+        stated.update(vision_patch_size=patch[0] if patch[0] == patch[1] else patch,
+                      vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
+    stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
+    pre = config.get("preprocess_cfg") or {}
+    preprocessing = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
+    return settings, stated, preprocessing
+
+
+def _check_stated(config: CLIPConfig, stated: dict, source: str):
+    """Every size a config file states must be what the weights hold (MLP widths: None means 4 x width)."""
+    effective = asdict(config)
+    effective["vision_mlp_width"] = config.vision_mlp_width or 4 * config.vision_width
+    effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
+    for field, value in stated.items():
+        if value is not None and effective[field] != value:
+            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
+                             "config belongs to another model")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
+    return config
+
+
+def _read_config(reader, path: str):
+    """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
+    text where a number does) reported as such, not as a traceback."""
+    try:
+        return reader(_read_json(path))
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
+
+
+class _ConfigsBeside(NamedTuple):
+    """What the config files beside a weights file say about its state dict."""
+    state_dict: Dict[str, torch.Tensor]  # in OpenAI's layout
+    settings: dict  # build_model settings
+    stated: dict  # sizes the config states, as CLIPConfig fields (checked against the weights)
+    preprocessing: dict  # mean, std, interpolation, resize_mode
+    source: Optional[str]  # the config's path; None when no config describes the weights
+
+
+def _read_configs_beside(state_dict: Dict[str, torch.Tensor], folder: str) -> _ConfigsBeside:
+    """What the config files in folder say about state_dict (a Hugging Face layout converted to
+    OpenAI's). A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
+    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+    if is_hf_layout(state_dict):
+        source = beside(HF_CONFIG)
+        if source is None:
+            raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
+                             "beside it (its activation, heads, layer-norm eps and pooling rule)")
+        settings = _read_config(hf_settings, source)  # refuses SigLIP & co. by their model_type
+        processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
+        preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
+        return _ConfigsBeside(from_hf_state_dict(state_dict), settings, {}, preprocessing, source)
+    family = unservable_family(state_dict)
+    if family:
+        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
+    source = beside(OPEN_CLIP_CONFIG)
+    if source is None:
+        return _ConfigsBeside(state_dict, {}, {}, {}, None)
+    return _ConfigsBeside(state_dict, *_read_config(open_clip_settings, source), source)
+
+
+def _locate(path: str) -> Tuple[str, str]:
+    """A file, or a folder holding one -> (weights file, its folder). A folder is searched for
+    open_clip's file names first (with open_clip_config.json beside them), then Hugging Face's."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        return path, os.path.dirname(os.path.abspath(path))
+    has = lambda name: os.path.isfile(os.path.join(path, name))
+    names = ([n for n in _OPEN_CLIP_WEIGHTS if has(n)] if has(OPEN_CLIP_CONFIG) else []) + \
+            ([n for n in _HF_WEIGHTS if has(n)] if has(HF_CONFIG) else [])
+    if not names:
+        raise FileNotFoundError(f"{path}: a folder without CLIP weights and their config: expected {HF_CONFIG} with one "
+                                f"of {', '.join(_HF_WEIGHTS)}, or {OPEN_CLIP_CONFIG} with one of "
+                                f"{', '.join(_OPEN_CLIP_WEIGHTS)}")
+    return os.path.join(path, names[0]), path
+
+
+# ---- 7. Reading checkpoint files as data: safetensors, TorchScript archives, shards ----
+#
+# No file's code is run: a .safetensors file is read by hand, OpenAI's TorchScript archives by a
+# restricted reader of their pickle and tensor records, anything else by safe_torch_load (section 8).
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(path: str, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[int], int, int]]]:
+    """The validated header: (where the data starts, {name: (dtype, shape, begin, end)}). Offsets are
+    integers with 0 <= begin <= end <= data size, end - begin is the shape's byte count, ranges do not
+    overlap, dtypes are known, the header is at most _MAX_SAFETENSORS_HEADER bytes of JSON with no
+    duplicate names."""
+    size = os.path.getsize(path)
+    head = f.read(8)
+    if len(head) != 8:
+        raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise CheckpointError(f"not a safetensors file (header length {n} with a file of {size} bytes)")
+
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("its header names a tensor twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(f.read(n), object_pairs_hook=no_duplicates)
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"not a safetensors file (header is not JSON: {error_line(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("not a safetensors file (header is not a JSON object)")
+    start, data_size, tensors = 8 + n, size - 8 - n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        what = f"tensor {_describe(name)}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{what}: header entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise CheckpointError(f"{what} has unsupported dtype {_describe(info['dtype'])}")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{what}: shape must be a list of at most {_MAX_DIMS} integers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{what}: data_offsets must be two integers 0 <= begin <= end <= "
+                                  f"{data_size} (the data's size; file truncated?)")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{what} {shape} {info['dtype']} does not fit its byte range {begin}..{end}")
+        tensors[name] = (dtype, shape, begin, end)
+    ranges = sorted((begin, end) for _, _, begin, end in tensors.values())
+    if any(b < a_end for (_, a_end), (b, _) in zip(ranges, ranges[1:])):
+        raise CheckpointError("tensors' byte ranges overlap")
+    return start, tensors
+
+
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian bytes of every tensor. The whole header is checked
+    (_safetensors_header) before any tensor is allocated."""
+    if sys.byteorder != "little":
+        raise CheckpointError("reading safetensors needs a little-endian machine")
+    out = {}
+    with open(path, "rb") as f:
+        start, tensors = _safetensors_header(path, f)
+        for name, (dtype, shape, begin, end) in tensors.items():
+            buffer = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"tensor {_describe(name)}: file truncated")
+            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(shape)
+    return out
+
+
+class _ArchiveError(CheckpointError):
+    """The restricted reader cannot (or will not) read this TorchScript archive."""
+
+
+class _Inert:
+    """Base of every object the archive reader hands to the pickle: a BUILD on it is refused, so a
+    file cannot set attributes on the reader's classes or functions (nor grow a storage)."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _ArchiveError(f"its data.pkl BUILDs a {type(self).__name__.lstrip('_')}, which no archive does")
+
+
+class _ScriptObject:
+    """Inert stand-in for a TorchScript class (a module): it only keeps its pickled state, set once."""
+    __slots__ = ("state",)
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):  # BUILD; NEWOBJ made the instance without __init__
+        if getattr(self, "state", None) is not None or not isinstance(state, dict):
+            raise _ArchiveError(f"a TorchScript object's state is {_describe(state)}, not one dict")
+        self.state = state
+
+
+class _Callable(_Inert):
+    """An allow-listed function as the pickle sees it (a fresh instance per archive)."""
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
+class _StorageType(_Inert):
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class _Storage(_Inert):
+    """One data/<key> record as a flat tensor (a persistent id's value)."""
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+
+
+class _TensorView(_Inert):
+    """A checked view of a _Storage; the tensor itself is made after unpickling (_materialize)."""
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+_RECORD_KEY = regex.compile(r"[0-9A-Za-z_]{1,64}")
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl (already passed by scan_pickle) allowing only:
+    TorchScript module classes (as inert _ScriptObjects), storage type names, the tensor rebuild
+    function, OrderedDict. Any other global (os.system, builtins.eval, ...) is refused before it can
+    be called. Storages and tensors come out as inert records, checked before use."""
+
+    def __init__(self, data: bytes, f, records: Dict[str, zipfile.ZipInfo], prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.file, self.records, self.prefix, self.storages = f, records, prefix, {}
+        rebuild, ordered_dict = _Callable(self._rebuild_tensor), _Callable(OrderedDict)
+        self.callables = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_tensor"): rebuild,
+                          ("collections", "OrderedDict"): ordered_dict}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in self.callables:
+            return self.callables[module, name]
+        raise _ArchiveError(f"its data.pkl refers to {module}.{name}, which the data-only reader does not allow")
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, record key, location, numel): the bytes are in <prefix>data/<key>
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[3], str)
+                and type(pid[4]) is int and _RECORD_KEY.fullmatch(pid[2]) and len(pid[3]) <= 64):
+            what = _describe(pid) if not isinstance(pid, tuple) else f"a tuple of {len(pid)}"
+            raise _ArchiveError(f"unknown persistent record ({what}; expected 'storage', type, key, location, numel)")
+        dtype, key, numel = pid[1].dtype, pid[2], pid[4]
+        if key not in self.storages:
+            info = self.records.get(f"{self.prefix}data/{key}")
+            if info is None:
+                raise _ArchiveError(f"tensor record data/{key} is missing")
+            if info.file_size != numel * dtype.itemsize:
+                raise _ArchiveError(f"tensor record data/{key} holds {info.file_size} bytes, not the "
+                                    f"{numel} x {dtype.itemsize} its storage declares")
+            self.storages[key] = _Storage(_read_record(self.file, info).view(dtype))
+        storage = self.storages[key]
+        if storage.flat.dtype != dtype or storage.flat.numel() != numel:
+            raise _ArchiveError(f"tensor record data/{key} is declared with two types or sizes")
+        return storage
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *unused):
+        """torch._utils._rebuild_tensor_v2's arguments, checked; the view is made after unpickling."""
+        if not isinstance(storage, _Storage):
+            raise _ArchiveError(f"a tensor's storage is {_describe(storage)}")
+        problem = _view_problem(storage.flat.numel(), offset, size, stride)
+        if problem:
+            raise _ArchiveError(f"a tensor view is refused: {problem}")
+        return _TensorView(storage, offset, size, stride)
+
+
+def _collect_tensors(root) -> Dict[str, _TensorView]:
+    """Walk the module tree; each module's state dict maps attribute names to tensors/submodules.
+    Each module is visited once (a module shared by two parents is read under its first name) and at
+    most _MAX_NESTING deep; names and keys are checked before use."""
+    out, seen, todo = {}, set(), [(root, "", 0)]
+    while todo:
+        obj, prefix, depth = todo.pop()
+        if isinstance(obj, _TensorView):
+            out[prefix[:-1]] = obj
+        elif isinstance(obj, _ScriptObject) and isinstance(getattr(obj, "state", None), dict) and id(obj) not in seen:
+            seen.add(id(obj))
+            if depth > _MAX_NESTING:
+                raise _ArchiveError(f"its module tree is more than {_MAX_NESTING} deep")
+            for name, value in obj.state.items():
+                if not (isinstance(name, str) and 0 < len(name) <= 256):
+                    raise _ArchiveError(f"a module attribute is named {_describe(name)}")
+                todo.append((value, f"{prefix}{name}.", depth + 1))
+    return out
+
+
+def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
+    """A TorchScript archive is a zip: <name>/data.pkl pickles the module tree, whose tensors point
+    at raw records <name>/data/<key>. The code in <name>/code/ is never read or run. Records, the
+    pickle and every tensor view are checked first (section 8)."""
+    records = _zip_records(path)
+    name = _one_data_pickle(records)
+    with open(path, "rb") as f:
+        data = _read_record(f, records[name]).numpy().tobytes()
+        scan_pickle(data, name)
+        try:
+            root = _ArchiveUnpickler(data, f, records, name[: -len("data.pkl")]).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # what the scan cannot see: a wrong type where the reader needs another
+            raise _ArchiveError(f"its data.pkl could not be read ({error_line(e)})") from None
+    views = _collect_tensors(root)
+    if not views:
+        raise _ArchiveError("no tensors found in its module tree")
+    out, made, distinct = {}, {}, []  # a view named twice is one tensor
+    for key, view in views.items():
+        if id(view) not in made:
+            made[id(view)] = view.storage.flat.as_strided(view.size, view.stride, view.offset)
+            distinct.append((key, made[id(view)]))
+        out[key] = made[id(view)]
+    _check_tensors(distinct, os.path.getsize(path))
+    return out
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except Exception:  # an unreadable zip: safe_torch_load names the problem
+        return False
+
+
+def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, read as data: OpenAI's TorchScript archives (restricted
+    reader), .safetensors (by hand), anything else with safe_torch_load. A dict nested under
+    "state_dict" and a "module." prefix (DistributedDataParallel) are unwrapped. Raises
+    CheckpointError "<path>: ..." for a file that cannot be read as a state dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        try:
+            state = _read_torchscript(path)
+        except CheckpointError as e:
+            if not trust_torchscript:
+                raise CheckpointError(
+                    f"{path}: this TorchScript archive cannot be read as data only: {e}. If you trust the "
+                    "file, pass trust_torchscript=True to load it with torch.jit.load (which runs its code)."
+                ) from None
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+    elif path.endswith(".safetensors") or _looks_like_safetensors(path):
+        try:
+            state = _read_safetensors(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    else:
+        state = safe_torch_load(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds {_describe(state)}, not a state dict")
+    bad = next((k for k in state if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: a state dict key is {_describe(bad)}, not a string")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
+    """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names."""
+    if not path.endswith(".index.json"):
+        return read_state_dict(path, trust_torchscript=trust_torchscript)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path}: no weight_map in this shard index")
+    state = {}
+    for shard in dict.fromkeys(weight_map.values()):  # each shard once, in order
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{path}: shard {shard!r} is not a file name in the model's folder")
+        state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+    return state
+
+
+# ---- 8. Hostile checkpoint files: pickle opcode scan, zip records, tensor views ----
 #
 # Researchers load checkpoints from third parties. Besides never running a file's code, the readers
-# below refuse, before unpickling or allocating anything, what no honest checkpoint contains but a
-# few crafted bytes can use to crash the process, hang it, allocate gigabytes or read memory that is
-# not the file's: deep or cyclic nesting, shared sub-objects multiplied along every path, memo
-# indices far beyond the pickle's length, compressed zip records, views that reach outside their
-# storage, overlap themselves (stride 0) or outnumber the file's bytes. Each refusal is one
-# CheckpointError naming the file and what is wrong; an untrusted object is never printed in full.
+# (section 7, safe_torch_load here) refuse, before unpickling or allocating anything, what no honest
+# checkpoint contains but a few crafted bytes can use to crash the process, hang it, allocate
+# gigabytes or read memory that is not the file's: deep or cyclic nesting, shared sub-objects
+# multiplied along every path, memo indices far beyond the pickle's length, compressed zip records,
+# views that reach outside their storage, overlap themselves (stride 0) or outnumber the file's
+# bytes. Each refusal is one CheckpointError naming the file and what is wrong; an untrusted object
+# is never printed in full.
 
 _MAX_NESTING = 100  # containers within containers; OpenAI's archives nest about 20 deep
 _MAX_SHARED_EXPANSION = 16  # objects a pickle may expand to (shared ones counted per use), per byte
@@ -650,10 +1514,6 @@ _PICKLE_CALLABLES = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_t
                      "collections.OrderedDict", "builtins.set", "_codecs.encode", "torch.Size", "torch.device",
                      "builtins.complex", "torch.serialization._get_layout"}
 _PICKLE_MODULES = ("torch", "__torch__", "collections", "_codecs", "builtins")
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be read as a checkpoint; the message names the file and what is wrong."""
 
 
 def _describe(obj) -> str:
@@ -907,12 +1767,6 @@ def _one_data_pickle(records: Dict[str, zipfile.ZipInfo]) -> str:
     return found[0]
 
 
-def error_line(error: BaseException) -> str:
-    """An exception as 'Type: first line', at most 200 characters (for one-line messages)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
-
-
 def _view_problem(storage_numel: int, offset, size, stride) -> Optional[str]:
     """Why the strided view (offset, size, stride) of a storage of storage_numel elements is refused,
     or None: integer sizes, strides and offset, none negative; elements that never overlap (no
@@ -1015,8 +1869,7 @@ def safe_torch_load(path: str):
     return obj
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoint files as data
+# ---- 9. SHA-256 verification of OpenAI's files ----
 
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
 # OpenAI publishes each file's SHA-256 as a directory of its download address (clip/clip.py, _MODELS)
@@ -1061,837 +1914,6 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _safetensors_header(path: str, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[int], int, int]]]:
-    """The validated header: (where the data starts, {name: (dtype, shape, begin, end)}). Offsets are
-    integers with 0 <= begin <= end <= data size, end - begin is the shape's byte count, ranges do not
-    overlap, dtypes are known, the header is at most _MAX_SAFETENSORS_HEADER bytes of JSON with no
-    duplicate names."""
-    size = os.path.getsize(path)
-    head = f.read(8)
-    if len(head) != 8:
-        raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)")
-    (n,) = struct.unpack("<Q", head)
-    if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
-        raise CheckpointError(f"not a safetensors file (header length {n} with a file of {size} bytes)")
-
-    def no_duplicates(pairs):
-        names = [k for k, _ in pairs]
-        if len(set(names)) != len(names):
-            raise CheckpointError("its header names a tensor twice")
-        return dict(pairs)
-
-    try:
-        header = json.loads(f.read(n), object_pairs_hook=no_duplicates)
-    except CheckpointError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"not a safetensors file (header is not JSON: {error_line(e)})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError("not a safetensors file (header is not a JSON object)")
-    start, data_size, tensors = 8 + n, size - 8 - n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        what = f"tensor {_describe(name)}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise CheckpointError(f"{what}: header entry needs dtype, shape and data_offsets")
-        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-        if dtype is None:
-            raise CheckpointError(f"{what} has unsupported dtype {_describe(info['dtype'])}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and d >= 0 for d in shape)):
-            raise CheckpointError(f"{what}: shape must be a list of at most {_MAX_DIMS} integers >= 0")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise CheckpointError(f"{what}: data_offsets must be two integers 0 <= begin <= end <= "
-                                  f"{data_size} (the data's size; file truncated?)")
-        begin, end = offsets
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{what} {shape} {info['dtype']} does not fit its byte range {begin}..{end}")
-        tensors[name] = (dtype, shape, begin, end)
-    ranges = sorted((begin, end) for _, _, begin, end in tensors.values())
-    if any(b < a_end for (_, a_end), (b, _) in zip(ranges, ranges[1:])):
-        raise CheckpointError("tensors' byte ranges overlap")
-    return start, tensors
-
-
-def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian bytes of every tensor. The whole header is checked
-    (_safetensors_header) before any tensor is allocated."""
-    if sys.byteorder != "little":
-        raise CheckpointError("reading safetensors needs a little-endian machine")
-    out = {}
-    with open(path, "rb") as f:
-        start, tensors = _safetensors_header(path, f)
-        for name, (dtype, shape, begin, end) in tensors.items():
-            buffer = bytearray(end - begin)
-            f.seek(start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"tensor {_describe(name)}: file truncated")
-            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-            out[name] = flat.reshape(shape)
-    return out
-
-
-class _ArchiveError(CheckpointError):
-    """The restricted reader cannot (or will not) read this TorchScript archive."""
-
-
-class _Inert:
-    """Base of every object the archive reader hands to the pickle: a BUILD on it is refused, so a
-    file cannot set attributes on the reader's classes or functions (nor grow a storage)."""
-    __slots__ = ()
-
-    def __setstate__(self, state):
-        raise _ArchiveError(f"its data.pkl BUILDs a {type(self).__name__.lstrip('_')}, which no archive does")
-
-
-class _ScriptObject:
-    """Inert stand-in for a TorchScript class (a module): it only keeps its pickled state, set once."""
-    __slots__ = ("state",)
-
-    def __init__(self, *args):
-        pass
-
-    def __setstate__(self, state):  # BUILD; NEWOBJ made the instance without __init__
-        if getattr(self, "state", None) is not None or not isinstance(state, dict):
-            raise _ArchiveError(f"a TorchScript object's state is {_describe(state)}, not one dict")
-        self.state = state
-
-
-class _Callable(_Inert):
-    """An allow-listed function as the pickle sees it (a fresh instance per archive)."""
-    __slots__ = ("function",)
-
-    def __init__(self, function):
-        self.function = function
-
-    def __call__(self, *args):
-        return self.function(*args)
-
-
-class _StorageType(_Inert):
-    __slots__ = ("dtype",)
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-
-class _Storage(_Inert):
-    """One data/<key> record as a flat tensor (a persistent id's value)."""
-    __slots__ = ("flat",)
-
-    def __init__(self, flat: torch.Tensor):
-        self.flat = flat
-
-
-class _TensorView(_Inert):
-    """A checked view of a _Storage; the tensor itself is made after unpickling (_materialize)."""
-    __slots__ = ("storage", "offset", "size", "stride")
-
-    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
-_RECORD_KEY = regex.compile(r"[0-9A-Za-z_]{1,64}")
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a TorchScript archive's data.pkl (already passed by scan_pickle) allowing only:
-    TorchScript module classes (as inert _ScriptObjects), storage type names, the tensor rebuild
-    function, OrderedDict. Any other global (os.system, builtins.eval, ...) is refused before it can
-    be called. Storages and tensors come out as inert records, checked before use."""
-
-    def __init__(self, data: bytes, f, records: Dict[str, zipfile.ZipInfo], prefix: str):
-        super().__init__(io.BytesIO(data))
-        self.file, self.records, self.prefix, self.storages = f, records, prefix, {}
-        rebuild, ordered_dict = _Callable(self._rebuild_tensor), _Callable(OrderedDict)
-        self.callables = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_tensor"): rebuild,
-                          ("collections", "OrderedDict"): ordered_dict}
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("__torch__"):
-            return _ScriptObject
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if (module, name) in self.callables:
-            return self.callables[module, name]
-        raise _ArchiveError(f"its data.pkl refers to {module}.{name}, which the data-only reader does not allow")
-
-    def persistent_load(self, pid):
-        # ('storage', storage type, record key, location, numel): the bytes are in <prefix>data/<key>
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[3], str)
-                and type(pid[4]) is int and _RECORD_KEY.fullmatch(pid[2]) and len(pid[3]) <= 64):
-            what = _describe(pid) if not isinstance(pid, tuple) else f"a tuple of {len(pid)}"
-            raise _ArchiveError(f"unknown persistent record ({what}; expected 'storage', type, key, location, numel)")
-        dtype, key, numel = pid[1].dtype, pid[2], pid[4]
-        if key not in self.storages:
-            info = self.records.get(f"{self.prefix}data/{key}")
-            if info is None:
-                raise _ArchiveError(f"tensor record data/{key} is missing")
-            if info.file_size != numel * dtype.itemsize:
-                raise _ArchiveError(f"tensor record data/{key} holds {info.file_size} bytes, not the "
-                                    f"{numel} x {dtype.itemsize} its storage declares")
-            self.storages[key] = _Storage(_read_record(self.file, info).view(dtype))
-        storage = self.storages[key]
-        if storage.flat.dtype != dtype or storage.flat.numel() != numel:
-            raise _ArchiveError(f"tensor record data/{key} is declared with two types or sizes")
-        return storage
-
-    def _rebuild_tensor(self, storage, offset, size, stride, *unused):
-        """torch._utils._rebuild_tensor_v2's arguments, checked; the view is made after unpickling."""
-        if not isinstance(storage, _Storage):
-            raise _ArchiveError(f"a tensor's storage is {_describe(storage)}")
-        problem = _view_problem(storage.flat.numel(), offset, size, stride)
-        if problem:
-            raise _ArchiveError(f"a tensor view is refused: {problem}")
-        return _TensorView(storage, offset, size, stride)
-
-
-def _collect_tensors(root) -> Dict[str, _TensorView]:
-    """Walk the module tree; each module's state dict maps attribute names to tensors/submodules.
-    Each module is visited once (a module shared by two parents is read under its first name) and at
-    most _MAX_NESTING deep; names and keys are checked before use."""
-    out, seen, todo = {}, set(), [(root, "", 0)]
-    while todo:
-        obj, prefix, depth = todo.pop()
-        if isinstance(obj, _TensorView):
-            out[prefix[:-1]] = obj
-        elif isinstance(obj, _ScriptObject) and isinstance(getattr(obj, "state", None), dict) and id(obj) not in seen:
-            seen.add(id(obj))
-            if depth > _MAX_NESTING:
-                raise _ArchiveError(f"its module tree is more than {_MAX_NESTING} deep")
-            for name, value in obj.state.items():
-                if not (isinstance(name, str) and 0 < len(name) <= 256):
-                    raise _ArchiveError(f"a module attribute is named {_describe(name)}")
-                todo.append((value, f"{prefix}{name}.", depth + 1))
-    return out
-
-
-def _read_torchscript(path: str) -> Dict[str, torch.Tensor]:
-    """A TorchScript archive is a zip: <name>/data.pkl pickles the module tree, whose tensors point
-    at raw records <name>/data/<key>. The code in <name>/code/ is never read or run. Records, the
-    pickle and every tensor view are checked first (the section above)."""
-    records = _zip_records(path)
-    name = _one_data_pickle(records)
-    with open(path, "rb") as f:
-        data = _read_record(f, records[name]).numpy().tobytes()
-        scan_pickle(data, name)
-        try:
-            root = _ArchiveUnpickler(data, f, records, name[: -len("data.pkl")]).load()
-        except CheckpointError:
-            raise
-        except Exception as e:  # what the scan cannot see: a wrong type where the reader needs another
-            raise _ArchiveError(f"its data.pkl could not be read ({error_line(e)})") from None
-    views = _collect_tensors(root)
-    if not views:
-        raise _ArchiveError("no tensors found in its module tree")
-    out, made, distinct = {}, {}, []  # a view named twice is one tensor
-    for key, view in views.items():
-        if id(view) not in made:
-            made[id(view)] = view.storage.flat.as_strided(view.size, view.stride, view.offset)
-            distinct.append((key, made[id(view)]))
-        out[key] = made[id(view)]
-    _check_tensors(distinct, os.path.getsize(path))
-    return out
-
-
-def _looks_like_safetensors(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
-
-
-def _is_torchscript(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-    except Exception:  # an unreadable zip: safe_torch_load names the problem
-        return False
-
-
-def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, read as data: OpenAI's TorchScript archives (restricted
-    reader), .safetensors (by hand), anything else with safe_torch_load. A dict nested under
-    "state_dict" and a "module." prefix (DistributedDataParallel) are unwrapped. Raises
-    CheckpointError "<path>: ..." for a file that cannot be read as a state dict."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
-        try:
-            state = _read_torchscript(path)
-        except CheckpointError as e:
-            if not trust_torchscript:
-                raise CheckpointError(
-                    f"{path}: this TorchScript archive cannot be read as data only: {e}. If you trust the "
-                    "file, pass trust_torchscript=True to load it with torch.jit.load (which runs its code)."
-                ) from None
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-    elif path.endswith(".safetensors") or _looks_like_safetensors(path):
-        try:
-            state = _read_safetensors(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    else:
-        state = safe_torch_load(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds {_describe(state)}, not a state dict")
-    bad = next((k for k in state if not isinstance(k, str)), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: a state dict key is {_describe(bad)}, not a string")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face and open_clip files: their layouts, the config files beside them, load()
-#
-# Three layouts hold the same CLIP: OpenAI's (which open_clip keeps), and Hugging Face's CLIPModel,
-# mapped here onto OpenAI's without loss. What no weight file tells (the activation, head widths,
-# layer-norm eps, how text is pooled, a non-square image size, the normalisation) comes from the
-# config file published beside the weights; load() warns when it has to assume OpenAI's values.
-
-HF_CONFIG, OPEN_CLIP_CONFIG, HF_PREPROCESSOR_CONFIG = "config.json", "open_clip_config.json", "preprocessor_config.json"
-# in the order a folder is searched; *.index.json lists the shards of a large model
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# Hugging Face model types that are not CLIP's architecture, by family
-_HF_FAMILIES = {"siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP (a BERT text tower)",
-                "altclip": "AltCLIP (an XLM-R text tower)", "clipseg": "CLIPSeg", "owlvit": "OWL-ViT",
-                "owlv2": "OWLv2", "x_clip": "X-CLIP", "metaclip_2": "MetaCLIP 2 (a multilingual vocabulary)"}
-# module names inside a Hugging Face encoder layer -> OpenAI's (q/k/v are concatenated separately)
-_HF_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
-             "self_attn.out_proj.": "attn.out_proj."}
-_HF_NAMES = {"vision_model.embeddings.class_embedding": "visual.class_embedding",
-             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-             "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
-             "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias",
-             "logit_scale": "logit_scale"}
-_HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)")
-
-
-def is_hf_layout(state_dict) -> bool:
-    return any(k.startswith(("vision_model.", "text_model.")) for k in state_dict)
-
-
-def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A Hugging Face CLIPModel state dict -> OpenAI's layout, losslessly: q/k/v projections
-    concatenated into in_proj, the projection layers' (E, W) weights transposed to OpenAI's (W, E)
-    matrices, layer norms renamed, the position_ids buffers dropped."""
-    out, qkv = {}, {}
-    for key, tensor in hf.items():
-        layer = _HF_LAYER.fullmatch(key)
-        if key.endswith("position_ids"):
-            continue  # an arange buffer that older files saved, not a weight
-        elif key in ("visual_projection.weight", "text_projection.weight"):
-            out["visual.proj" if key.startswith("visual") else "text_projection"] = tensor.t()  # (E, W) -> (W, E)
-        elif key in _HF_NAMES:
-            out[_HF_NAMES[key]] = tensor
-        elif layer:
-            tower, index, name = layer.groups()
-            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
-            module, _, kind = name.rpartition(".")  # kind: weight or bias
-            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault((block, kind), {})[module[len("self_attn.")]] = tensor  # "q", "k" or "v"
-                continue
-            old = next((old for old in _HF_BLOCK if name.startswith(old)), None)
-            if old is None:
-                raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout")
-            out[block + _HF_BLOCK[old] + name[len(old):]] = tensor
-        else:
-            raise ValueError(f"Hugging Face key {key} has no place in CLIP's layout (a CLIPModel has "
-                             "vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)")
-    for (block, kind), parts in qkv.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"{block}: Hugging Face attention {kind} has only {sorted(parts)} of q, k, v")
-        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3W, ...)
-    return out
-
-
-def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
-    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
-    if not width or width % heads:
-        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
-    return width // heads
-
-
-def hf_settings(config: dict) -> dict:
-    """build_model settings from a Hugging Face CLIPModel's config.json (absent keys: Hugging Face's
-    defaults). The text is pooled as that config makes Hugging Face pool it: at the highest id when
-    eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
-    model_type = config.get("model_type")
-    if model_type != "clip":
-        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
-        raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
-    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
-    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
-    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
-        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
-                         "in both towers")
-    vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
-    if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
-        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
-                         f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
-    image_size = vision.get("image_size", 224)
-    return {"activation": activations.pop(),
-            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
-            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
-            "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
-            "text_eos_id": None if eos == 2 else eos,
-            "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
-
-
-# open_clip settings this CLIP cannot run, with the family that uses them. A setting whose value
-# differs from the one given here refuses the file.
-_OPEN_CLIP_UNSERVABLE = {
-    "vision_cfg": {"timm_model_name": (None, "open_clip with a timm image tower (ConvNeXt, EVA02, ViTamin, ...)"),
-                   "attentional_pool": (False, "CoCa (attentional pooler)"),
-                   "no_ln_pre": (False, "CLIPA (an image tower without ln_pre)"),
-                   "pool_type": ("tok", "CLIPA-style average pooling"),
-                   "final_ln_after_pool": (False, "CLIPA (layer norm after pooling)"),
-                   "ls_init_value": (None, "a ViT with layer scale"),
-                   "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
-                   "act_kwargs": (None, "a parametrised activation")},
-    "text_cfg": {"hf_model_name": (None, "a Hugging Face text tower (RoBERTa, XLM-R, mT5, ...)"),
-                 "hf_tokenizer_name": (None, "another vocabulary (a Hugging Face tokenizer)"),
-                 "tokenizer_mode": (None, "another tokenizer"),
-                 "tokenizer_kwargs": (None, "another tokenizer's text cleaning (SigLIP)"),
-                 "vocab_size": (OPENAI_VOCAB_SIZE, "another vocabulary"),
-                 "embed_cls": (False, "CoCa (a text class token)"),
-                 "no_causal_mask": (False, "a bidirectional text tower (SigLIP, CLIPA)"),
-                 "proj_bias": (False, "SigLIP (a text projection with bias)"),
-                 "proj_type": ("linear", "a text projection layer"),
-                 "final_ln_after_pool": (False, "layer norm after text pooling"),
-                 "ls_init_value": (None, "a text tower with layer scale"),
-                 "act_kwargs": (None, "a parametrised activation")},
-}
-_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
-
-
-def _open_clip_eps(tower: dict, name: str) -> float:
-    norm = tower.get("norm_kwargs") or {}
-    if set(norm) - {"eps"}:
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
-    return norm.get("eps", 1e-5)
-
-
-def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
-    """An open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}, or a bare model config as
-    in open_clip's model_configs/) -> (build_model settings, the sizes it states as CLIPConfig fields
-    (checked against the weights), preprocessing: mean, std, interpolation, resize_mode).
-    Defaults are open_clip's (CLIPVisionCfg, CLIPTextCfg): GELU unless quick_gelu, heads of 64."""
-    model_cfg = config.get("model_cfg", config)
-    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
-    for key, family in (("init_logit_bias", "SigLIP (logit_bias)"), ("multimodal_cfg", "CoCa (a text decoder)"),
-                        ("custom_text", "CustomTextCLIP (a custom text tower)")):
-        if model_cfg.get(key):
-            raise ValueError(f"{OPEN_CLIP_CONFIG} describes {family}, which this CLIP implementation cannot run")
-    for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
-        for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
-            if tower.get(key, default) not in (default, {} if default is None else default):
-                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
-                                 "CLIP implementation cannot run")
-        custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
-                                                                (None, "default") else [])
-        if custom:
-            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
-                             "which this CLIP implementation cannot run")
-    text_eos_id = None
-    if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
-        text_eos_id = 49407
-    elif text.get("pool_type", "argmax") != "argmax":
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
-                         "is not served: our tokenizer ends every text with 49407")
-    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
-    head_width = vision.get("head_width", 64)
-    settings = {"activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-                "vision_head_width": head_width, "transformer_heads": text.get("heads", 8),
-                "vision_ln_eps": _open_clip_eps(vision, "vision_cfg"), "text_ln_eps": _open_clip_eps(text, "text_cfg"),
-                "text_eos_id": text_eos_id, "image_resolution": tuple(size) if isinstance(size, (list, tuple)) else size}
-    layers = vision.get("layers", 12)
-    resnet = isinstance(layers, (list, tuple))
-    stated = {"embed_dim": model_cfg.get("embed_dim"), "vision_layers": tuple(layers) if resnet else layers,
-              "vision_width": width, "transformer_width": text.get("width", 512),
-              "transformer_layers": text.get("layers", 12), "context_length": text.get("context_length", 77)}
-    if not resnet:
-        patch = _pair(patch)
-        stated.update(vision_patch_size=patch[0] if patch[0] == patch[1] else patch,
-                      vision_mlp_width=int(width * vision.get("mlp_ratio", 4.0)))
-    stated["text_mlp_width"] = int(stated["transformer_width"] * text.get("mlp_ratio", 4.0))
-    pre = config.get("preprocess_cfg") or {}
-    preprocessing = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
-    return settings, stated, preprocessing
-
-
-def _check_stated(config: CLIPConfig, stated: dict, source: str):
-    """Every size a config file states must be what the weights hold (MLP widths: None means 4 x width)."""
-    effective = asdict(config)
-    effective["vision_mlp_width"] = config.vision_mlp_width or 4 * config.vision_width
-    effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
-    for field, value in stated.items():
-        if value is not None and effective[field] != value:
-            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
-                             "config belongs to another model")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
-    return config
-
-
-def _locate(path: str) -> Tuple[str, str]:
-    """A file, or a folder holding one -> (weights file, its folder). A folder is searched for
-    open_clip's file names first (with open_clip_config.json beside them), then Hugging Face's."""
-    if not os.path.isdir(path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-        return path, os.path.dirname(os.path.abspath(path))
-    has = lambda name: os.path.isfile(os.path.join(path, name))
-    names = ([n for n in _OPEN_CLIP_WEIGHTS if has(n)] if has(OPEN_CLIP_CONFIG) else []) + \
-            ([n for n in _HF_WEIGHTS if has(n)] if has(HF_CONFIG) else [])
-    if not names:
-        raise FileNotFoundError(f"{path}: a folder without CLIP weights and their config: expected {HF_CONFIG} with one "
-                                f"of {', '.join(_HF_WEIGHTS)}, or {OPEN_CLIP_CONFIG} with one of "
-                                f"{', '.join(_OPEN_CLIP_WEIGHTS)}")
-    return os.path.join(path, names[0]), path
-
-
-def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
-    """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names."""
-    if not path.endswith(".index.json"):
-        return read_state_dict(path, trust_torchscript=trust_torchscript)
-    weight_map = _read_json(path).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{path}: no weight_map in this shard index")
-    state = {}
-    for shard in dict.fromkeys(weight_map.values()):  # each shard once, in order
-        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
-            raise ValueError(f"{path}: shard {shard!r} is not a file name in the model's folder")
-        state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
-    return state
-
-
 def _is_openai(path: str, verified: bool) -> bool:
     """One of OpenAI's checkpoints: by its official name, or renamed (by its SHA-256)."""
     return verified or os.path.basename(path) in OPENAI_SHA256 or sha256(path) in OPENAI_SHA256.values()
-
-
-def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript: bool = False,
-         verify: bool = True, activation: Optional[str] = None, vision_head_width: Optional[int] = None,
-         text_head_width: Optional[int] = None):
-    """Load a CLIP checkpoint -> (model in eval mode on device, float32; preprocess).
-
-    path: OpenAI's RN50.pt ... ViT-L-14-336px.pt; a state-dict file or open_clip's .bin/.safetensors
-    (its open_clip_config.json read from beside it); a Hugging Face CLIPModel folder or the
-    model.safetensors / pytorch_model.bin in one (its config.json read from beside it).
-    activation ("quick_gelu" | "gelu"), vision_head_width, text_head_width: override any config.
-    A file with neither a config nor OpenAI's name or SHA-256, loaded without an activation, gets a
-    warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
-    verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
-    converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
-    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
-    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
-    path = os.fspath(path)
-    weights, folder = _locate(path)
-    verified = verify_checkpoint(weights) if verify else False
-    state_dict = _read_weights(weights, trust_torchscript)
-    try:
-        state_dict, settings, stated, preprocessing, source = _described(state_dict, folder)
-        if source is None and activation is None and not _is_openai(weights, verified):
-            warnings.warn(
-                f"{weights}: neither one of OpenAI's checkpoints (by name or SHA-256) nor accompanied by "
-                f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}, so OpenAI's architecture is assumed: QuickGELU activations "
-                "and attention heads of 64 channels. open_clip's laion2b/datacomp/commonpool weights need GELU "
-                "(activation='gelu', --clip-activation gelu), ViT-H/g/bigG heads of 80/88/104 "
-                "(vision_head_width=, --clip-vision-head-width; text_head_width=, --clip-text-head-width); or "
-                f"put the model's {OPEN_CLIP_CONFIG} beside the file.", stacklevel=2)
-        settings.update(_explicit(state_dict, activation, vision_head_width, text_head_width))
-        model = build_model(state_dict, **settings)
-        _check_stated(model.config, stated, source)
-        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
-        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
-        preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
-                                     preprocessing.get("interpolation", "bicubic"),
-                                     preprocessing.get("resize_mode", "shortest"))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
-        raise CheckpointError(f"{path}: not a CLIP state dict ({error_line(e)})") from None
-    return model.to(device).eval(), preprocess
-
-
-def _described(state_dict: Dict[str, torch.Tensor], folder: str):
-    """What the config files in folder say about state_dict -> (state dict in OpenAI's layout,
-    build_model settings, sizes stated, preprocessing, the config's path or None if none describes it).
-    A family this CLIP cannot run is refused first (its config may not even be a CLIP's)."""
-    beside = lambda name: os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
-    if is_hf_layout(state_dict):
-        source = beside(HF_CONFIG)
-        if source is None:
-            raise ValueError(f"a Hugging Face CLIPModel state dict, without the {HF_CONFIG} that must be "
-                             "beside it (its activation, heads, layer-norm eps and pooling rule)")
-        settings = _parse(hf_settings, source)  # refuses SigLIP & co. by their model_type
-        processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
-        preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
-        return from_hf_state_dict(state_dict), settings, {}, preprocessing, source
-    family = unservable_family(state_dict)
-    if family:
-        raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
-    source = beside(OPEN_CLIP_CONFIG)
-    if source is None:
-        return state_dict, {}, {}, {}, None
-    return (state_dict, *_parse(open_clip_settings, source), source)
-
-
-def _parse(reader, path: str):
-    """reader(the JSON config at path), with a config of the wrong shape (a list where a dict belongs,
-    text where a number does) reported as such, not as a traceback."""
-    try:
-        return reader(_read_json(path))
-    except (AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{os.path.basename(path)} is malformed ({type(e).__name__}: {e})") from None
-
-
-def _explicit(state_dict: Dict[str, torch.Tensor], activation: Optional[str], vision_head_width: Optional[int],
-              text_head_width: Optional[int]) -> dict:
-    """load()'s arguments as build_model settings (they win over any config)."""
-    settings = {} if activation is None else {"activation": activation}
-    for name, value in (("vision_head_width", vision_head_width), ("text_head_width", text_head_width)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive number of channels, got {value!r}")
-    if vision_head_width is not None:
-        settings["vision_head_width"] = vision_head_width
-    if text_head_width is not None:
-        text_width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else 0
-        if text_width % text_head_width:
-            raise ValueError(f"text heads of {text_head_width} channels cannot split the text width {text_width}")
-        settings["transformer_heads"] = text_width // text_head_width
-    return settings
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: OpenAI's byte-level BPE, step by step (ids identical to clip.simple_tokenizer)
-
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-
-
-@lru_cache()
-def default_bpe() -> str:
-    """The BPE merges file: beside this module (source tree, editable install), else where setup.py's
-    data_files put it (<sys.prefix>/share/cilf-ciae/)."""
-    name = "bpe_simple_vocab_16e6.txt.gz"
-    places = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name),
-              os.path.join(sys.prefix, "share", "cilf-ciae", name)]
-    for place in places:
-        if os.path.isfile(place):
-            return place
-    raise FileNotFoundError(f"CLIP BPE vocabulary {name} not found in {places}; reinstall the package "
-                            "or pass bpe_path=")
-
-
-@lru_cache()
-def bytes_to_unicode() -> Dict[int, str]:
-    """A reversible map from the 256 byte values to 256 printable unicode characters.
-
-    BPE runs on strings, and we want it to run on the UTF-8 *bytes* of any text (no unknown tokens,
-    any script or emoji). Bytes that are already printable, non-space characters (! to ~, ¡ to ¬,
-    ® to ÿ) map to themselves; the other 68 (control codes, space, soft hyphen, ...) are shifted to
-    unused code points 256, 257, ... so no merge ever sees whitespace or a control character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    byte_values, code_points = printable[:], printable[:]
-    for b in range(256):
-        if b not in printable:
-            byte_values.append(b)
-            code_points.append(256 + len(code_points) - len(printable))
-    # the order (printable bytes first) fixes the first 256 vocabulary ids
-    return dict(zip(byte_values, map(chr, code_points)))
-
-
-# Pre-tokenising split, applied before BPE so merges never cross these boundaries: the two special
-# tokens, common English contractions, runs of letters, single digits (so "37" is "3" "7": ages are
-# read digit by digit), and runs of anything else that is neither space, letter nor digit.
-_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                       regex.IGNORECASE)
-_SPACES = regex.compile(r"\s+")
-# printable ASCII without '&', plus tab and newline: ftfy.fix_text and html.unescape leave such text
-# unchanged (nothing to repair, no entity), so the clean-up reduces to whitespace and lower case
-_PLAIN = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
-
-
-def _clean(text: str) -> str:
-    """OpenAI's normalisation: ftfy repair (mojibake, curly quotes, width, NFC), HTML entities undone
-    twice (captions were often double-escaped), whitespace runs -> one space, strip, lower case."""
-    if _PLAIN.fullmatch(text):
-        return " ".join(text.split()).lower()  # the same result without ftfy's cost
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _SPACES.sub(" ", text).strip().lower()
-
-
-class SimpleTokenizer:
-    """Byte-level BPE with OpenAI's 49,408-token vocabulary: encode(text) -> ids, decode(ids) -> text."""
-
-    def __init__(self, bpe_path: Optional[str] = None):
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # line 0 is a version header; the vocabulary keeps the first 49152 - 256 - 2 merges, listed
-        # best first: a merge's line number is its rank (lower merges earlier)
-        merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
-        # ids: 256 byte characters, the same with the end-of-word mark, one per merge, two specials
-        vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab]
-        vocab += ["".join(merge) for merge in merges]
-        vocab += [SOT, EOT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = {i: token for token, i in self.encoder.items()}
-        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
-        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
-        # word -> BPE pieces, and word -> ids (what encode needs); specials are whole tokens already
-        self.cache = {SOT: (SOT,), EOT: (EOT,)}
-        self._ids = {}
-
-    def bpe(self, word: str) -> Tuple[str, ...]:
-        """Merge a byte-encoded word's characters greedily, lowest-ranked adjacent pair first."""
-        if word in self.cache:
-            return self.cache[word]
-        # "</w>" marks the last character, so "a" ending a word and "a" inside one are different symbols
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
-            if best not in self.bpe_ranks:
-                break  # no adjacent pair is a known merge: done
-            first, second = best
-            merged, i = [], 0
-            while i < len(parts):  # replace every occurrence of the pair, left to right
-                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = tuple(parts)
-        return self.cache[word]
-
-    def encode(self, text: str) -> List[int]:
-        ids = []
-        for word in _WORDS.findall(_clean(text)):
-            word_ids = self._ids.get(word)
-            if word_ids is None:
-                # UTF-8 bytes -> printable characters, BPE, then vocabulary ids
-                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-                word_ids = self._ids[word] = [self.encoder[piece] for piece in self.bpe(encoded)]
-            ids.extend(word_ids)
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids -> text: pieces joined, characters back to bytes, UTF-8 decoded, "</w>" -> space."""
-        text = "".join(self.decoder[int(i)] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
-
-
-@lru_cache()
-def _default_tokenizer() -> SimpleTokenizer:
-    return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
-
-
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
-    """Texts -> (n, context_length) int64 ids: start token, BPE ids, end token, zero padding.
-
-    An over-long text raises RuntimeError unless truncate=True, which cuts it and ends it with the
-    end-of-text token (encode_text reads the embedding there)."""
-    tok = _default_tokenizer()
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    rows = []
-    for text in texts:
-        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
-        if len(ids) > context_length:
-            if not truncate:
-                raise RuntimeError(f"Input {text!r} is too long for context length {context_length} "
-                                   f"({len(ids)} tokens with start/end); shorten it or pass truncate=True")
-            ids = ids[:context_length]
-            ids[-1] = tok.eot_token
-        rows.append(ids + [0] * (context_length - len(ids)))
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
-
-
-# ----------------------------------------------------------------------------------------------
-# Image preprocessing
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB.
-
-    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) use PIL's convert("RGB") exactly as OpenAI
-    does (alpha is dropped, not composited). Deviation: wide modes are *scaled* to 8 bits, where
-    convert("RGB") clips every value above 255 to white. I;16*: full range, value / 257.
-    I (int32) and F (float): values in 0..255 kept, in 0..65535 (I) or 0..1 (F) scaled to 0..255,
-    anything else stretched linearly from its min..max."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
-        x = np.asarray(image, dtype=np.float64)
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if image.mode in _SIXTEEN_BIT:
-            x = x / 257.0
-        elif image.mode == "F" and lo >= 0 and hi <= 1:
-            x = x * 255.0
-        elif image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
-            x = x / 257.0  # 16-bit data, as older Pillow opens 16-bit PNGs
-        elif not (lo >= 0 and hi <= 255):
-            x = (x - lo) * (255.0 / max(hi - lo, 1e-12))  # a constant image becomes black
-        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "La":  # premultiplied alpha, which PIL cannot convert: keep the L band
-        image = image.getchannel(0)
-    return image.convert("RGB")
-
-
-def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
-                    resize_mode: str = "shortest") -> Compose:
-    """OpenAI's eval transform: resize of the short side to n_px (bicubic), centre crop, RGB, to
-    tensor, normalise. PIL image -> (3, h, w) float tensor. The options are open_clip's
-    preprocess_cfg: another mean/std or interpolation ("bicubic", "bilinear"); resize_mode "squash"
-    resizes to (h, w) without keeping the aspect. A non-square (h, w) in "shortest" mode resizes the
-    short side to max(h, w), then crops (open_clip resizes a little less, keeping more context)."""
-    size = _pair(n_px)
-    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
-    if interpolation not in modes or resize_mode not in ("shortest", "squash"):
-        raise ValueError(f"preprocessing with interpolation {interpolation!r} and resize_mode {resize_mode!r} "
-                         f"is not served (interpolation: {sorted(modes)}; resize_mode: shortest, squash)")
-    resize = ([Resize(size, interpolation=modes[interpolation])] if resize_mode == "squash" else
-              [Resize(max(size), interpolation=modes[interpolation]), CenterCrop(size)])
-    return Compose([*resize, to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])
