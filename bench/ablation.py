@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each abstract claim switched off on its own, and all of them together (METHOD.md, README's map), and
+# Each abstract claim switched off on its own, and all of them together (README.md#paper-to-code), and
 # the feedback designs side by side.
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
