@@ -1061,6 +1061,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore every global RNG state saved by rng_state."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
