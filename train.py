@@ -1,12 +1,12 @@
 """Training CILF-CIAE: one plain loop, the demo by default, real datasets with a CLIP checkpoint, one CPU,
 one GPU or many (torchrun), and runs that survive being killed.
 
-Every part of the method (METHOD.md, abstract claims 1-4) is trained here end to end: the CLIP towers
+Every part of the method (README.md#paper-to-code, claims 1-4) is trained here end to end: the CLIP towers
 (claim 1, lr --clip-lr, or frozen), the sub-quadratic fusion Transformer (claim 2, --mixer/--depth/--width),
-the image-text contrastive loss (claim 3, --contrastive-weight) and the error-feedback correction
-(claim 4, --feedback-steps/--feedback-weight). Evaluation practice follows METHOD.md section 7: the test
-MAE reported at the end is that of the checkpoint chosen on the validation split (best.pt), next to the
-MAE of always predicting the training mean.
+the image-text contrastive loss (claim 3, --contrastive-weight) and the error-feedback correction (claim 4,
+--feedback-steps/--feedback-weight). The test MAE reported at the end is that of the checkpoint chosen on the
+validation split (best.pt), next to the MAE of always predicting the training mean
+(README.md#training-and-evaluation-practice).
 
 Run:
     python train.py                                   # the demo: synthetic data, the pretrained demo CLIP
@@ -19,43 +19,22 @@ Run:
         --clip ViT-B-16.pt --out runs/utk4            # DDP: NCCL on GPUs, gloo on CPUs
     python eval.py --ckpt runs/utk/best.pt            # the full metric table
 
-Run folder (--out): config.json (resolved options and model config), log.jsonl (one line per optimizer
-step with the loss parts, one per epoch with the metrics, one with the final test result), last.pt and
-best.pt (by validation MAE). Both checkpoints hold model, optimizer, scaler (the fp16 GradScaler's state),
-scheduler, step, epoch, RNG states, config (plain data), best_val_mae and history; they are written
-atomically, so a run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends
-with the same weights as a run never stopped: each epoch's shuffle, augmentation and dropout are
-functions of (seed, epoch, rank) alone. Nothing is lost or silently mixed: config.json and the
-checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
-unless --allow-data-change, which is recorded), .lock keeps a second train.py out of a running folder, a
-folder holding files train.py did not write is refused, and best.pt is never replaced by a run with other
-options. At the end, best.pt is calibrated on the validation split for eval.py's conformal age intervals
-(calibration: quantiles for the levels 0.8, 0.9, 0.95; eval.calibrate) and rewritten atomically.
-
 Options: `python train.py --help` lists every one with its default. --batch-size is the global batch (images
 per optimizer step, whatever the number of processes and --accum-steps), so results transfer across
 hardware. Defaults written "demo: X / real: Y" depend on whether the data is the synthetic demo data.
 
-The demo CLIP (--objective clip, METHOD.md section 1 at toy size): OpenAI's ViT architecture pretrained
-with CLIP's own objective (clip_loss: symmetric InfoNCE, learned temperature capped at 100) on
-data.CaptionedDrawings, where a quarter of the captions state the age (--caption-age-rate; the rest say
-"a photo of a person", as most web captions leave the age out), written as a state dict with OpenAI's key
-names to DEMO_CLIP_FILE with its SHA-256 and options beside it (demo_clip.json); the demo checks both and
-reads the file with clip_loader.load.
-
-Public names: DEMO_CLIP, DEMO_CLIP_FILE, PRETRAIN, DEMO_CLIP_LR, clip_loss, demo_clip, demo_clip_options,
-pretrain_options, pretrain_clip, render_corpus, DEMO_MODEL, parse_args, resolve_defaults, lr_factor, mix_seed,
-seed_all, rng_state, set_rng_state, setup_distributed, save_checkpoint, build_clip, age_classes_max,
-resolve_max_age, build_config, sync_batchnorm, build_splits, EpochSeeded, evaluate_mae, train_epoch,
-final_test, calibrate_on_validation, main; run-folder handling: LOCK_FILE, claim_run_folder,
-resume_checkpoint, RESUME_FIELDS, check_resumable, restore, check_same_run, check_best_is_ours,
-check_same_data, check_labels, retry_command, open_log.
+Sections:
+    1. options          parse_args, resolve_defaults
+    2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_validation
+    3. builders         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
+    4. the demo CLIP    pretrain_clip (--objective clip), demo_clip (built on first use), clip_loss
+    5. the run folder   claim_run_folder (the lock), resume_checkpoint, resume_state, checkpoints, log.jsonl
 """
 import os
 
-# OpenMP threads that spin while waiting make a CPU shared with other processes up to 50x slower (measured:
-# 0.25 s vs 12 s per demo step with 2 threads on 2 busy cores); sleeping threads cost little when it is idle.
-# Read once, when torch loads OpenMP: so before `import torch`; an explicit setting wins.
+# OpenMP threads that spin while waiting make a CPU shared with other processes many times slower; sleeping
+# threads cost little when it is idle. Read once, when torch loads OpenMP: so before `import torch`; an
+# explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -91,30 +70,19 @@ from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, cali
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
 from model import CILFCIAE, CILFConfig, weight_decayed
 
-# The demo's CLIP: a ViT small enough to train from scratch on 2 CPU cores in minutes, with the real
-# 49408-token vocabulary so that the prompts go through the real tokenizer (16 tokens hold the longest
-# prompt, "a photo of a 100 year old person.", with room to spare; 77 would only cost time). Heads are
-# width // 64 in both towers, as clip_loader.build_model infers them back from a checkpoint.
-DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=96, vision_patch_size=8,
-                 context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=2)
-# Where the demo keeps its pretrained CLIP (built by `python train.py --objective clip` on first use, then
-# read by clip_loader.load like any OpenAI file), and the SHA-256 record written beside it.
-DEMO_CLIP_FILE = Path(__file__).resolve().parent / "runs" / "demo_clip" / "demo_clip.pt"
-# The demo CLIP's pretraining (--objective clip): sized to take about 2 minutes on 2 CPU cores.
-PRETRAIN = dict(epochs=5, batch_size=128, lr=1e-3, clip_lr=1e-3, weight_decay=0.1)
+
+# ----------------------------------------------------------------------------- 1. options
+
 # Peak learning rate of the pretrained demo CLIP's image tower when the demo fine-tunes it.
 DEMO_CLIP_LR = 1e-4
 # CILFConfig fields the demo sets differently (a fusion width matching the tiny CLIP); real runs keep
 # CILFConfig's defaults unless an option says otherwise.
 DEMO_MODEL = dict(width=64, heads=4)
-
-# Options that only say how a run is executed, not what it computes: they may change on resume.
+# Options that only say how a run is executed, not what it computes: they may change on resume. nan_at_step
+# is in the config.json of runs started by earlier versions of train.py, where it was a testing aid.
 RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "check_images", "world_size",
                    "allow_data_change", "nan_at_step"}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-# The run folder: what train.py writes there, and the lock a running train.py holds (see claim_run_folder).
-LOCK_FILE = ".lock"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -235,8 +203,6 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--allow-data-change", action="store_true", help="continue a run although its dataset "
                    "changed (its fingerprint differs); the change is recorded in config.json and the checkpoints")
-    g.add_argument("--nan-at-step", type=int, default=-1, help="testing aid: feed NaN images at this optimizer "
-                   "step to exercise the stop on a non-finite loss (-1: never)")
     args = resolve_defaults(p.parse_args(argv))
     problem = None if args.objective == "clip" else check_option_combinations(args)
     if problem:
@@ -251,8 +217,6 @@ def check_option_combinations(args):
         return f"need 0 <= --min-age < --max-age <= {data.AGE_RANGE[1]:g}, got {args.min_age:g} and {max_age:g}"
     if args.width % args.heads:
         return f"--width {args.width} must be divisible by --heads {args.heads}"
-    if args.nan_at_step < -1:
-        return f"--nan-at-step must be -1 (never) or a step >= 0, not {args.nan_at_step}"
     if args.dataset != "synthetic" and args.data_root is None:
         return f"--dataset {args.dataset} needs --data-root"
     return None
@@ -260,8 +224,9 @@ def check_option_combinations(args):
 
 def resolve_defaults(args):
     """Fill the mode-dependent defaults. The demo (synthetic data) trains a tiny model fast; a pretrained
-    CLIP should move little (small --clip-lr, METHOD.md section 7), the tiny demo CLIP a bit more; a random
-    CLIP must learn everything; the pretraining of the demo CLIP has its own settings (PRETRAIN)."""
+    CLIP should move little (small --clip-lr, README.md#training-and-evaluation-practice), the tiny demo
+    CLIP a bit more; a random CLIP must learn everything; the pretraining of the demo CLIP has its own
+    settings (PRETRAIN)."""
     m = CILFConfig()
     if args.objective == "clip":
         for name, value in PRETRAIN.items():
@@ -293,7 +258,320 @@ def resolve_defaults(args):
     return args
 
 
-# ----------------------------------------------------------------------------- schedule, seeds, devices
+# ----------------------------------------------------------------------------- 2. training: main, run, train_epoch
+
+def main(argv=None):
+    """Train (or, with --objective clip, pretrain the demo CLIP) as the command line argv says; returns the
+    final test result (the pretraining's record)."""
+    one_line_warnings()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.objective == "clip":
+        return pretrain_clip(args)
+    rank, world, device = setup_distributed(args.device)
+    lock = claim_run_folder(Path(args.out)) if rank == 0 else None
+    try:
+        return run(args, rank, world, device, argv)
+    finally:
+        if lock is not None:
+            lock.close()   # releases the run folder
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device, argv_of_run=()):
+    """One run into args.out (this process's part of it under torchrun): build the model and the data,
+    continue from last.pt if the folder holds one, train with a checkpoint after every epoch, then test
+    best.pt. argv_of_run: the command line, for the advice after a non-finite loss."""
+    if args.batch_size % (world * args.accum_steps):
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --accum-steps "
+                         f"({world} x {args.accum_steps})")
+    out = Path(args.out)
+    ckpt = resume_checkpoint(args, out)   # None for a new run; read and checked before anything is built
+    if device.type == "cuda":   # TF32 matmuls: ~free speed on Ampere+, the loss of precision does not matter here
+        torch.set_float32_matmul_precision("high")
+    amp_dtype = autocast_dtype(device) if args.amp == "auto" else AMP_DTYPES[args.amp]
+
+    if args.clip == str(DEMO_CLIP_FILE):
+        demo_clip()   # built here, if need be, before the run's seeding: a first run equals a later one
+    seed_all(args.seed)
+    clip_model = build_clip(args)
+    splits, options = build_splits(args, clip_model.visual.input_resolution,
+                                   (clip_model.image_mean, clip_model.image_std))
+    if args.check_images:
+        refuse_unreadable_images(splits)
+    resolve_max_age(args, [s.age for s in splits["train"].samples])
+    config = build_config(args)
+    refuse_ages_outside_classes(splits["train"], config)
+    raw_model = CILFCIAE(clip_model, config)
+    train_set = EpochSeeded(splits["train"], args.seed)
+    data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
+    run_config = build_run_config(args, world, options, config, clip_model, splits, data_index)
+    raw_model = sync_batchnorm(raw_model.to(device), args, device, world)
+
+    steps_per_epoch = math.ceil(len(build_train_loader(train_set, args, world, device, 0)) / args.accum_steps)
+    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
+    schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
+    optimizer = build_optimizer(raw_model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler)
+    model = raw_model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if rank == 0:
+        write_json(out / "config.json", run_config)
+    log = open_log(out, state["log_offset"], rank)
+    if rank == 0:
+        where = f"resumed after epoch {state['epoch']}" if ckpt else "new run"
+        print(f"{where}: {args.dataset} ({len(splits['train'])} train / {len(splits['val'])} val / "
+              f"{len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+              f"parameters, {world} process(es) on {device}, {args.epochs} epochs of {steps_per_epoch} steps "
+              f"-> {out}")
+
+    while state["epoch"] < args.epochs:
+        epoch_start = time.time()
+        # every source of randomness restarts from (seed, epoch): the order (same on every process, which
+        # DistributedSampler shards), each image's augmentation (EpochSeeded) and, per process, dropout
+        seed_all(mix_seed(args.seed, state["epoch"], rank))
+        loader = build_train_loader(train_set, args, world, device, state["epoch"])
+        data.set_epoch(loader, state["epoch"])
+        train_set.epoch.fill_(state["epoch"])
+        try:
+            train_loss, train_mae = train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args,
+                                                device, amp_dtype, world, log)
+            train_seconds = time.time() - epoch_start
+        except NonFiniteLoss as e:
+            kept = f"{out / 'last.pt'} (after epoch {state['epoch']})" if state["epoch"] else "none yet"
+            raise SystemExit(f"{e}\nstopped. Last good checkpoint: {kept}. A run continues only with its own "
+                             f"options; to try a lower learning rate start a new run:\n  "
+                             f"{lower_lr_command(args, argv_of_run)}") from None
+        val_mae = evaluate_mae(raw_model, splits["val"], args, device, amp_dtype, rank, world)
+        state["epoch"] += 1
+        improved = val_mae < state["best_val_mae"]
+        if improved:
+            state["best_val_mae"] = val_mae
+        seconds = time.time() - epoch_start
+        record = {"type": "epoch", "epoch": state["epoch"], "step": state["step"], "train_loss": train_loss,
+                  "train_mae": train_mae, "val_mae": val_mae, "best_val_mae": state["best_val_mae"],
+                  "seconds": seconds, "train_images_per_s": len(loader) * loader.batch_size * world / train_seconds}
+        state["history"].append(record)
+        log(record)
+        if rank == 0:
+            print(f"epoch {state['epoch']:3d}/{args.epochs}  loss {train_loss:.4f}  train MAE {train_mae:.3f}  "
+                  f"val MAE {val_mae:.3f}{'  *best' if improved else ''}  ({seconds:.1f}s)")
+            state["log_offset"] = log.offset()
+            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),   # {} unless fp16
+                    "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
+                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
+                    "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
+                    "log_offset": state["log_offset"], "data_index": data_index}
+            save_epoch_checkpoints(out, ckpt, improved)
+        if world > 1:
+            dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
+
+    return final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step whose loss (or a part of it) is NaN or infinite: run() stops there, keeping last.pt."""
+
+
+def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args, device, amp_dtype, world, log):
+    """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place. scaler: a
+    torch.amp.GradScaler, enabled on the fp16 path only (small gradients would underflow to zero in fp16;
+    a step whose scaled gradients overflow is skipped and the scale lowered). Returns (mean loss, mean
+    absolute error) over the epoch, averaged over processes."""
+    model.train()
+    n_batches = len(loader)
+    totals = np.zeros(3)   # loss * n, |error| sum, n (this process)
+    group_values = 0.0     # loss parts summed over the micro-batches of the current optimizer step
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
+               disable=state["rank"] != 0 or not sys.stderr.isatty())
+    for i, (images, ages) in enumerate(bar):
+        group_start = i - i % args.accum_steps
+        group_size = min(args.accum_steps, n_batches - group_start)   # last group of an epoch may be short
+        last_in_group = i == group_start + group_size - 1
+        images, ages = move_to(images, device), move_to(ages.float(), device)
+        # DDP all-reduces gradients on every backward unless told not to: only on a group's last micro-batch
+        sync = model.no_sync() if (world > 1 and not last_in_group) else contextlib.nullcontext()
+        with sync:
+            with autocast(device, amp_dtype):
+                out = model(images)
+                loss, parts = raw_model.loss(out, ages)
+            scaler.scale(loss / group_size).backward()
+        names = sorted(parts)
+        values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
+        if world > 1:
+            dist.all_reduce(values)
+        values = (values / world).tolist()   # also the one host sync of the step
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLoss(f"non-finite loss at step {state['step']} (epoch {state['epoch'] + 1}, batch "
+                                f"{i}): loss={values[0]} " + " ".join(f"{k}={v}" for k, v in zip(names, values[1:])))
+        err = (out.age.detach().float() - ages).abs()
+        totals += [values[0] * len(ages), float(err.sum()), len(ages)]
+        group_values = group_values + np.array(values)
+        bar.set_postfix(loss=f"{values[0]:.3f}", mae=f"{totals[1] / totals[2]:.2f}")
+        if not last_in_group:
+            continue
+        values, group_values = (group_values / group_size).tolist(), 0.0
+        factor = schedule(state["step"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        scaler.unscale_(optimizer)   # true gradients for the clipping (a no-op unless fp16)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        raw_model.clamp_logit_scale()   # the temperature's cap, after the step (not a clamp in forward)
+        optimizer.zero_grad(set_to_none=True)
+        log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
+             "loss": values[0], **dict(zip(names, values[1:])),
+             **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
+        state["step"] += 1
+    loss_sum, err_sum, n = all_reduce_sum(totals.tolist(), device, world)
+    return loss_sum / n, err_sum / n
+
+
+@torch.no_grad()
+def evaluate_mae(model, dataset, args, device, amp_dtype, rank, world):
+    """Exact MAE of model on dataset under DDP: each process takes every world-th image (no padding, no
+    duplicates, unlike DistributedSampler), then the sums of |error| and the counts are all-reduced.
+    Unreadable images are left out and counted, as eval.py does (the dataset is built drop_unreadable),
+    so both report the same MAE for the same checkpoint."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world), shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_readable)
+    result = predict(model, loader, device, amp_dtype)
+    abs_sum, count = all_reduce_sum([float(np.abs(result["age"] - result["target"]).sum()), len(result["age"])],
+                                    device, world)
+    if count < len(dataset) and rank == 0:
+        print(f"warning: {len(dataset) - int(count)} of {len(dataset)} image(s) unreadable, left out of this MAE",
+              file=sys.stderr)
+    if count == 0:
+        raise SystemExit(f"none of the {len(dataset)} evaluation images could be read; run with --check-images")
+    return abs_sum / count
+
+
+def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log):
+    """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean;
+    then best.pt is calibrated for conformal age intervals on validation (rewritten atomically)."""
+    best = exit_on_checkpoint_error(load_checkpoint, out / "best.pt")
+    raw_model.load_state_dict(best["model"])
+    test_mae = evaluate_mae(raw_model, splits["test"], args, device, amp_dtype, rank, world)
+    train_mean = float(np.mean([s.age for s in splits["train"].samples]))
+    baseline = float(np.mean([abs(s.age - train_mean) for s in splits["test"].samples]))
+    result = {"type": "test", "best_epoch": best["epoch"], "val_mae": best["best_val_mae"], "test_mae": test_mae,
+              "train_mean": train_mean, "baseline_mae": baseline}
+    if rank == 0:
+        print(f"test MAE {test_mae:.3f} (best.pt: epoch {best['epoch']}, val MAE {best['best_val_mae']:.3f}); "
+              f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
+        best["calibration"] = calibrate_on_validation(raw_model, splits["val"], args, device)
+        save_checkpoint(out / "best.pt", best)
+    if world > 1:
+        dist.barrier()   # best.pt is complete before any process returns
+    log(result)
+    return result
+
+
+def calibrate_on_validation(model, val_set, args, device):
+    """Split conformal calibration of the model (best.pt's weights) on the validation split: the
+    quantiles behind eval.py's age intervals (eval.calibrate), printed in years for a typical image."""
+    result, _ = predict_dataset(model, val_set, args, device)
+    calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} val")
+    typical = float(np.median(np.maximum(result["uncertainty"], 0.0))) + calibration["delta"]
+    print(f"conformal intervals calibrated on {calibration['n']} validation images, stored in best.pt: "
+          + ", ".join(f"{100 * float(level):g}% +-{q['normalised'] * typical:.1f} y at the median uncertainty "
+                      f"(plain +-{q['plain']:.1f} y)" for level, q in calibration["quantiles"].items()))
+    return calibration
+
+
+# ----------------------------------------------------------------------------- 3. builders
+
+def build_clip(args):
+    """The CLIP of --clip: a checkpoint file (by default the demo CLIP, see demo_clip) or the demo's
+    architecture with random weights ("random", seeded by the caller)."""
+    if args.clip == "random":
+        clip_model = clip_loader.CLIP(**DEMO_CLIP)
+        # Every released CLIP ends pretraining with its temperature at the cap, 100; a random one starts at
+        # 1/0.07, a softmax over the 101 age prompts too flat for the demo's few hundred steps to sharpen
+        # (its predictions then shrink towards the mean age). CILFCIAE starts its own temperature here.
+        with torch.no_grad():
+            clip_model.logit_scale.fill_(math.log(100.0))
+        return clip_model
+    return load_clip(args)
+
+
+def build_config(args):
+    """CILFConfig from the options (every field has one). run() resolves --max-age from the training split
+    first (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
+    max_age = CILFConfig.max_age if args.max_age is None else args.max_age
+    return CILFConfig(min_age=args.min_age, max_age=max_age, prompt_template=args.prompt_template,
+                      mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
+                      mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
+                      feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
+                      feedback_design=args.feedback_design, feedback_noise=args.feedback_noise,
+                      uncertainty_loss=args.uncertainty_loss,
+                      freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
+                      clip_bn=args.clip_bn,
+                      sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
+                      contrastive_weight=args.contrastive_weight, contrastive_sigma=args.contrastive_sigma,
+                      feedback_weight=args.feedback_weight, uncertainty_weight=args.uncertainty_weight)
+
+
+def resolve_max_age(args, train_ages):
+    """Fill --max-age from the training split (age_classes_max); refuse one below the oldest training age."""
+    oldest = max(train_ages)
+    if args.max_age is None:
+        args.max_age = float(age_classes_max(train_ages, args.min_age))
+    elif args.max_age < oldest:
+        raise SystemExit(f"--max-age {args.max_age:g} is below the oldest training age, {oldest:g}: the model could "
+                         f"not predict it (leave --max-age out to cover the training split)")
+
+
+def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=CILFConfig.max_age):
+    """The last age class: the oldest training age rounded up onto the grid min_age + k * age_step, and at
+    least `at_least` (100), so the classes, the feedback's inverse map and the predictions cover every
+    training age (UTKFace goes to 116)."""
+    top = max(max(train_ages), at_least)
+    return min_age + math.ceil((top - min_age) / age_step - 1e-9) * age_step
+
+
+def refuse_ages_outside_classes(train_set, config):
+    """Every training age must lie among the age classes (--min-age..--max-age): the distribution over
+    the classes cannot represent others, and their losses would be silently wrong."""
+    outside = [s for s in train_set.samples if not config.min_age <= s.age <= config.max_age]
+    if outside:
+        raise SystemExit(f"{len(outside)} training label(s) lie outside the age classes {config.min_age:g}..."
+                         f"{config.max_age:g} (e.g. {outside[0].source or outside[0].path}: age {outside[0].age:g}); "
+                         f"widen --min-age/--max-age")
+
+
+def sync_batchnorm(raw_model, args, device, world):
+    """Under DDP with --clip-bn train, BatchNorm statistics computed over all processes' images
+    (SyncBatchNorm; weights and buffers keep their names), not one set per process."""
+    if world == 1 or args.clip_bn != "train" or args.image_tower == "freeze" or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw_model.modules()):
+        return raw_model
+    if device.type != "cuda":
+        raise SystemExit("--clip-bn train under torchrun needs GPUs: torch's SyncBatchNorm has no CPU kernel "
+                         "(use --clip-bn frozen, the default, or one process)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+
+
+def build_optimizer(raw_model, args, device):
+    """AdamW over the model's parameter groups (CILFCIAE.param_groups: the CLIP towers at --clip-lr, the new
+    modules at --lr, weight decay where model.weight_decayed says). Each group keeps its peak rate as
+    base_lr, which train_epoch scales by the schedule (lr_factor) at every step."""
+    groups = raw_model.param_groups(args.clip_lr, args.lr, args.weight_decay)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+
 
 def lr_factor(step, total_steps, warmup_steps, min_ratio=0.0):
     """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up from
@@ -302,6 +580,74 @@ def lr_factor(step, total_steps, warmup_steps, min_ratio=0.0):
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def dataset_build_options(args, resolution):
+    """Keyword options for data.build_dataset beyond name/root/split/fold/transform/seed."""
+    if args.dataset == "synthetic":
+        return {"n": dict(zip(("train", "val", "test"), args.synthetic_n)),
+                "image_size": data.synthetic_image_size(resolution)}
+    options = {}
+    if args.protocol is not None:
+        options["protocol"] = args.protocol
+    if args.age_target is not None:
+        options["age_target"] = args.age_target
+    return options
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Sample i's random augmentation in epoch e depends on (seed, e, i) alone: not on the process, the
+    worker or the order it is drawn in. So a resumed run, a run with more workers and a run on more
+    processes see the same augmented images. The epoch lives in shared memory so that persistent
+    DataLoader workers see it change."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
+            torch.manual_seed(mix_seed(self.seed, int(self.epoch), i))
+            return self.dataset[i]
+
+
+def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD)):
+    """train (augmented, EpochSeeded), val and test datasets, and the dataset options used.
+    normalization: the CLIP's (mean, std)."""
+    options = dataset_build_options(args, resolution)
+    splits = {}
+    for split in ("train", "val", "test"):
+        augment = split == "train" and args.augment == "on"
+        transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
+        try:
+            splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
+                                               transform=transform, seed=args.seed,
+                                               drop_unreadable=split != "train", **options)
+        except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
+            raise SystemExit(f"--dataset {args.dataset}: {e}") from None
+    return splits, options
+
+
+def build_train_loader(train_set, args, world, device, epoch):
+    """The training loader of one epoch (this process's share of each batch). A new loader every epoch,
+    seeded from (seed, epoch): its order then needs no saved state, and the first epoch after a resume draws
+    from its generator exactly as that epoch did in the uninterrupted run (a persistent DataLoader iterator
+    draws its worker seed only once, which shifts later orders)."""
+    return data.build_loader(train_set, args.batch_size // (world * args.accum_steps), train=True,
+                             num_workers=args.workers, device=str(device), seed=mix_seed(args.seed, epoch))
+
+
+def refuse_unreadable_images(splits):
+    """Decode every image once, so that a bad file stops the run now, by name, not hours into training
+    (during training an unreadable image is replaced by the next one, with a warning)."""
+    bad = [f"{path}: {reason}" for dataset in splits.values()
+           for path, reason in data.check_images(dataset, progress=sys.stderr.isatty())]
+    if bad:
+        raise SystemExit(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad[:20])
+                         + ("\n..." if len(bad) > 20 else ""))
 
 
 def mix_seed(*numbers):
@@ -315,27 +661,6 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def rng_state():
-    """Every global RNG state as plain data (tensors, ints, tuples) that torch.load(weights_only=True)
-    accepts. (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def setup_distributed(device_name):
@@ -360,39 +685,28 @@ def all_reduce_sum(values, device, world):
     return t.tolist()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- 4. the demo CLIP (--objective clip)
 
-def save_checkpoint(path, obj):
-    """Atomic write (eval.atomic_write): a kill at any moment leaves either the old file or the new one,
-    never a torn one; a full disk raises OSError naming the file and leaves no temporary file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+# The demo CLIP (README.md#clip-features at toy size): OpenAI's ViT architecture pretrained with CLIP's own
+# objective (clip_loss: symmetric InfoNCE, learned temperature capped at 100) on data.CaptionedDrawings, where
+# a quarter of the captions state the age (--caption-age-rate; the rest say "a photo of a person", as most web
+# captions leave the age out), written as a state dict with OpenAI's key names to DEMO_CLIP_FILE with its
+# SHA-256 and options beside it (demo_clip.json); the demo checks both and reads the file with
+# clip_loader.load. Its recipes and what they give: bench/README.md#demo-clip.
 
+# The demo's CLIP: a ViT small enough to train from scratch on a CPU in minutes, with the real
+# 49408-token vocabulary so that the prompts go through the real tokenizer (16 tokens hold the longest
+# prompt, "a photo of a 100 year old person.", with room to spare; 77 would only cost time). Heads are
+# width // 64 in both towers, as clip_loader.build_model infers them back from a checkpoint.
+DEMO_CLIP = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=96, vision_patch_size=8,
+                 context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2)
+# Where the demo keeps its pretrained CLIP (built by `python train.py --objective clip` on first use, then
+# read by clip_loader.load like any OpenAI file), and the SHA-256 record written beside it.
+DEMO_CLIP_FILE = Path(__file__).resolve().parent / "runs" / "demo_clip" / "demo_clip.pt"
+# The demo CLIP's pretraining (--objective clip): sized to take a few minutes on a CPU (bench/README.md#demo-clip).
+PRETRAIN = dict(epochs=5, batch_size=128, lr=1e-3, clip_lr=1e-3, weight_decay=0.1)
 
-# ----------------------------------------------------------------------------- model and data
-
-def build_clip(args):
-    """The CLIP of --clip: a checkpoint file (by default the demo CLIP, see demo_clip) or the demo's
-    architecture with random weights ("random", seeded by the caller)."""
-    if args.clip == "random":
-        clip_model = clip_loader.CLIP(**DEMO_CLIP)
-        # Every released CLIP ends pretraining with its temperature at the cap, 100; a random one starts at
-        # 1/0.07, a softmax over the 101 age prompts too flat for the demo's few hundred steps to sharpen
-        # (its predictions then shrink towards the mean age). CILFCIAE starts its own temperature here.
-        with torch.no_grad():
-            clip_model.logit_scale.fill_(math.log(100.0))
-        return clip_model
-    return load_clip(args)
-
-
-def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=CILFConfig.max_age):
-    """The last age class: the oldest training age rounded up onto the grid min_age + k * age_step, and at
-    least `at_least` (100), so the classes, the feedback's inverse map and the predictions cover every
-    training age (UTKFace goes to 116)."""
-    top = max(max(train_ages), at_least)
-    return min_age + math.ceil((top - min_age) / age_step - 1e-9) * age_step
-
-
-# ----------------------------------------------------------------------------- the demo CLIP (--objective clip)
 
 def clip_loss(image_emb, text_emb, logit_scale):
     """CLIP's pretraining loss: symmetric InfoNCE over a batch of matching pairs (image i with caption i).
@@ -407,9 +721,9 @@ def clip_loss(image_emb, text_emb, logit_scale):
 
 
 def demo_clip():
-    """Path of the pretrained demo CLIP: built on first use (`python train.py --objective clip`, about
-    2 minutes on 2 CPU cores), then read from the cache, its SHA-256 checked against the record written
-    beside it when it was built."""
+    """Path of the pretrained demo CLIP: built on first use (`python train.py --objective clip`, a few
+    minutes), then read from the cache, its SHA-256 checked against the record written beside it when it
+    was built."""
     record = DEMO_CLIP_FILE.with_suffix(".json")
     if not DEMO_CLIP_FILE.exists() or not record.exists():
         if "RANK" in os.environ:
@@ -526,417 +840,23 @@ def render_corpus(args):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def source_record(args):
-    """config.json's "clip" source: the file the run's CLIP came from (with its SHA-256 for the demo
-    CLIP), or "random" with the demo architecture."""
-    if args.clip == "random":
-        return {"source": "random", **DEMO_CLIP}
-    if args.clip == str(DEMO_CLIP_FILE):
-        return {"source": str(DEMO_CLIP_FILE), "sha256": clip_loader.sha256(DEMO_CLIP_FILE), **DEMO_CLIP}
-    return {"source": args.clip}
+# ----------------------------------------------------------------------------- 5. the run folder (--out)
 
+# The run folder (--out): config.json (resolved options and model config), log.jsonl (one line per optimizer
+# step with the loss parts, one per epoch with the metrics, one with the final test result), last.pt and
+# best.pt (by validation MAE). Both checkpoints hold model, optimizer, scaler (the fp16 GradScaler's state),
+# scheduler, step, epoch, RNG states, config (plain data), best_val_mae and history; they are written
+# atomically, so a run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends
+# with the same weights as a run never stopped: each epoch's shuffle, augmentation and dropout are
+# functions of (seed, epoch, rank) alone. Nothing is lost or silently mixed: config.json and the
+# checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
+# unless --allow-data-change, which is recorded), LOCK_FILE keeps a second train.py out of a running
+# folder, a folder holding files train.py did not write is refused, and best.pt is never replaced by a run
+# with other options. At the end, best.pt is calibrated on the validation split for eval.py's conformal age
+# intervals (calibration: quantiles for the levels 0.8, 0.9, 0.95; eval.calibrate) and rewritten atomically.
 
-def build_config(args):
-    """CILFConfig from the options (every field has one). run() resolves --max-age from the training split
-    first (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
-    max_age = CILFConfig.max_age if args.max_age is None else args.max_age
-    return CILFConfig(min_age=args.min_age, max_age=max_age, prompt_template=args.prompt_template,
-                      mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
-                      mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
-                      feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
-                      feedback_design=args.feedback_design, feedback_noise=args.feedback_noise,
-                      uncertainty_loss=args.uncertainty_loss,
-                      freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
-                      clip_bn=args.clip_bn,
-                      sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
-                      contrastive_weight=args.contrastive_weight, contrastive_sigma=args.contrastive_sigma,
-                      feedback_weight=args.feedback_weight, uncertainty_weight=args.uncertainty_weight)
-
-
-def resolve_max_age(args, train_ages):
-    """Fill --max-age from the training split (age_classes_max); refuse one below the oldest training age."""
-    oldest = max(train_ages)
-    if args.max_age is None:
-        args.max_age = float(age_classes_max(train_ages, args.min_age))
-    elif args.max_age < oldest:
-        raise SystemExit(f"--max-age {args.max_age:g} is below the oldest training age, {oldest:g}: the model could "
-                         f"not predict it (leave --max-age out to cover the training split)")
-
-
-def sync_batchnorm(raw_model, args, device, world):
-    """Under DDP with --clip-bn train, BatchNorm statistics computed over all processes' images
-    (SyncBatchNorm; weights and buffers keep their names), not one set per process."""
-    if world == 1 or args.clip_bn != "train" or args.image_tower == "freeze" or not any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw_model.modules()):
-        return raw_model
-    if device.type != "cuda":
-        raise SystemExit("--clip-bn train under torchrun needs GPUs: torch's SyncBatchNorm has no CPU kernel "
-                         "(use --clip-bn frozen, the default, or one process)")
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-
-
-def dataset_options(args, resolution):
-    """Keyword options for data.build_dataset beyond name/root/split/fold/transform/seed."""
-    if args.dataset == "synthetic":
-        return {"n": dict(zip(("train", "val", "test"), args.synthetic_n)),
-                "image_size": data.synthetic_image_size(resolution)}
-    options = {}
-    if args.protocol is not None:
-        options["protocol"] = args.protocol
-    if args.age_target is not None:
-        options["age_target"] = args.age_target
-    return options
-
-
-class EpochSeeded(torch.utils.data.Dataset):
-    """Sample i's random augmentation in epoch e depends on (seed, e, i) alone: not on the process, the
-    worker or the order it is drawn in. So a resumed run, a run with more workers and a run on more
-    processes see the same augmented images. The epoch lives in shared memory so that persistent
-    DataLoader workers see it change."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
-            torch.manual_seed(mix_seed(self.seed, int(self.epoch), i))
-            return self.dataset[i]
-
-
-def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD)):
-    """train (augmented, EpochSeeded), val and test datasets, and the dataset options used.
-    normalization: the CLIP's (mean, std)."""
-    options = dataset_options(args, resolution)
-    splits = {}
-    for split in ("train", "val", "test"):
-        augment = split == "train" and args.augment == "on"
-        transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
-        try:
-            splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
-                                               transform=transform, seed=args.seed,
-                                               drop_unreadable=split != "train", **options)
-        except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
-            raise SystemExit(f"--dataset {args.dataset}: {e}") from None
-    return splits, options
-
-
-@torch.no_grad()
-def evaluate_mae(model, dataset, args, device, amp_dtype, rank, world):
-    """Exact MAE of model on dataset under DDP: each process takes every world-th image (no padding, no
-    duplicates, unlike DistributedSampler), then the sums of |error| and the counts are all-reduced.
-    Unreadable images are left out and counted, as eval.py does (the dataset is built drop_unreadable),
-    so both report the same MAE for the same checkpoint."""
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world), shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=data.collate_readable)
-    result = predict(model, loader, device, amp_dtype)
-    abs_sum, count = all_reduce_sum([float(np.abs(result["age"] - result["target"]).sum()), len(result["age"])],
-                                    device, world)
-    if count < len(dataset) and rank == 0:
-        print(f"warning: {len(dataset) - int(count)} of {len(dataset)} image(s) unreadable, left out of this MAE",
-              file=sys.stderr)
-    if count == 0:
-        raise SystemExit(f"none of the {len(dataset)} evaluation images could be read; run with --check-images")
-    return abs_sum / count
-
-
-# ----------------------------------------------------------------------------- the loop
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args, device, amp_dtype, world, log):
-    """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place. scaler: a
-    torch.amp.GradScaler, enabled on the fp16 path only (small gradients would underflow to zero in fp16;
-    a step whose scaled gradients overflow is skipped and the scale lowered). Returns (mean loss, mean
-    absolute error) over the epoch, averaged over processes."""
-    model.train()
-    n_batches = len(loader)
-    totals = np.zeros(3)   # loss * n, |error| sum, n (this process)
-    group_values = 0.0     # loss parts summed over the micro-batches of the current optimizer step
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
-               disable=state["rank"] != 0 or not sys.stderr.isatty())
-    for i, (images, ages) in enumerate(bar):
-        group_start = i - i % args.accum_steps
-        group_size = min(args.accum_steps, n_batches - group_start)   # last group of an epoch may be short
-        last_in_group = i == group_start + group_size - 1
-        images, ages = move_to(images, device), move_to(ages.float(), device)
-        if state["step"] == args.nan_at_step:
-            images = images * float("nan")
-        # DDP all-reduces gradients on every backward unless told not to: only on a group's last micro-batch
-        sync = model.no_sync() if (world > 1 and not last_in_group) else contextlib.nullcontext()
-        with sync:
-            with autocast(device, amp_dtype):
-                out = model(images)
-                loss, parts = raw_model.loss(out, ages)
-            scaler.scale(loss / group_size).backward()
-        names = sorted(parts)
-        values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
-        if world > 1:
-            dist.all_reduce(values)
-        values = (values / world).tolist()   # also the one host sync of the step
-        if not all(math.isfinite(v) for v in values):
-            raise NonFiniteLoss(f"non-finite loss at step {state['step']} (epoch {state['epoch'] + 1}, batch "
-                                f"{i}): loss={values[0]} " + " ".join(f"{k}={v}" for k, v in zip(names, values[1:])))
-        err = (out.age.detach().float() - ages).abs()
-        totals += [values[0] * len(ages), float(err.sum()), len(ages)]
-        group_values = group_values + np.array(values)
-        bar.set_postfix(loss=f"{values[0]:.3f}", mae=f"{totals[1] / totals[2]:.2f}")
-        if not last_in_group:
-            continue
-        values, group_values = (group_values / group_size).tolist(), 0.0
-        factor = schedule(state["step"])
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        scaler.unscale_(optimizer)   # true gradients for the clipping (a no-op unless fp16)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        raw_model.clamp_logit_scale()   # the temperature's cap, after the step (not a clamp in forward)
-        optimizer.zero_grad(set_to_none=True)
-        log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
-             "loss": values[0], **dict(zip(names, values[1:])),
-             **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
-        state["step"] += 1
-    loss_sum, err_sum, n = all_reduce_sum(totals.tolist(), device, world)
-    return loss_sum / n, err_sum / n
-
-
-def main(argv=None):
-    one_line_warnings()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.objective == "clip":
-        return pretrain_clip(args)
-    rank, world, device = setup_distributed(args.device)
-    lock = claim_run_folder(Path(args.out)) if rank == 0 else None
-    try:
-        return run(args, rank, world, device, argv)
-    finally:
-        if lock is not None:
-            lock.close()   # releases the run folder
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def run(args, rank, world, device, argv_of_run=()):
-    if args.batch_size % (world * args.accum_steps):
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --accum-steps "
-                         f"({world} x {args.accum_steps})")
-    out = Path(args.out)
-    ckpt = resume_checkpoint(args, out)
-    if device.type == "cuda":   # TF32 matmuls: ~free speed on Ampere+, the loss of precision does not matter here
-        torch.set_float32_matmul_precision("high")
-    amp_dtype = autocast_dtype(device) if args.amp == "auto" else AMP_DTYPES[args.amp]
-
-    if args.clip == str(DEMO_CLIP_FILE):
-        demo_clip()   # built here, if need be, before the run's seeding: a first run equals a later one
-    seed_all(args.seed)
-    clip_model = build_clip(args)
-    splits, options = build_splits(args, clip_model.visual.input_resolution,
-                                   (clip_model.image_mean, clip_model.image_std))
-    if args.check_images:
-        check_images(splits)
-    resolve_max_age(args, [s.age for s in splits["train"].samples])
-    config = build_config(args)
-    check_labels(splits["train"], config)
-    raw_model = CILFCIAE(clip_model, config)
-    train_set = EpochSeeded(splits["train"], args.seed)
-    data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
-    run_config = {"train": {**vars(args), "dataset_options": options, "world_size": world},
-                  "model": dataclasses.asdict(config),
-                  "clip": {**source_record(args), **clip_record(clip_model)},
-                  "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index),
-                           "root": splits["train"].root, "changes": []}}   # root: what data_index paths are relative to
-    if ckpt is not None:
-        check_same_run(ckpt["config"], run_config, out)
-        check_same_data(ckpt, run_config, data_index, args, out)
-        restore(out / "last.pt", "model", raw_model.load_state_dict, ckpt["model"])
-    elif rank == 0:
-        check_best_is_ours(run_config, out)
-    raw_model.to(device)
-    raw_model = sync_batchnorm(raw_model, args, device, world)
-
-    # A new loader every epoch, seeded from (seed, epoch): its order then needs no saved state, and the
-    # first epoch after a resume draws from its generator exactly as that epoch did in the uninterrupted
-    # run (a persistent DataLoader iterator draws its worker seed only once, which shifts later orders).
-    make_loader = lambda epoch: data.build_loader(train_set, args.batch_size // (world * args.accum_steps),
-                                                  train=True, num_workers=args.workers, device=str(device),
-                                                  seed=mix_seed(args.seed, epoch))
-    steps_per_epoch = math.ceil(len(make_loader(0)) / args.accum_steps)
-    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
-    schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
-    groups = raw_model.param_groups(args.clip_lr, args.lr, args.weight_decay)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
-    if ckpt is not None:
-        restore(out / "last.pt", "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
-        if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
-            restore(out / "last.pt", "scaler", scaler.load_state_dict, ckpt["scaler"])
-        restore(out / "last.pt", "rng", set_rng_state, ckpt["rng"])
-        state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
-                     history=ckpt["history"], log_offset=ckpt["log_offset"])
-    model = raw_model
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if rank == 0:
-        write_json(out / "config.json", run_config)
-    log = open_log(out, state["log_offset"], rank)
-    if rank == 0:
-        where = f"resumed after epoch {state['epoch']}" if ckpt else "new run"
-        print(f"{where}: {args.dataset} ({len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
-              f"parameters, {world} process(es) on {device}, {args.epochs} epochs of {steps_per_epoch} steps "
-              f"-> {out}")
-
-    while state["epoch"] < args.epochs:
-        epoch_start = time.time()
-        # every source of randomness restarts from (seed, epoch): the order (same on every process, which
-        # DistributedSampler shards), each image's augmentation (EpochSeeded) and, per process, dropout
-        seed_all(mix_seed(args.seed, state["epoch"], rank))
-        loader = make_loader(state["epoch"])
-        data.set_epoch(loader, state["epoch"])
-        train_set.epoch.fill_(state["epoch"])
-        try:
-            train_loss, train_mae = train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, args,
-                                                device, amp_dtype, world, log)
-            train_seconds = time.time() - epoch_start
-        except NonFiniteLoss as e:
-            kept = f"{out / 'last.pt'} (after epoch {state['epoch']})" if state["epoch"] else "none yet"
-            raise SystemExit(f"{e}\nstopped. Last good checkpoint: {kept}. A run continues only with its own "
-                             f"options; to try a lower learning rate start a new run:\n  "
-                             f"{retry_command(args, argv_of_run)}") from None
-        val_mae = evaluate_mae(raw_model, splits["val"], args, device, amp_dtype, rank, world)
-        state["epoch"] += 1
-        improved = val_mae < state["best_val_mae"]
-        if improved:
-            state["best_val_mae"] = val_mae
-        seconds = time.time() - epoch_start
-        record = {"type": "epoch", "epoch": state["epoch"], "step": state["step"], "train_loss": train_loss,
-                  "train_mae": train_mae, "val_mae": val_mae, "best_val_mae": state["best_val_mae"],
-                  "seconds": seconds, "train_images_per_s": len(loader) * loader.batch_size * world / train_seconds}
-        state["history"].append(record)
-        log(record)
-        if rank == 0:
-            print(f"epoch {state['epoch']:3d}/{args.epochs}  loss {train_loss:.4f}  train MAE {train_mae:.3f}  "
-                  f"val MAE {val_mae:.3f}{'  *best' if improved else ''}  ({seconds:.1f}s)")
-            state["log_offset"] = log.offset()
-            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),   # {} unless fp16
-                    "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
-                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
-                    "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
-                    "log_offset": state["log_offset"], "data_index": data_index}
-            # best first: a kill between the two writes leaves last.pt older than best.pt, and the rerun
-            # of that epoch rewrites both identically
-            try:
-                if improved:
-                    save_checkpoint(out / "best.pt", ckpt)
-                save_checkpoint(out / "last.pt", ckpt)
-            except OSError as e:
-                raise SystemExit(f"{e}. The run stopped; free space and rerun the same command to continue "
-                                 f"from the last checkpoint written.") from None
-        if world > 1:
-            dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
-
-    return final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log)
-
-
-def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log):
-    """Test MAE of best.pt (chosen on validation) next to the MAE of always predicting the training mean;
-    then best.pt is calibrated for conformal age intervals on validation (rewritten atomically)."""
-    best = exit_on_checkpoint_error(load_checkpoint, out / "best.pt")
-    raw_model.load_state_dict(best["model"])
-    test_mae = evaluate_mae(raw_model, splits["test"], args, device, amp_dtype, rank, world)
-    train_mean = float(np.mean([s.age for s in splits["train"].samples]))
-    baseline = float(np.mean([abs(s.age - train_mean) for s in splits["test"].samples]))
-    result = {"type": "test", "best_epoch": best["epoch"], "val_mae": best["best_val_mae"], "test_mae": test_mae,
-              "train_mean": train_mean, "baseline_mae": baseline}
-    if rank == 0:
-        print(f"test MAE {test_mae:.3f} (best.pt: epoch {best['epoch']}, val MAE {best['best_val_mae']:.3f}); "
-              f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
-        best["calibration"] = calibrate_on_validation(raw_model, splits["val"], args, device)
-        save_checkpoint(out / "best.pt", best)
-    if world > 1:
-        dist.barrier()   # best.pt is complete before any process returns
-    log(result)
-    return result
-
-
-def calibrate_on_validation(model, val_set, args, device):
-    """Split conformal calibration of the model (best.pt's weights) on the validation split: the
-    quantiles behind eval.py's age intervals (eval.calibrate), printed in years for a typical image."""
-    result, _ = predict_dataset(model, val_set, args, device)
-    calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} val")
-    typical = float(np.median(np.maximum(result["uncertainty"], 0.0))) + calibration["delta"]
-    print(f"conformal intervals calibrated on {calibration['n']} validation images, stored in best.pt: "
-          + ", ".join(f"{100 * float(level):g}% +-{q['normalised'] * typical:.1f} y at the median uncertainty "
-                      f"(plain +-{q['plain']:.1f} y)" for level, q in calibration["quantiles"].items()))
-    return calibration
-
-
-def resume_checkpoint(args, out):
-    """The checkpoint to continue from (out/last.pt), None for a new run; --resume demands one."""
-    path = out / "last.pt"
-    for leftover in out.glob(".*.tmp*") if out.is_dir() else []:
-        leftover.unlink(missing_ok=True)   # a write interrupted by a kill; the real file is intact
-    if path.is_dir() or (path.exists() and not path.is_file()):
-        raise SystemExit(f"{path} is a folder or special file, not a checkpoint: move it away, or choose another --out")
-    if not path.exists():
-        if args.resume:
-            raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
-        return None
-    ckpt = exit_on_checkpoint_error(load_checkpoint, path)
-    check_resumable(ckpt, path)
-    return ckpt
-
-
-# The run state in last.pt beside the model and its config, as train.py writes it (bool is an int to Python).
-RESUME_FIELDS = {"step": int, "epoch": int, "log_offset": int, "best_val_mae": (int, float), "history": list,
-                 "optimizer": dict, "rng": dict}
-
-
-def check_resumable(ckpt, path):
-    """Refuse a last.pt that torch reads but whose run state is not what train.py writes (edited by hand or
-    written by another program), naming the fields, before anything is built: not a traceback mid-setup."""
-    def problem(value, kind):
-        if value is None:
-            return "missing"
-        if isinstance(value, bool) or not isinstance(value, kind):   # bool is an int to isinstance
-            return f"a {type(value).__name__}"
-        return f"negative: {value}" if kind is int and value < 0 else None
-
-    fields = {**{k: (ckpt.get(k), kind) for k, kind in RESUME_FIELDS.items()},
-              "config.train": (ckpt["config"].get("train"), dict)}
-    bad = [f"{k} ({problem(*v)})" for k, v in fields.items() if problem(*v)]
-    if bad:
-        raise SystemExit(f"{path}: cannot continue from it: run state not as train.py writes it: {', '.join(bad)}; "
-                         f"move it away to start the run again, or choose another --out")
-
-
-def restore(path, what, function, *args):
-    """function(*args), which restores `what` from the checkpoint at path: a part whose contents are not what
-    train.py wrote (other keys, shapes or sizes) stops the run with one line naming the file and the part."""
-    try:
-        return function(*args)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"{path}: cannot continue from it: its {what} cannot be restored "
-                         f"({clip_loader.error_line(e)}); move it away to start the run again, or choose another --out") from None
+# The lock a running train.py holds in its run folder (see claim_run_folder).
+LOCK_FILE = ".lock"
 
 
 def claim_run_folder(out):
@@ -979,6 +899,98 @@ def is_run_config(path):
     return isinstance(config, dict) and isinstance(config.get("train"), dict) and "model" in config
 
 
+def build_run_config(args, world, options, config, clip_model, splits, data_index):
+    """What config.json holds (and both checkpoints): the resolved options with the dataset options used,
+    the model's config, where the CLIP came from, and the dataset's fingerprint over data_index."""
+    return {"train": {**vars(args), "dataset_options": options, "world_size": world},
+            "model": dataclasses.asdict(config),
+            "clip": {**clip_source_record(args), **clip_record(clip_model)},
+            "data": {"fingerprint": data.fingerprint(data_index), "images": len(data_index),
+                     "root": splits["train"].root, "changes": []}}   # root: what data_index paths are relative to
+
+
+def clip_source_record(args):
+    """config.json's "clip" source: the file the run's CLIP came from (with its SHA-256 for the demo
+    CLIP), or "random" with the demo architecture."""
+    if args.clip == "random":
+        return {"source": "random", **DEMO_CLIP}
+    if args.clip == str(DEMO_CLIP_FILE):
+        return {"source": str(DEMO_CLIP_FILE), "sha256": clip_loader.sha256(DEMO_CLIP_FILE), **DEMO_CLIP}
+    return {"source": args.clip}
+
+
+def resume_checkpoint(args, out):
+    """The checkpoint to continue from (out/last.pt), None for a new run; --resume demands one."""
+    path = out / "last.pt"
+    for leftover in out.glob(".*.tmp*") if out.is_dir() else []:
+        leftover.unlink(missing_ok=True)   # a write interrupted by a kill; the real file is intact
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise SystemExit(f"{path} is a folder or special file, not a checkpoint: move it away, or choose another --out")
+    if not path.exists():
+        if args.resume:
+            raise SystemExit(f"--resume: no checkpoint to continue from ({path} does not exist)")
+        return None
+    ckpt = exit_on_checkpoint_error(load_checkpoint, path)
+    check_resumable(ckpt, path)
+    return ckpt
+
+
+# The run state in last.pt beside the model and its config, as train.py writes it (bool is an int to Python).
+RESUME_FIELDS = {"step": int, "epoch": int, "log_offset": int, "best_val_mae": (int, float), "history": list,
+                 "optimizer": dict, "rng": dict}
+
+
+def check_resumable(ckpt, path):
+    """Refuse a last.pt that torch reads but whose run state is not what train.py writes (edited by hand or
+    written by another program), naming the fields, before anything is built: not a traceback mid-setup."""
+    def problem(value, kind):
+        if value is None:
+            return "missing"
+        if isinstance(value, bool) or not isinstance(value, kind):   # bool is an int to isinstance
+            return f"a {type(value).__name__}"
+        return f"negative: {value}" if kind is int and value < 0 else None
+
+    fields = {**{k: (ckpt.get(k), kind) for k, kind in RESUME_FIELDS.items()},
+              "config.train": (ckpt["config"].get("train"), dict)}
+    bad = [f"{k} ({problem(*v)})" for k, v in fields.items() if problem(*v)]
+    if bad:
+        raise SystemExit(f"{path}: cannot continue from it: run state not as train.py writes it: {', '.join(bad)}; "
+                         f"move it away to start the run again, or choose another --out")
+
+
+def resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler):
+    """The run state to start from: step, epoch, best_val_mae, history, log_offset (and rank). A new run
+    (ckpt None) starts at zero, once a best.pt left in the folder is known to be this run's. A run that
+    continues from last.pt (ckpt) is refused if its options or its data changed; otherwise the model, the
+    optimizer, the fp16 scaler and the RNG states are restored from it in place."""
+    state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
+    if ckpt is None:
+        if rank == 0:
+            check_best_is_ours(run_config, out)
+        return state
+    check_same_run(ckpt["config"], run_config, out)
+    check_same_data(ckpt, run_config, data_index, args, out)
+    path = out / "last.pt"
+    restore_or_exit(path, "model", raw_model.load_state_dict, ckpt["model"])
+    restore_or_exit(path, "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
+    if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
+        restore_or_exit(path, "scaler", scaler.load_state_dict, ckpt["scaler"])
+    restore_or_exit(path, "rng", set_rng_state, ckpt["rng"])
+    state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
+                 history=ckpt["history"], log_offset=ckpt["log_offset"])
+    return state
+
+
+def restore_or_exit(path, what, function, *args):
+    """function(*args), which restores `what` from the checkpoint at path: a part whose contents are not what
+    train.py wrote (other keys, shapes or sizes) stops the run with one line naming the file and the part."""
+    try:
+        return function(*args)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path}: cannot continue from it: its {what} cannot be restored "
+                         f"({clip_loader.error_line(e)}); move it away to start the run again, or choose another --out") from None
+
+
 def check_same_run(saved, current, out):
     """Refuse to continue a run with different options: the result would match neither."""
     a, b = saved["train"], json.loads(json.dumps(current["train"]))
@@ -1017,40 +1029,45 @@ def check_same_data(ckpt, run_config, data_index, args, out):
           file=sys.stderr)
 
 
-def check_labels(train_set, config):
-    """Every training age must lie among the age classes (--min-age..--max-age): the distribution over
-    the classes cannot represent others, and their losses would be silently wrong."""
-    outside = [s for s in train_set.samples if not config.min_age <= s.age <= config.max_age]
-    if outside:
-        raise SystemExit(f"{len(outside)} training label(s) lie outside the age classes {config.min_age:g}..."
-                         f"{config.max_age:g} (e.g. {outside[0].source or outside[0].path}: age {outside[0].age:g}); "
-                         f"widen --min-age/--max-age")
+def save_checkpoint(path, obj):
+    """Atomic write (eval.atomic_write): a kill at any moment leaves either the old file or the new one,
+    never a torn one; a full disk raises OSError naming the file and leaves no temporary file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def retry_command(args, argv):
-    """The command line of this run with a tenfold lower --lr (and the testing aid --nan-at-step dropped),
-    into a new --out: a run that can start, where rerunning into this --out would be refused."""
-    drop = {"--out": 1, "--lr": 1, "--nan-at-step": 1, "--resume": 0}
-    kept, i = [], 0
-    while i < len(argv):
-        name = argv[i].split("=", 1)[0]
-        if name in drop:
-            i += 1 + (drop[name] if "=" not in argv[i] else 0)
-            continue
-        kept.append(argv[i])
-        i += 1
-    lr = args.lr / 10
-    return shlex.join(["python", "train.py", *kept, "--lr", f"{lr:g}", "--out", f"{args.out}_lr{lr:g}"])
+def save_epoch_checkpoints(out, ckpt, improved):
+    """Write an epoch's checkpoint as last.pt, and as best.pt too when the epoch improved on validation. best
+    first: a kill between the two writes leaves last.pt older than best.pt, and the rerun of that epoch
+    rewrites both identically. A full disk stops the run saying how to continue."""
+    try:
+        if improved:
+            save_checkpoint(out / "best.pt", ckpt)
+        save_checkpoint(out / "last.pt", ckpt)
+    except OSError as e:
+        raise SystemExit(f"{e}. The run stopped; free space and rerun the same command to continue "
+                         f"from the last checkpoint written.") from None
 
 
-def check_images(splits):
-    """Decode every image once, so that a bad file stops the run now, by name, not hours into training
-    (during training an unreadable image is replaced by the next one, with a warning)."""
-    bad = [f"{path}: {reason}" for dataset in splits.values()
-           for path, reason in data.check_images(dataset, progress=sys.stderr.isatty())]
-    if bad:
-        raise SystemExit(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad[:20])
-                         + ("\n..." if len(bad) > 20 else ""))
+def rng_state():
+    """Every global RNG state as plain data (tensors, ints, tuples) that torch.load(weights_only=True)
+    accepts. (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore every global RNG state saved by rng_state."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def open_log(out, offset, rank):
@@ -1079,6 +1096,22 @@ def open_log(out, offset, rank):
                                         f"the lines before this one are incomplete"})
         print(f"warning: {path} is shorter than the checkpoint expects; continuing it as it is", file=sys.stderr)
     return logger
+
+
+def lower_lr_command(args, argv):
+    """The command line of this run with a tenfold lower --lr, into a new --out: a run that can start, where
+    rerunning into this --out would be refused."""
+    drop = {"--out": 1, "--lr": 1, "--resume": 0}
+    kept, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in drop:
+            i += 1 + (drop[name] if "=" not in argv[i] else 0)
+            continue
+        kept.append(argv[i])
+        i += 1
+    lr = args.lr / 10
+    return shlex.join(["python", "train.py", *kept, "--lr", f"{lr:g}", "--out", f"{args.out}_lr{lr:g}"])
 
 
 if __name__ == "__main__":

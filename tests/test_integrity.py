@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import eval as ev
 import train
+from model import CILFCIAE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
@@ -54,6 +55,13 @@ def _messages(call, capsys):
     with pytest.raises(SystemExit) as stop:
         call()
     return str(stop.value) if stop.value.code not in (0, 2) else capsys.readouterr().err
+
+
+def _nan_images_at_step(monkeypatch, step):
+    """NaN images into the model's training forward at optimizer step `step`: a non-finite loss there."""
+    forward, calls = CILFCIAE.forward, iter(range(10 ** 9))
+    monkeypatch.setattr(CILFCIAE, "forward", lambda self, images: forward(
+        self, images * float("nan") if self.training and next(calls) == step else images))
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +102,13 @@ def test_paths_are_stored_absolute_and_eval_reads_them_from_anywhere(run, tmp_pa
 
 # --------------------------------------------------------------------------- 2 fingerprint
 
-def test_fingerprint_is_stored_and_a_changed_dataset_is_refused(tmp_path, capsys):
+def test_fingerprint_is_stored_and_a_changed_dataset_is_refused(tmp_path, capsys, monkeypatch):
     labels = _subject_dataset(tmp_path / "data")
     out = tmp_path / "run"
     args = ["--dataset", "csv", "--data-root", str(labels), "--out", str(out), *TINY, "--epochs", "2"]
-    with pytest.raises(SystemExit, match="non-finite"):   # stopped after epoch 1 (5 steps an epoch)
-        train.main(args + ["--nan-at-step", "5"])
+    with monkeypatch.context() as patch, pytest.raises(SystemExit, match="non-finite"):
+        _nan_images_at_step(patch, 5)   # stopped after epoch 1 (5 steps an epoch)
+        train.main(args)
     config = json.loads((out / "config.json").read_text())
     last = torch.load(out / "last.pt", weights_only=True)
     entries = [e for e in last["data_index"]]
@@ -281,11 +290,12 @@ def test_outputs_with_non_utf8_file_names_and_atomic_writes(tmp_path):
 
 # --------------------------------------------------------------------------- 6 non-finite-loss advice
 
-def test_non_finite_loss_advice_is_a_command_that_runs(tmp_path):
+def test_non_finite_loss_advice_is_a_command_that_runs(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = [*TINY, "--synthetic-n", "16", "4", "4", "--epochs", "2", "--lr", "0.002", "--out", str(out)]
-    with pytest.raises(SystemExit) as stop:
-        train.main(args + ["--nan-at-step", "5"])
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
+        _nan_images_at_step(patch, 5)
+        train.main(args)
     command = str(stop.value).splitlines()[-1].strip()
     words = shlex.split(command)
     assert words[:2] == ["python", "train.py"] and "--nan-at-step" not in words
