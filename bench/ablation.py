@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
-    "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (round 3)
-    "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading (round 1)
-    "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (round 1)
+    "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (the default before 4963073)
+    "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading
+    "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (the default before f2fa428)
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
     "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
@@ -55,7 +55,7 @@ VARIANTS = {
 # Controls that show what a demo setting or the pretraining buys; run with --variants NAME.
 CONTROLS = {
     "augment-on": ["--augment", "on"],     # the real-run augmentation on the drawings (the demo trains without)
-    "clip-random": ["--clip", "random"],   # round 1's demo: a random CLIP, both towers trained
+    "clip-random": ["--clip", "random"],   # the first demo: a random CLIP, both towers trained
 }
 RUNS = {**VARIANTS, **CONTROLS}
 

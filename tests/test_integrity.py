@@ -1,4 +1,4 @@
-"""Runs that cannot silently go wrong (issue #12), one section per finding of the fault review, all from
+"""Runs that cannot silently go wrong, one section per finding of the fault review, all from
 fixtures written here (tiny PNG drawings, CSVs, FG-NET names):
  1 paths stored absolute            2 dataset fingerprint           3 split integrity
  4 eval refuses overlapping splits  5 results never lost            6 non-finite-loss advice that works

@@ -470,7 +470,7 @@ def test_other_input_resolutions(kind, resolution, mixer):
     assert model.fusion._positions(grid).shape == (1, grid[0] * grid[1], 32)
 
 
-# ---- findings of the independent review (issue #11) ---------------------------------------------
+# ---- findings of the independent review ---------------------------------------------
 
 def test_temperature_trains_from_clips_cap():
     """Every released CLIP ends at the cap, log 100 (just above it in float32): the temperature must still

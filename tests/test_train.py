@@ -242,7 +242,7 @@ def test_rerun_with_other_options_is_refused(tmp_path):
         train.main([*TINY, "--out", str(tmp_path / "empty"), "--resume"])
 
 
-# --------------------------------------------------------------------------- findings of issue #11
+# --------------------------------------------------------------------------- findings of the independent review
 
 def test_fp16_path_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     """--amp fp16 (the path of GPUs without bf16, run here on the CPU, which torch supports): a GradScaler
