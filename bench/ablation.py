@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
-    "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (the default before 4963073)
+    "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (an earlier default)
     "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading
-    "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (the default before f2fa428)
+    "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (an earlier default)
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only
     "contrastive-off": ["--contrastive-weight", "0"],                # claim 3
