@@ -5,26 +5,15 @@ Every dataset is read in the layout it ships in. A result is only comparable whe
 named, and only honest when a person never appears on both sides of a split, so splits are
 subject-exclusive wherever identities are known, seeded, and disjoint (see DATASETS).
 
-Public names:
-    Sample                  one record: path, age, subject (or None), age_std (or None)
-    build_dataset(name, root, split="train", fold=0, transform=None, seed=0, drop_unreadable=False, **options)
-    AgeDataset              torch Dataset of (image, age); .samples, .skipped, .ignored
-    DATASETS                name -> one-line layout and protocol (for --help and the README)
-    PROTOCOLS               name -> the split protocol it follows by default
-    DatasetError            a bad label file or file name, with the file (and line) in the message
-    load_image(path)        any image file -> RGB PIL image (modes, EXIF rotation, huge images)
-    check_images(dataset)   [(path, reason)] for every file that does not decode
-    collate_readable        DataLoader collate_fn that leaves out unreadable images (drop_unreadable)
-    check_split_integrity(name, parts, subject_exclusive)   every image once, every subject in one split
-    index_entries(dataset, split), fingerprint(entries), describe_change(old, new)   dataset identity
-    train_transform(resolution), eval_transform(resolution)
-    build_loader(dataset, batch_size, train, num_workers=0, seed=0, device="cpu", drop_last=None)
-    set_epoch(loader, epoch) reshuffles a DistributedSampler; call it at the start of every epoch
-    random_split, subject_split, subject_kfold, leave_one_subject_out   the split rules, on Sample lists
-    render_synthetic(age, rng, size) the synthetic image for one age (numpy, vectorised)
-    draw_synthetic(age, rng, size)   the same, with the hair, skin and background it shows (as words)
-    CaptionedDrawings       captioned drawings (seeds disjoint from the demo splits) to pretrain the demo CLIP
-    caption, age_phrase, colour_name   the caption wording
+Sections:
+    images and transforms   load_image (any image file -> RGB, within size limits), train_transform, eval_transform
+    the dataset             AgeDataset, collate_readable, check_images
+    splits                  random_split, subject_split, leave_one_subject_out, subject_kfold
+    parsing the layouts     one reader per dataset, check_split_integrity, build_dataset
+    dataset identity        index_entries, fingerprint, describe_change
+    synthetic data          render_synthetic, draw_synthetic, SyntheticAgeDataset (the demo's data)
+    captioned drawings      caption, CaptionedDrawings (the demo CLIP's pretraining corpus)
+    loading                 build_loader, set_epoch
 """
 import csv
 import hashlib
@@ -47,6 +36,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 import clip_loader
+
+__all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS", "SPLITS", "AGE_RANGE", "MORPH_FOLDS",
+           "IMAGE_EXTENSIONS", "load_image", "train_transform", "eval_transform", "synthetic_image_size",
+           "AgeDataset", "collate_readable", "check_images", "random_split", "subject_split", "leave_one_subject_out",
+           "subject_kfold", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
+           "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
+           "age_phrase", "caption", "CaptionedDrawings", "build_loader", "set_epoch"]
 
 SPLITS = ("train", "val", "test", "all")
 FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test share of subjects (or of images where no subjects are known)
@@ -266,8 +262,10 @@ def collate_readable(batch: list):
 
 
 def check_images(dataset: AgeDataset, progress: bool = False) -> list:
-    """Decode every image of the dataset; return [(path, reason)] for those that fail (empty, truncated,
-    corrupt, not an image). Synthetic datasets have no files and return []."""
+    """Read every image file of the dataset with load_image, in sample order, and return [(path, "Type:
+    message")] for each one it refuses: empty, truncated, corrupt, not an image, not a regular file, or
+    beyond the size guard. Only reports: dataset.skipped is left as it is. progress=True shows a tqdm bar.
+    A SyntheticAgeDataset has no files: []."""
     if isinstance(dataset, SyntheticAgeDataset):
         return []
     samples = dataset.samples
@@ -724,9 +722,8 @@ def draw_synthetic(age: float, rng: np.random.Generator, size: int = 64):
     age; a model has to find the face and read it. The face fills most of the frame, as in the aligned
     crops of UTKFace or MORPH II (centre within 0.1 of the middle, half-width 0.5-0.65 of the image's):
     at the demo CLIP's 32 pixels the child cues span only a few pixels, and a smaller face loses them
-    (measured with a demo CLIP whose captions all stated the age: its zero-shot validation MAE on ages
-    0-9 was 18 years with half-widths of 0.375-0.5 and centres within 0.25, 3 years with these)."""
-    lin = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)  # float32: twice as fast
+    (a demo CLIP then misread the children's ages: bench/README.md#what-was-tried)."""
+    lin = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)  # float32: faster than NumPy's default float64
     x, y = lin[None, :], lin[:, None]  # (1, S), (S, 1): image coordinates in [-1, 1]
     pixel = 2 / size
     child = min(age / 18, 1.0)  # 0 at birth, 1 once adult proportions are reached

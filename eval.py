@@ -2,14 +2,6 @@
 alone, zero-shot CLIP, age intervals with guaranteed coverage, and predictions for any photos (faces found
 first with --detect-faces), also from other code (load_model, predict_images).
 
-METHOD.md section 7 asks for MAE, the cumulative score CS(theta) for theta = 0..10, the epsilon-error
-where an apparent-age standard deviation is given, the MAE per age decade, and how well the predicted
-uncertainty ranks the actual error. The last one is abstract claim 4 made measurable: the error feedback
-is said to "tell the model how good its prediction is", so its uncertainty should rank |error| (Spearman);
-the MAE after each feedback step shows whether the correction corrects. Split conformal prediction turns
-that uncertainty into an interval y_hat -+ q (u + delta) that holds the true age with probability >= the
-level on images exchangeable with the validation split (train.py stores q in best.pt).
-
 Run:
     python eval.py --ckpt runs/demo/best.pt                      # the run's own dataset, test split
     python eval.py --ckpt RUN/best.pt --split val --out RUN/eval_val
@@ -20,21 +12,13 @@ Run:
     python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
     python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
 
-Outputs (in --out, default: beside the checkpoint, eval_<dataset>_<split>/): metrics.json and
-predictions.csv (path, age, predicted_age, uncertainty, lower, upper; for --images: path, face, x0, y0,
-x1, y1, predicted_age, uncertainty, lower, upper), both written atomically; the table is printed.
-A trained run's evaluation is checked against the run: its dataset fingerprint (a changed dataset is
-refused unless --allow-data-change) and its training split (a --fold, --protocol, --seed or dataset whose
-val/test images were trained on is refused); protocol, fold and seed are printed. Unreadable images are
-left out and counted, as in train.py's own evaluation.
-
-Public names: option types (positive_int, non_negative_int, positive_float, non_negative_float, fraction,
-probability_below_one, coverage_level, device_name, prompt_template), one_line_warnings, atomic_write, write_text, write_json, mae,
-cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics, format_table, select_device,
-autocast_dtype, move_to, load_checkpoint, model_from_checkpoint, exit_on_checkpoint_error, predict, image_paths, write_predictions,
-check_data_unchanged, check_no_training_overlap, main; conformal intervals: CONFORMAL_LEVELS,
-conformal_quantile, conformal_scores, calibrate, conformal_interval, interval_metrics; the predict API:
-Prediction, load_model, predict_images; faces: face_detector, face_crop, FACE_MARGIN, predict_files.
+Sections:
+    1. metrics                 mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics
+    2. conformal intervals     calibrate, conformal_interval, interval_metrics
+    3. prediction              predict, predict_dataset
+    4. command line            parse_args, main, the checks against the run, the output files
+    5. photos                  image files, faces, the predict API (load_model, predict_images)
+    6. shared with train.py    option types, atomic files, devices, checkpoints, CLIP options
 """
 import os
 
@@ -63,104 +47,30 @@ import clip_loader
 import data
 from model import CILFCIAE, CILFConfig
 
-
-# ----------------------------------------------------------------------------- option values
-# argparse types shared by train.py and eval.py: a bad value is a one-line usage error naming the option,
-# never a traceback or a run that silently does something else (a negative learning rate, NaN clipping).
-
-def _number(kind, text):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _bounded(kind, within, says):
-    """An argparse type: the text read as `kind` (finite), accepted when within(value), else the one-line
-    error "must <says>, not <text>"."""
-    def parse(text):
-        value = _number(kind, text)
-        if not within(value):
-            raise argparse.ArgumentTypeError(f"must {says}, not {text}")
-        return value
-    return parse
+__all__ = [
+    # 1. metrics, 2. conformal intervals, 3. prediction
+    "mae", "cumulative_score", "epsilon_error", "mae_per_decade", "spearman", "prompt_age_order",
+    "compute_metrics", "format_table", "CONFORMAL_LEVELS", "conformal_quantile", "conformal_scores", "calibrate",
+    "conformal_interval", "interval_metrics", "predict", "predict_dataset",
+    # 4. command line, 5. photos
+    "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "image_paths",
+    "predict_files", "face_detector", "face_crop", "FACE_MARGIN", "Prediction", "load_model", "predict_images",
+    # 6. shared with train.py
+    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
+    "probability_below_one", "coverage_level", "device_name", "prompt_template", "one_line_warnings",
+    "atomic_write", "write_text", "write_json", "select_device", "autocast_dtype", "autocast", "move_to",
+    "load_checkpoint", "exit_on_checkpoint_error", "model_from_checkpoint", "add_clip_options", "load_clip",
+    "clip_record",
+]
 
 
-positive_int = _bounded(int, lambda v: v > 0, "be a positive integer")
-non_negative_int = _bounded(int, lambda v: v >= 0, "be an integer >= 0")
-positive_float = _bounded(float, lambda v: v > 0, "be a finite number > 0")
-non_negative_float = _bounded(float, lambda v: v >= 0, "be a finite number >= 0")
-fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
-probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
-coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
-
-
-def device_name(text):
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    return text
-
-
-def prompt_template(text):
-    """A template with exactly one '{}' (the age) and no other braces: one distinct prompt per class."""
-    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
-        raise argparse.ArgumentTypeError(f"{text!r} must hold exactly one '{{}}' (where the age goes) and no "
-                                         f"other braces")
-    return text
-
-
-def one_line_warnings():
-    """Show warnings on the command line as one line each ("UserWarning: message"): Python's default
-    format also echoes the source line that raised it, which says nothing to a user of the scripts."""
-    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-def atomic_write(path, write):
-    """Write a file atomically: write(f) fills a temporary file in the same folder (binary), which is
-    flushed, synced and renamed over path. A kill at any moment leaves the old file or the new one, never a
-    torn one; a failure (disk full, ...) removes the temporary file and raises OSError naming path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(error, (OSError, RuntimeError)):   # torch.save reports a full disk as RuntimeError
-            raise
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-        try:
-            free = f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free on its file system"
-        except OSError:
-            free = ""
-        raise OSError(f"could not write {path} ({reason}{free}); nothing was left half-written") from error
-    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_text(path, text):
-    """atomic_write of text as UTF-8; file names that are not UTF-8 (read by Python as surrogate escapes)
-    are written back as the bytes they were, so no name can make the write fail."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")   # ASCII: surrogates become \udcXX escapes
-
-
-# ----------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------- 1. metrics
+# The metrics of README.md#training-and-evaluation-practice: MAE, the cumulative score CS(theta) for
+# theta = 0..10, the epsilon-error where an apparent-age standard deviation is given, the MAE per age
+# decade, and how well the predicted uncertainty ranks the actual error. The last one is abstract claim 4
+# made measurable: the error feedback is said to "tell the model how good its prediction is", so its
+# uncertainty should rank |error| (Spearman); the MAE after each feedback step shows whether the
+# correction corrects. Section 2 turns that uncertainty into an age interval.
 
 def mae(pred, true):
     """Mean absolute error, in years."""
@@ -228,7 +138,7 @@ def prompt_age_order(text_emb, ages):
 
 
 def compute_metrics(pred, true, ages_per_step=None, uncertainty=None, age_std=None):
-    """Every metric of METHOD.md section 7 as one JSON-able dict.
+    """Every metric of README.md#training-and-evaluation-practice as one JSON-able dict.
 
     ages_per_step (N, R+1): predictions after each feedback step (step 0 = before any correction);
     uncertainty (N,): the model's predicted |error|; age_std (N,) with nan where unknown.
@@ -279,7 +189,7 @@ def format_table(metrics, title=""):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- conformal intervals
+# ----------------------------------------------------------------------------- 2. conformal intervals
 # Split conformal prediction (Vovk et al. 2005; Lei et al. 2018), normalised by the model's own uncertainty
 # u (the error feedback's predicted |error|, abstract claim 4). On n calibration images with scores
 # s_i = |y_i - y_hat_i| / (u_i + delta), q = the ceil((n + 1)(1 - alpha))-th smallest s_i, the interval
@@ -350,142 +260,7 @@ def interval_metrics(pred, target, uncertainty, calibration, level):
     return out
 
 
-def calibration_for(level, calibration, where):
-    """The checkpoint's (or --calibrate-on's) calibration if it holds `level`, else a clear error."""
-    if calibration is not None and level_key(level) not in calibration["quantiles"]:
-        raise SystemExit(f"--interval {level:g}: {where} is calibrated for levels "
-                         f"{', '.join(calibration['quantiles'])} only; add --calibrate-on val for another")
-    return calibration
-
-
-# ----------------------------------------------------------------------------- devices
-
-def select_device(name="auto"):
-    """'auto' -> CUDA when available, else CPU; an explicit 'cuda' without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
-    return device
-
-
-def autocast_dtype(device):
-    """bf16 autocast on GPUs that support it, fp16 on older ones, None (plain fp32) on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device, dtype):
-    """An autocast context for dtype, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def move_to(tensor, device):
-    """Copy to device; non-blocking from pinned memory to a GPU (a no-op flag on the CPU)."""
-    return tensor.to(device, non_blocking=device.type == "cuda")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def load_checkpoint(path):
-    """clip_loader.safe_torch_load (torch.load(weights_only=True) behind checks of the file's zip records,
-    pickle and tensors). Raises clip_loader.CheckpointError (a ValueError) with a one-line message that
-    names the file and says what is wrong; the scripts' main functions turn it into an exit."""
-    path = Path(path)
-    if not path.is_file():
-        kind = "is a folder, not a checkpoint file" if path.is_dir() else \
-            "is not a regular file" if os.path.lexists(path) else "not found"
-        raise clip_loader.CheckpointError(f"checkpoint {kind}: {path}")
-    try:
-        ckpt = clip_loader.safe_torch_load(path)
-    except clip_loader.CheckpointError as e:   # truncated, hostile, not a torch file, or pickled code
-        raise clip_loader.CheckpointError(str(e).replace(f"{path}: ", f"{path}: cannot be read: ", 1)) from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-            and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]):
-        keys = str(list(ckpt)[:5])[:200] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise clip_loader.CheckpointError(
-            f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' and 'config'; found "
-            f"{keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
-    return ckpt
-
-
-def exit_on_checkpoint_error(function, *args):
-    """function(*args), with a clip_loader.CheckpointError turned into an exit with its one line: what the
-    scripts do with a bad file, where a library caller would rather catch the error."""
-    try:
-        return function(*args)
-    except clip_loader.CheckpointError as e:
-        raise SystemExit(str(e)) from None
-
-
-def config_from_dict(fields):
-    """CILFConfig from the plain dict saved by train.py (JSON turns tuples into lists: undo that)."""
-    defaults = CILFConfig()
-    return CILFConfig(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
-                         for k, v in fields.items()})
-
-
-def add_clip_options(p):
-    """--clip and what a CLIP file may not tell (train.py and eval.py share these options)."""
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file "
-                   "names (renamed or converted files)")
-    p.add_argument("--clip-activation", choices=sorted(clip_loader.ACTIVATIONS), default=None,
-                   help="MLP activation the CLIP weights were trained with (default: from the open_clip_config.json "
-                   "or Hugging Face config.json beside --clip, else OpenAI's quick_gelu with a warning); open_clip's "
-                   "laion2b/datacomp/commonpool weights need gelu")
-    p.add_argument("--clip-vision-head-width", type=positive_int, default=None, help="channels per attention head of the "
-                   "image tower (default: from the config beside --clip, else 64); ViT-H-14: 80, ViT-g-14: 88, "
-                   "ViT-bigG-14: 104")
-    p.add_argument("--clip-text-head-width", type=positive_int, default=None, help="channels per attention head of the "
-                   "text tower (default: from the config beside --clip, else 64)")
-
-
-def load_clip(args):
-    """The CLIP of --clip with the --clip-* options; a bad file or option ends the program with one line."""
-    try:
-        clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify,
-                                         activation=args.clip_activation,
-                                         vision_head_width=args.clip_vision_head_width,
-                                         text_head_width=args.clip_text_head_width)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--clip: {e}") from None
-    return clip_model
-
-
-def clip_record(clip_model):
-    """What train.py saves of its CLIP beyond the weights, for model_from_checkpoint: the settings no
-    state dict tells (activation, head widths, eps, pooling, image size) and the normalisation."""
-    return {"settings": {k: getattr(clip_model.config, k) for k in clip_loader.SETTINGS},
-            "image_mean": list(clip_model.image_mean), "image_std": list(clip_model.image_std)}
-
-
-def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
-    "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
-    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig.
-    Raises clip_loader.CheckpointError when the weights do not make that model."""
-    state = ckpt["model"]
-    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
-    if not clip_state:
-        raise clip_loader.CheckpointError(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
-    record = ckpt["config"].get("clip") or {}
-    try:
-        clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
-        clip_model.image_mean = tuple(record.get("image_mean", clip_loader.CLIP_MEAN))
-        clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
-        model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
-        model.load_state_dict(state)
-    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "
-                                          f"({clip_loader.error_line(e)})") from None
-    return model.float().eval()
-
-
-# ----------------------------------------------------------------------------- prediction
+# ----------------------------------------------------------------------------- 3. prediction
 
 @torch.no_grad()
 def predict(model, loader, device, amp_dtype=None, zero_shot=False):
@@ -508,218 +283,37 @@ def predict(model, loader, device, amp_dtype=None, zero_shot=False):
     return {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- the predict API
-
-@dataclass
-class Prediction:
-    """What predict_images says about N images, as numpy arrays of shape (N,): the age, the model's own
-    uncertainty (its predicted |error|, years) and the conformal interval (nan without a calibration)."""
-    age: np.ndarray
-    uncertainty: np.ndarray
-    lower: np.ndarray
-    upper: np.ndarray
-
-
-def load_model(path, device="cpu"):
-    """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
-    the conformal calibration train.py stored in it (None for a checkpoint written before there was one).
-    A missing, unreadable or foreign file raises clip_loader.CheckpointError (a ValueError) naming it."""
-    ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
-
-
-def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False):
-    """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
-    crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
-    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces."""
-    images = [images] if isinstance(images, Image.Image) else list(images)
-    device = next(model.parameters()).device
-    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
-    batches = ((torch.stack([transform(im) for im in chunk]), torch.full((len(chunk),), float("nan")))
-               for chunk in (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
-    result = predict(model, batches, device, autocast_dtype(device), zero_shot)
-    if calibration is None:
-        lower = upper = np.full(len(images), np.nan)
-    else:
-        lower, upper = conformal_interval(result["age"], result["uncertainty"], calibration, level)
-    return Prediction(age=result["age"], uncertainty=result["uncertainty"], lower=lower, upper=upper)
-
-
-# ----------------------------------------------------------------------------- faces in raw photos
-# The model is trained on face crops; a whole photo is not one. --detect-faces finds faces with MTCNN
-# (Zhang et al. 2016; facenet-pytorch's port, MIT licence, its ~2 MB of weights inside the wheel, so it
-# works offline) and crops each one the way the datasets were cropped. Chosen over OpenCV's Haar cascade
-# by measurement (README "Faces in raw photos"): it also finds a face turned aside, and its probability
-# filters the false positives.
-
-FACES_INSTALL = 'pip install "facenet-pytorch>=2.5,<2.6"  (or, in this repository, pip install -e ".[faces]")'
-# Measured on the bundled photos: true faces score >= 0.999, the one false positive (a motorcycle part) 0.93.
-FACE_MIN_PROBABILITY = 0.95
-# APPA-REAL's *_face.jpg crops add 40% of the face box on each side (yu4u/age-gender-estimation #71, the
-# convention IMDB-WIKI crops follow too); a tighter margin than training's costs accuracy.
-FACE_MARGIN = 0.4
-
-
-def face_detector(device="cpu"):
-    """A function PIL image -> [(x0, y0, x1, y1), ...] face boxes in pixels, left to right; a missing
-    facenet-pytorch is a one-line error naming the install command."""
-    try:
-        from facenet_pytorch import MTCNN
-    except ImportError:
-        raise SystemExit(f"--detect-faces needs facenet-pytorch: {FACES_INSTALL}") from None
-    mtcnn = MTCNN(keep_all=True, device=device)
-
-    def detect(image):
-        if min(image.size) < mtcnn.min_face_size:   # 2.5.x crashes on images smaller than its smallest face
-            return []
-        boxes, probs = mtcnn.detect(image)
-        if boxes is None:
-            return []
-        return sorted(tuple(float(v) for v in box) for box, p in zip(boxes, probs) if p >= FACE_MIN_PROBABILITY)
-    return detect
-
-
-def face_crop(image, box, margin=FACE_MARGIN):
-    """The square crop around a face box: centred on the box, side = (1 + 2 margin) x its longer side
-    (margin = the fraction of the box added on each side); beyond the photo's border it is black."""
-    x0, y0, x1, y1 = box
-    side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
-    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
-    return image.crop((left, top, left + side, top + side))
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Unlabelled image files for --images: (path, RGB PIL image or None, why it did not decode)."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.paths[i], data.load_image(self.paths[i]), ""
-        except Exception as e:   # PIL raises many types on corrupt data
-            return self.paths[i], None, f"{type(e).__name__}: {e}"
-
-
-def number(value):
-    """A CSV cell: 4 decimals, empty for nan (no interval without a calibration)."""
-    return "" if math.isnan(value) else f"{value:.4f}"
-
-
-PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncertainty", "lower", "upper"]
-
-
-def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MARGIN, batch_size=64, workers=0,
-                  zero_shot=False):
-    """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
-    With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
-    an empty box for a photo without a face; without, one row per file, the box the whole image."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=list)
-    rows, skipped = [], []
-    for batch in loader:
-        faces = []   # (path, face index, box, image to predict on), in file order
-        for path, image, error in batch:
-            if image is None:
-                skipped.append((path, error))
-                continue
-            boxes = detect(image) if detect else [(0, 0, *image.size)]
-            faces += [(path, j, box, face_crop(image, box, margin) if detect else image)
-                      for j, box in enumerate(boxes)] or [(path, -1, None, None)]
-        found = [face[3] for face in faces if face[3] is not None]
-        pred = predict_images(model, found, calibration, level, batch_size, zero_shot) if found else None
-        values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if found else iter(())
-        for path, j, box, image in faces:
-            if image is None:
-                rows.append([path, -1] + [""] * (len(PHOTO_COLUMNS) - 2))
-            else:
-                rows.append([path, j, *(f"{v:.1f}" for v in box), *map(number, next(values))])
-    return rows, skipped
-
-
-def image_paths(items):
-    """Files given directly, plus every image file under each directory given (sorted). FIFOs, devices
-    and macOS "._x.jpg" metadata files are skipped with a reason (opening a FIFO would block forever)."""
-    paths, skipped = [], []
-    for item in map(Path, items):
-        if item.is_dir():
-            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS):
-                if p.name.startswith("._"):
-                    skipped.append(f"{p} (a macOS metadata file)")
-                elif p.is_file():
-                    paths.append(p)
-                elif not p.is_dir():
-                    skipped.append(f"{p} (not a regular file)")
-        elif item.is_file():
-            paths.append(item)
-        elif os.path.lexists(item):
-            skipped.append(f"{item} (not a regular file)")
-        else:
-            raise SystemExit(f"--images: {item} does not exist")
+def predict_dataset(model, dataset, args, device, zero_shot=False):
+    """(predict's arrays, samples) of a drop_unreadable dataset: unreadable images are left out and
+    counted, exactly as in train.py's evaluation (data.AgeDataset)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_readable)
+    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot), dataset.samples
+    skipped = set(dataset.skipped)
     if skipped:
-        print(f"--images: skipped {len(skipped)} file(s): " + ", ".join(skipped[:5])
-              + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
-    if not paths:
-        raise SystemExit(f"--images: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(items)}")
-    return [str(p) for p in paths]
+        warn_unreadable(sorted(skipped))
+        samples = [s for s in samples if s.path not in skipped]
+    return result, samples
 
 
-def write_rows(path, header, rows):
-    """A CSV file of the header and rows, written atomically (any file name)."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, text.getvalue())
+def warn_unreadable(paths, reasons=()):
+    """The warning for images left out because they did not decode (labelled datasets and --images alike):
+    how many, the first ten paths, and why each of those failed where `reasons` (in path order) is given."""
+    print(f"warning: {len(paths)} unreadable image(s) left out: {', '.join(paths[:10])}"
+          f"{' ...' if len(paths) > 10 else ''}", file=sys.stderr)
+    if reasons:
+        print("\n".join(f"  {path}: {reason}" for path, reason in zip(paths[:10], reasons)), file=sys.stderr)
 
 
-def write_predictions(path, paths, result, interval=None):
-    """predictions.csv of a dataset: one row per image, in loader order; interval = (lower, upper) or None."""
-    lower, upper = interval if interval is not None else (np.full(len(paths), np.nan),) * 2
-    write_rows(path, ["path", "age", "predicted_age", "uncertainty", "lower", "upper"],
-               ([p, "" if math.isnan(age) else f"{age:g}", *map(number, values)]
-                for p, age, *values in zip(paths, result["target"], result["age"], result["uncertainty"],
-                                           lower, upper)))
-
-
-def pyplot():
-    """matplotlib.pyplot (file output only), or a clear way to get it: it is an optional extra."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib  (or, in this repository, "
-                         "pip install -e \".[plot]\")") from None
-    return plt
-
-
-def plot(metrics, result, out_dir):
-    """cs_curve.png (CS(theta) against theta) and scatter.png (predicted against true age)."""
-    plt = pyplot()
-    thetas = sorted(metrics["cs"])
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(thetas, [100 * metrics["cs"][t] for t in thetas], marker="o")
-    ax.set(xlabel="error tolerance theta (years)", ylabel="CS(theta) %", ylim=(0, 100),
-           title=f"cumulative score, MAE {metrics['mae']:.2f}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "cs_curve.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(result["target"], result["age"], s=6, alpha=0.5)
-    lo, hi = float(np.min(result["target"])), float(np.max(result["target"]))
-    ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
-    ax.set(xlabel="true age", ylabel="predicted age", title="predicted vs true")
-    fig.tight_layout()
-    fig.savefig(out_dir / "scatter.png", dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- 4. command line
+# Outputs (in --out, default: beside the checkpoint, eval_<dataset>_<split>/): metrics.json and
+# predictions.csv (path, age, predicted_age, uncertainty, lower, upper; for --images: path, face, x0, y0,
+# x1, y1, predicted_age, uncertainty, lower, upper), both written atomically; the table is printed.
+# A trained run's evaluation is checked against the run: its dataset fingerprint (a changed dataset is
+# refused unless --allow-data-change) and its training split (a --fold, --protocol, --seed or dataset whose
+# val/test images were trained on is refused); protocol, fold and seed are printed. Unreadable images are
+# left out and counted, as in train.py's own evaluation.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -765,8 +359,109 @@ def parse_args(argv=None):
     return args
 
 
-def dataset_options(args, train_config):
-    """Dataset name/root/fold/seed/options for this evaluation: command line first, else those the run used."""
+def main(argv=None):
+    one_line_warnings()
+    args = parse_args(argv)
+    if args.plot:
+        import_pyplot()   # a missing matplotlib is reported before any work
+    device = select_device(args.device)
+    detect = face_detector(device) if args.detect_faces else None   # so is a missing detector
+    if args.zero_shot:
+        clip_model = load_clip(args)
+        ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
+    else:
+        ckpt = exit_on_checkpoint_error(load_checkpoint, args.ckpt)
+        model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
+            ckpt["config"]["train"], Path(args.ckpt)
+    model = model.to(device).eval()
+    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
+    calibration = ckpt.get("calibration") if ckpt else None
+    if args.calibrate_on:
+        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
+                                            model.clip.visual.input_resolution)
+        result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
+        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
+                                levels=sorted({*CONFORMAL_LEVELS, args.interval}))
+    calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
+    if calibration is None:
+        print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",
+              file=sys.stderr)
+    if args.images:
+        paths = image_paths(args.images)
+        out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows, skipped = predict_files(model, paths, calibration, args.interval, detect, args.face_margin,
+                                      args.batch_size, args.workers, args.zero_shot)
+        write_csv(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
+        if skipped:
+            warn_unreadable([path for path, _ in skipped], [reason for _, reason in skipped])
+        faces = f", {sum(row[1] != -1 for row in rows)} face(s)" if detect else ""
+        print(f"{len(paths) - len(skipped)} image(s){faces}, {len(skipped)} unreadable skipped: "
+              f"{len(rows)} rows written to {out_dir / 'predictions.csv'}")
+        return None
+    split = args.split or "test"
+    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform,
+                                             model.clip.visual.input_resolution)
+    tag = f"{name}_{split}"
+    out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result, samples = predict_dataset(model, dataset, args, device, args.zero_shot)
+    if not samples:
+        raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
+    interval = None
+    if calibration is not None:
+        interval = conformal_interval(result["age"], result["uncertainty"], calibration, args.interval)
+    write_predictions(out_dir / "predictions.csv", [s.path for s in samples], result, interval)
+    std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
+    metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
+                              std)
+    with torch.no_grad():
+        order = prompt_age_order(model.text_embeddings(), model.ages)
+    metrics.update(checkpoint=str(source), dataset=name, split=split,
+                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped),
+                   prompt_age_order=order, **record)
+    if calibration is not None:
+        metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
+                                               calibration, args.interval)
+        if calibration["source"] == f"{name} val" and split == "val":
+            print(f"warning: the interval was calibrated on {calibration['source']}, these very images: its "
+                  f"coverage on them is not a measurement of it (evaluate on test for that)", file=sys.stderr)
+        elif calibration["source"] != f"{name} val":
+            print(f"warning: the interval was calibrated on {calibration['source']}; its coverage on {tag} is "
+                  f"guaranteed only for images exchangeable with those (and not measured on them)",
+                  file=sys.stderr)
+    write_json(out_dir / "metrics.json", metrics)
+    print(format_table(metrics, f"{metrics['mode']} {source} on {tag}"))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+    if args.plot:
+        plot(metrics, result, out_dir)
+        print(f"wrote {out_dir / 'cs_curve.png'} and {out_dir / 'scatter.png'}")
+    return metrics
+
+
+def labelled_dataset(args, ckpt, train_config, split, transform, resolution):
+    """(dataset, name, record) of this evaluation at `split`, with the evaluation transform, once the run's
+    data is found unchanged and without training images; record says what was used, for metrics.json."""
+    name, root, fold, seed, options = dataset_and_split(args, train_config)
+    if name == "synthetic":   # drawn at the size train.py draws them for this input resolution
+        options.setdefault("image_size", data.synthetic_image_size(resolution))
+    try:
+        change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
+        dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
+                                     transform=transform, **options)
+    except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
+        raise SystemExit(f"--dataset {name}: {e}") from None
+    if ckpt:
+        check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options)
+    print(f"evaluating {name} {split} split: {split_description(name, fold, seed, options)}")
+    record = {"protocol": options.get("protocol", data.PROTOCOLS[name]), "fold": fold, "seed": seed,
+              **({"data_change_allowed": change} if change else {})}
+    return dataset, name, record
+
+
+def dataset_and_split(args, train_config):
+    """(name, root, fold, seed, options) of the dataset and split to evaluate: each from the command line,
+    else the one the run used (its dataset options only when it is the run's dataset)."""
     name = args.dataset or train_config.get("dataset")
     if name is None:
         raise SystemExit("--dataset is needed (the checkpoint does not name one)")
@@ -835,122 +530,462 @@ def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
                          f"(the defaults), or --split train to look at training images on purpose.")
 
 
-def labelled_dataset(args, ckpt, train_config, split, transform, resolution):
-    """(dataset, name, record) of this evaluation at `split`, with the evaluation transform, once the run's
-    data is found unchanged and without training images; record says what was used, for metrics.json."""
-    name, root, fold, seed, options = dataset_options(args, train_config)
-    if name == "synthetic":   # drawn at the size train.py draws them for this input resolution
-        options.setdefault("image_size", data.synthetic_image_size(resolution))
+def calibration_for(level, calibration, where):
+    """The checkpoint's (or --calibrate-on's) calibration if it holds `level`, else a clear error."""
+    if calibration is not None and level_key(level) not in calibration["quantiles"]:
+        raise SystemExit(f"--interval {level:g}: {where} is calibrated for levels "
+                         f"{', '.join(calibration['quantiles'])} only; add --calibrate-on val for another")
+    return calibration
+
+
+def write_predictions(path, paths, result, interval=None):
+    """predictions.csv of a dataset: one row per image, in loader order; interval = (lower, upper) or None."""
+    lower, upper = interval if interval is not None else (np.full(len(paths), np.nan),) * 2
+    write_csv(path, ["path", "age", "predicted_age", "uncertainty", "lower", "upper"],
+              ([p, "" if math.isnan(age) else f"{age:g}", *map(csv_cell, values)]
+               for p, age, *values in zip(paths, result["target"], result["age"], result["uncertainty"],
+                                          lower, upper)))
+
+
+def write_csv(path, header, rows):
+    """A CSV file of the header and rows, written atomically (any file name)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def csv_cell(value):
+    """A number as a CSV cell: 4 decimals, empty for nan (no interval without a calibration)."""
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
+def import_pyplot():
+    """matplotlib.pyplot (file output only), or a clear way to get it: it is an optional extra."""
     try:
-        change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
-        dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
-                                     transform=transform, **options)
-    except (FileNotFoundError, ValueError) as e:   # data.DatasetError is a ValueError
-        raise SystemExit(f"--dataset {name}: {e}") from None
-    if ckpt:
-        check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options)
-    print(f"evaluating {name} {split} split: {split_description(name, fold, seed, options)}")
-    record = {"protocol": options.get("protocol", data.PROTOCOLS[name]), "fold": fold, "seed": seed,
-              **({"data_change_allowed": change} if change else {})}
-    return dataset, name, record
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib  (or, in this repository, "
+                         "pip install -e \".[plot]\")") from None
+    return plt
 
 
-def predict_dataset(model, dataset, args, device, zero_shot=False):
-    """(predict's arrays, samples) of a drop_unreadable dataset: unreadable images are left out and
-    counted, exactly as in train.py's evaluation (data.AgeDataset)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=data.collate_readable)
-    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot), dataset.samples
-    skipped = set(dataset.skipped)
+def plot(metrics, result, out_dir):
+    """cs_curve.png (CS(theta) against theta) and scatter.png (predicted against true age)."""
+    plt = import_pyplot()
+    thetas = sorted(metrics["cs"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot(thetas, [100 * metrics["cs"][t] for t in thetas], marker="o")
+    ax.set(xlabel="error tolerance theta (years)", ylabel="CS(theta) %", ylim=(0, 100),
+           title=f"cumulative score, MAE {metrics['mae']:.2f}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cs_curve.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(result["target"], result["age"], s=6, alpha=0.5)
+    lo, hi = float(np.min(result["target"])), float(np.max(result["target"]))
+    ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
+    ax.set(xlabel="true age", ylabel="predicted age", title="predicted vs true")
+    fig.tight_layout()
+    fig.savefig(out_dir / "scatter.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 5. photos
+# --images and the predict API: image files, the faces in them, their predictions.csv, and
+# load_model / predict_images for other code.
+
+# ----------------------------------------------------------------------------- 5.1 image files
+
+def image_paths(items):
+    """Files given directly, plus every image file under each directory given (sorted). FIFOs, devices
+    and macOS "._x.jpg" metadata files are skipped with a reason (opening a FIFO would block forever)."""
+    paths, skipped = [], []
+    for item in map(Path, items):
+        if item.is_dir():
+            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS):
+                if p.name.startswith("._"):
+                    skipped.append(f"{p} (a macOS metadata file)")
+                elif p.is_file():
+                    paths.append(p)
+                elif not p.is_dir():
+                    skipped.append(f"{p} (not a regular file)")
+        elif item.is_file():
+            paths.append(item)
+        elif os.path.lexists(item):
+            skipped.append(f"{item} (not a regular file)")
+        else:
+            raise SystemExit(f"--images: {item} does not exist")
     if skipped:
-        names = sorted(skipped)
-        print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(names[:10])}"
-              f"{' ...' if len(names) > 10 else ''}", file=sys.stderr)
-        samples = [s for s in samples if s.path not in skipped]
-    return result, samples
+        print(f"--images: skipped {len(skipped)} file(s): " + ", ".join(skipped[:5])
+              + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
+    if not paths:
+        raise SystemExit(f"--images: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(items)}")
+    return [str(p) for p in paths]
 
 
-def main(argv=None):
-    one_line_warnings()
-    args = parse_args(argv)
-    if args.plot:
-        pyplot()   # a missing matplotlib is reported before any work
-    device = select_device(args.device)
-    detect = face_detector(device) if args.detect_faces else None   # so is a missing detector
-    if args.zero_shot:
-        clip_model = load_clip(args)
-        ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
-    else:
-        ckpt = exit_on_checkpoint_error(load_checkpoint, args.ckpt)
-        model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
-            ckpt["config"]["train"], Path(args.ckpt)
-    model = model.to(device).eval()
+class ImageFiles(torch.utils.data.Dataset):
+    """Unlabelled image files for --images: (path, RGB PIL image or None, why it did not decode)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.paths[i], data.load_image(self.paths[i]), ""
+        except Exception as e:   # PIL raises many types on corrupt data
+            return self.paths[i], None, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- 5.2 faces in raw photos
+# The model is trained on face crops; a whole photo is not one. --detect-faces finds faces with MTCNN
+# (Zhang et al. 2016; facenet-pytorch's port, MIT licence, its ~2 MB of weights inside the wheel, so it
+# works offline) and crops each one the way the datasets were cropped. Chosen over OpenCV's Haar cascade
+# by measurement (bench/README.md#prediction-on-photos): it also finds a face turned aside, and its
+# probability filters the false positives.
+
+FACES_INSTALL = 'pip install "facenet-pytorch>=2.5,<2.6"  (or, in this repository, pip install -e ".[faces]")'
+# Between the scores of the bundled photos' true faces and of their one false positive, a part of the
+# motorcycle (bench/README.md#prediction-on-photos).
+FACE_MIN_PROBABILITY = 0.95
+# APPA-REAL's *_face.jpg crops add 40% of the face box on each side (yu4u/age-gender-estimation #71, the
+# convention IMDB-WIKI crops follow too); a tighter margin than training's costs accuracy.
+FACE_MARGIN = 0.4
+
+
+def face_detector(device="cpu"):
+    """A function PIL image -> [(x0, y0, x1, y1), ...] face boxes in pixels, left to right; a missing
+    facenet-pytorch is a one-line error naming the install command."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise SystemExit(f"--detect-faces needs facenet-pytorch: {FACES_INSTALL}") from None
+    mtcnn = MTCNN(keep_all=True, device=device)
+
+    def detect(image):
+        if min(image.size) < mtcnn.min_face_size:   # 2.5.x crashes on images smaller than its smallest face
+            return []
+        boxes, probs = mtcnn.detect(image)
+        if boxes is None:
+            return []
+        return sorted(tuple(float(v) for v in box) for box, p in zip(boxes, probs) if p >= FACE_MIN_PROBABILITY)
+    return detect
+
+
+def face_crop(image, box, margin=FACE_MARGIN):
+    """The square crop around a face box: centred on the box, side = (1 + 2 margin) x its longer side
+    (margin = the fraction of the box added on each side); beyond the photo's border it is black."""
+    x0, y0, x1, y1 = box
+    side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
+    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+    return image.crop((left, top, left + side, top + side))
+
+
+# ----------------------------------------------------------------------------- 5.3 predictions.csv of photos
+
+PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncertainty", "lower", "upper"]
+
+
+def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MARGIN, batch_size=64, workers=0,
+                  zero_shot=False):
+    """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
+    With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
+    an empty box for a photo without a face; without, one row per file, the box the whole image."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    rows, skipped = [], []
+    for batch in loader:
+        faces = []   # (path, face index, box, image to predict on), in file order
+        for path, image, error in batch:
+            if image is None:
+                skipped.append((path, error))
+                continue
+            boxes = detect(image) if detect else [(0, 0, *image.size)]
+            faces += [(path, j, box, face_crop(image, box, margin) if detect else image)
+                      for j, box in enumerate(boxes)] or [(path, -1, None, None)]
+        found = [face[3] for face in faces if face[3] is not None]
+        pred = predict_images(model, found, calibration, level, batch_size, zero_shot) if found else None
+        values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if found else iter(())
+        for path, j, box, image in faces:
+            if image is None:
+                rows.append([path, -1] + [""] * (len(PHOTO_COLUMNS) - 2))
+            else:
+                rows.append([path, j, *(f"{v:.1f}" for v in box), *map(csv_cell, next(values))])
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------- 5.4 the predict API
+
+@dataclass
+class Prediction:
+    """What predict_images says about N images, as numpy arrays of shape (N,): the age, the model's own
+    uncertainty (its predicted |error|, years) and the conformal interval (nan without a calibration)."""
+    age: np.ndarray
+    uncertainty: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def load_model(path, device="cpu"):
+    """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
+    the conformal calibration train.py stored in it (None for a checkpoint written before there was one).
+    A missing, unreadable or foreign file raises clip_loader.CheckpointError (a ValueError) naming it."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
+
+
+def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False):
+    """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
+    crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
+    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    device = next(model.parameters()).device
     transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
-    calibration = ckpt.get("calibration") if ckpt else None
-    if args.calibrate_on:
-        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
-                                            model.clip.visual.input_resolution)
-        result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
-        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
-                                levels=sorted({*CONFORMAL_LEVELS, args.interval}))
-    calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
+    batches = ((torch.stack([transform(im) for im in chunk]), torch.full((len(chunk),), float("nan")))
+               for chunk in (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
+    result = predict(model, batches, device, autocast_dtype(device), zero_shot)
     if calibration is None:
-        print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",
-              file=sys.stderr)
-    if args.images:
-        paths = image_paths(args.images)
-        out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows, skipped = predict_files(model, paths, calibration, args.interval, detect, args.face_margin,
-                                      args.batch_size, args.workers, args.zero_shot)
-        write_rows(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
-        if skipped:   # worded as predict_dataset's, then why each one failed
-            print(f"warning: {len(skipped)} unreadable image(s) left out: {', '.join(p for p, _ in skipped[:10])}"
-                  f"{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
-            print("\n".join(f"  {path}: {reason}" for path, reason in skipped[:10]), file=sys.stderr)
-        faces = f", {sum(row[1] != -1 for row in rows)} face(s)" if detect else ""
-        print(f"{len(paths) - len(skipped)} image(s){faces}, {len(skipped)} unreadable skipped: "
-              f"{len(rows)} rows written to {out_dir / 'predictions.csv'}")
+        lower = upper = np.full(len(images), np.nan)
+    else:
+        lower, upper = conformal_interval(result["age"], result["uncertainty"], calibration, level)
+    return Prediction(age=result["age"], uncertainty=result["uncertainty"], lower=lower, upper=upper)
+
+
+# ----------------------------------------------------------------------------- 6. shared with train.py
+# The plumbing train.py imports from here as well: option types, atomic files, devices and autocast,
+# checkpoint loading, the CLIP options.
+
+# ----------------------------------------------------------------------------- 6.1 option values
+# argparse types shared by train.py and eval.py: a bad value is a one-line usage error naming the option,
+# never a traceback or a run that silently does something else (a negative learning rate, NaN clipping).
+
+def _parse_finite(kind, text):
+    """text read as kind (int or float); not a number, or not finite, is the one-line argparse error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _bounded(kind, within, says):
+    """An argparse type: the text read as `kind` (finite), accepted when within(value), else the one-line
+    error "must <says>, not <text>"."""
+    def parse(text):
+        value = _parse_finite(kind, text)
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must {says}, not {text}")
+        return value
+    return parse
+
+
+positive_int = _bounded(int, lambda v: v > 0, "be a positive integer")
+non_negative_int = _bounded(int, lambda v: v >= 0, "be an integer >= 0")
+positive_float = _bounded(float, lambda v: v > 0, "be a finite number > 0")
+non_negative_float = _bounded(float, lambda v: v >= 0, "be a finite number >= 0")
+fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
+probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
+coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
+
+
+def device_name(text):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return text
+
+
+def prompt_template(text):
+    """A template with exactly one '{}' (the age) and no other braces: one distinct prompt per class."""
+    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
+        raise argparse.ArgumentTypeError(f"{text!r} must hold exactly one '{{}}' (where the age goes) and no "
+                                         f"other braces")
+    return text
+
+
+def one_line_warnings():
+    """Show warnings on the command line as one line each ("UserWarning: message"): Python's default
+    format also echoes the source line that raised it, which says nothing to a user of the scripts."""
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
+
+
+# ----------------------------------------------------------------------------- 6.2 atomic files
+
+def atomic_write(path, write):
+    """Write a file atomically: write(f) fills a temporary file in the same folder (binary), which is
+    flushed, synced and renamed over path. A kill at any moment leaves the old file or the new one, never a
+    torn one; a failure (disk full, ...) removes the temporary file and raises OSError naming path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):   # torch.save reports a full disk as RuntimeError
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free on its file system"
+        except OSError:
+            free = ""
+        raise OSError(f"could not write {path} ({reason}{free}); nothing was left half-written") from error
+    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path, text):
+    """atomic_write of text as UTF-8; file names that are not UTF-8 (read by Python as surrogate escapes)
+    are written back as the bytes they were, so no name can make the write fail."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")   # ASCII: surrogates become \udcXX escapes
+
+
+# ----------------------------------------------------------------------------- 6.3 devices
+
+def select_device(name="auto"):
+    """'auto' -> CUDA when available, else CPU; an explicit 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
+    return device
+
+
+def autocast_dtype(device):
+    """bf16 autocast on GPUs that support it, fp16 on older ones, None (plain fp32) on the CPU."""
+    if device.type != "cuda":
         return None
-    split = args.split or "test"
-    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform,
-                                             model.clip.visual.input_resolution)
-    tag = f"{name}_{split}"
-    out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result, samples = predict_dataset(model, dataset, args, device, args.zero_shot)
-    if not samples:
-        raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
-    interval = None
-    if calibration is not None:
-        interval = conformal_interval(result["age"], result["uncertainty"], calibration, args.interval)
-    write_predictions(out_dir / "predictions.csv", [s.path for s in samples], result, interval)
-    std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
-    metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
-                              std)
-    with torch.no_grad():
-        order = prompt_age_order(model.text_embeddings(), model.ages)
-    metrics.update(checkpoint=str(source), dataset=name, split=split,
-                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped),
-                   prompt_age_order=order, **record)
-    if calibration is not None:
-        metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
-                                               calibration, args.interval)
-        if calibration["source"] == f"{name} val" and split == "val":
-            print(f"warning: the interval was calibrated on {calibration['source']}, these very images: its "
-                  f"coverage on them is not a measurement of it (evaluate on test for that)", file=sys.stderr)
-        elif calibration["source"] != f"{name} val":
-            print(f"warning: the interval was calibrated on {calibration['source']}; its coverage on {tag} is "
-                  f"guaranteed only for images exchangeable with those (and not measured on them)",
-                  file=sys.stderr)
-    write_json(out_dir / "metrics.json", metrics)
-    print(format_table(metrics, f"{metrics['mode']} {source} on {tag}"))
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
-    if args.plot:
-        plot(metrics, result, out_dir)
-        print(f"wrote {out_dir / 'cs_curve.png'} and {out_dir / 'scatter.png'}")
-    return metrics
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, dtype):
+    """An autocast context for dtype, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_to(tensor, device):
+    """Copy to device; non-blocking from pinned memory to a GPU (a no-op flag on the CPU)."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- 6.4 checkpoints
+
+def load_checkpoint(path):
+    """clip_loader.safe_torch_load (torch.load(weights_only=True) behind checks of the file's zip records,
+    pickle and tensors). Raises clip_loader.CheckpointError (a ValueError) with a one-line message that
+    names the file and says what is wrong; the scripts' main functions turn it into an exit."""
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a folder, not a checkpoint file" if path.is_dir() else \
+            "is not a regular file" if os.path.lexists(path) else "not found"
+        raise clip_loader.CheckpointError(f"checkpoint {kind}: {path}")
+    try:
+        ckpt = clip_loader.safe_torch_load(path)
+    except clip_loader.CheckpointError as e:   # truncated, hostile, not a torch file, or pickled code
+        raise clip_loader.CheckpointError(str(e).replace(f"{path}: ", f"{path}: cannot be read: ", 1)) from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]):
+        keys = str(list(ckpt)[:5])[:200] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise clip_loader.CheckpointError(
+            f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' and 'config'; found "
+            f"{keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
+    return ckpt
+
+
+def exit_on_checkpoint_error(function, *args):
+    """function(*args), with a clip_loader.CheckpointError turned into an exit with its one line: what the
+    scripts do with a bad file, where a library caller would rather catch the error."""
+    try:
+        return function(*args)
+    except clip_loader.CheckpointError as e:
+        raise SystemExit(str(e)) from None
+
+
+def config_from_dict(fields):
+    """CILFConfig from the plain dict saved by train.py (JSON turns tuples into lists: undo that)."""
+    defaults = CILFConfig()
+    return CILFConfig(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
+                         for k, v in fields.items()})
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
+    "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
+    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig.
+    Raises clip_loader.CheckpointError when the weights do not make that model."""
+    state = ckpt["model"]
+    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    if not clip_state:
+        raise clip_loader.CheckpointError(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+    record = ckpt["config"].get("clip") or {}
+    try:
+        clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
+        clip_model.image_mean = tuple(record.get("image_mean", clip_loader.CLIP_MEAN))
+        clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
+        model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
+        model.load_state_dict(state)
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "
+                                          f"({clip_loader.error_line(e)})") from None
+    return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- 6.5 CLIP options
+
+def add_clip_options(p):
+    """--clip and what a CLIP file may not tell (train.py and eval.py share these options)."""
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official CLIP file "
+                   "names (renamed or converted files)")
+    p.add_argument("--clip-activation", choices=sorted(clip_loader.ACTIVATIONS), default=None,
+                   help="MLP activation the CLIP weights were trained with (default: from the open_clip_config.json "
+                   "or Hugging Face config.json beside --clip, else OpenAI's quick_gelu with a warning); open_clip's "
+                   "laion2b/datacomp/commonpool weights need gelu")
+    p.add_argument("--clip-vision-head-width", type=positive_int, default=None, help="channels per attention head of the "
+                   "image tower (default: from the config beside --clip, else 64); ViT-H-14: 80, ViT-g-14: 88, "
+                   "ViT-bigG-14: 104")
+    p.add_argument("--clip-text-head-width", type=positive_int, default=None, help="channels per attention head of the "
+                   "text tower (default: from the config beside --clip, else 64)")
+
+
+def load_clip(args):
+    """The CLIP of --clip with the --clip-* options; a bad file or option ends the program with one line."""
+    try:
+        clip_model, _ = clip_loader.load(args.clip, device="cpu", verify=not args.no_verify,
+                                         activation=args.clip_activation,
+                                         vision_head_width=args.clip_vision_head_width,
+                                         text_head_width=args.clip_text_head_width)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--clip: {e}") from None
+    return clip_model
+
+
+def clip_record(clip_model):
+    """What train.py saves of its CLIP beyond the weights, for model_from_checkpoint: the settings no
+    state dict tells (activation, head widths, eps, pooling, image size) and the normalisation."""
+    return {"settings": {k: getattr(clip_model.config, k) for k in clip_loader.SETTINGS},
+            "image_mean": list(clip_model.image_mean), "image_std": list(clip_model.image_std)}
 
 
 if __name__ == "__main__":
