@@ -51,7 +51,7 @@ __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
     "mae", "cumulative_score", "epsilon_error", "mae_per_decade", "spearman", "prompt_age_order",
     "compute_metrics", "format_table", "CONFORMAL_LEVELS", "conformal_quantile", "conformal_scores", "calibrate",
-    "conformal_interval", "interval_metrics", "predict", "predict_dataset",
+    "conformal_interval", "interval_metrics", "model_transform", "predict", "predict_dataset",
     # 4. command line, 5. photos
     "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "image_paths",
     "predict_files", "face_detector", "face_crop", "FACE_MARGIN", "Prediction", "load_model", "predict_images",
@@ -262,6 +262,12 @@ def interval_metrics(pred, target, uncertainty, calibration, level):
 
 # ----------------------------------------------------------------------------- 3. prediction
 
+def model_transform(model):
+    """The evaluation transform of a loaded model: its CLIP's own input resolution, mean and std (OpenAI's,
+    or what a Hugging Face or open_clip config stated, which differ), never clip_loader's defaults."""
+    return data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
+
+
 @torch.no_grad()
 def predict(model, loader, device, amp_dtype=None, zero_shot=False):
     """Run model over loader (in order). Returns numpy arrays: age (N,), ages_per_step (N, R+1),
@@ -374,7 +380,7 @@ def main(argv=None):
         model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
             ckpt["config"]["train"], Path(args.ckpt)
     model = model.to(device).eval()
-    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
+    transform = model_transform(model)
     calibration = ckpt.get("calibration") if ckpt else None
     if args.calibrate_on:
         dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
@@ -747,7 +753,7 @@ def predict_images(model, images, calibration=None, level=0.9, batch_size=64, ze
     conformal interval at `level`; give face crops (face_crop), as the model was trained on faces."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     device = next(model.parameters()).device
-    transform = data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
+    transform = model_transform(model)
     batches = ((torch.stack([transform(im) for im in chunk]), torch.full((len(chunk),), float("nan")))
                for chunk in (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
     result = predict(model, batches, device, autocast_dtype(device), zero_shot)

@@ -419,8 +419,7 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
             continue
         values, group_values = (group_values / group_size).tolist(), 0.0
         factor = schedule(state["step"])
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        set_learning_rates(optimizer, factor)
         scaler.unscale_(optimizer)   # true gradients for the clipping (a no-op unless fp16)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
@@ -571,6 +570,13 @@ def build_optimizer(raw_model, args, device):
     for group in groups:
         group["base_lr"] = group["lr"]
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+
+
+def set_learning_rates(optimizer, factor):
+    """The rates of this optimizer step, the one place the loops set them: each group's peak rate (its
+    base_lr) times the schedule's factor, never the current rate times it (that would compound)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 def lr_factor(step, total_steps, warmup_steps, min_ratio=0.0):
@@ -775,8 +781,8 @@ def pretrain_clip(args):
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
     decay = [p for n, p in clip_model.named_parameters() if weight_decayed(n, p)]
     no_decay = [p for n, p in clip_model.named_parameters() if not weight_decayed(n, p)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
+                                   {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr}], lr=args.lr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo CLIP: {args.corpus_size} captioned drawings, {args.epochs} epochs of "
@@ -793,8 +799,7 @@ def pretrain_clip(args):
             flip = torch.rand(len(batch), device=device) < 0.5   # the one augmentation: a mirror drawing
             image = torch.where(flip.view(-1, 1, 1, 1), image.flip(3), image)
             image = (image.float() / 255 - mean) / std
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
+            set_learning_rates(optimizer, lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio))
             image_emb, text_emb = clip_model.encode_image(image), clip_model.encode_text(token)
             loss = clip_loss(image_emb, text_emb, clip_model.logit_scale)
             if not math.isfinite(loss.item()):
