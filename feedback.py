@@ -180,7 +180,7 @@ class HypothesisFeedback(nn.Module):
     step index beyond those trained reuses the last one's embedding), evaluated R+1 times so y_R is rated.
     """
 
-    FREQUENCIES = 6   # sin/cos of the hypothesis at 1, 2, 4, .. 32 cycles over the age range
+    FREQUENCIES = 6   # sin/cos of the hypothesis at 0.5, 1, 2, .. 16 cycles over the age range
 
     def __init__(self, embed_dim, token_dim, steps=2, hidden_dim=128, heads=4, age_range=(0.0, 100.0),
                  noise=10.0):

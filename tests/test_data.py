@@ -489,3 +489,15 @@ def test_loader_uses_a_distributed_sampler_under_torch_distributed(tmp_path):
                               torch.utils.data.DistributedSampler)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_three_subjects_are_one_per_split():
+    """The smallest dataset that splits: 80/10/10 of 3 subjects rounds val and test to 0, so each gets one
+    subject (and training keeps one), whatever the seed; 2 subjects cannot fill three splits."""
+    samples = [data.Sample(f"{i}.png", 20.0 + i, subject=f"s{i}") for i in range(3)]
+    for seed in range(5):
+        parts = [data.subject_split(samples, split, seed) for split in ("train", "val", "test")]
+        assert [len(p) for p in parts] == [1, 1, 1]
+        assert sorted(s.subject for p in parts for s in p) == ["s0", "s1", "s2"]
+    two = [data.subject_split(samples[:2], split, 0) for split in ("train", "val", "test")]
+    assert [len(p) for p in two] == [2, 0, 0]

@@ -57,13 +57,6 @@ def _messages(call, capsys):
     return str(stop.value) if stop.value.code not in (0, 2) else capsys.readouterr().err
 
 
-def _nan_images_at_step(monkeypatch, step):
-    """NaN images into the model's training forward at optimizer step `step`: a non-finite loss there."""
-    forward, calls = CILFCIAE.forward, iter(range(10 ** 9))
-    monkeypatch.setattr(CILFCIAE, "forward", lambda self, images: forward(
-        self, images * float("nan") if self.training and next(calls) == step else images))
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished 2-epoch run on the subject CSV, started with a RELATIVE --data-root from its parent."""
@@ -102,13 +95,12 @@ def test_paths_are_stored_absolute_and_eval_reads_them_from_anywhere(run, tmp_pa
 
 # --------------------------------------------------------------------------- 2 fingerprint
 
-def test_fingerprint_is_stored_and_a_changed_dataset_is_refused(tmp_path, capsys, monkeypatch):
+def test_fingerprint_is_stored_and_a_changed_dataset_is_refused(tmp_path, capsys, monkeypatch, nan_images_at_step):
     labels = _subject_dataset(tmp_path / "data")
     out = tmp_path / "run"
     args = ["--dataset", "csv", "--data-root", str(labels), "--out", str(out), *TINY, "--epochs", "2"]
-    with monkeypatch.context() as patch, pytest.raises(SystemExit, match="non-finite"):
-        _nan_images_at_step(patch, 5)   # stopped after epoch 1 (5 steps an epoch)
-        train.main(args)
+    with nan_images_at_step(5), pytest.raises(SystemExit, match="non-finite"):   # stopped after epoch 1
+        train.main(args)                                                          # (5 steps an epoch)
     config = json.loads((out / "config.json").read_text())
     last = torch.load(out / "last.pt", weights_only=True)
     entries = [e for e in last["data_index"]]
@@ -290,11 +282,10 @@ def test_outputs_with_non_utf8_file_names_and_atomic_writes(tmp_path):
 
 # --------------------------------------------------------------------------- 6 non-finite-loss advice
 
-def test_non_finite_loss_advice_is_a_command_that_runs(tmp_path, monkeypatch):
+def test_non_finite_loss_advice_is_a_command_that_runs(tmp_path, monkeypatch, nan_images_at_step):
     out = tmp_path / "run"
     args = [*TINY, "--synthetic-n", "16", "4", "4", "--epochs", "2", "--lr", "0.002", "--out", str(out)]
-    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
-        _nan_images_at_step(patch, 5)
+    with nan_images_at_step(5), pytest.raises(SystemExit) as stop:
         train.main(args)
     command = str(stop.value).splitlines()[-1].strip()
     words = shlex.split(command)

@@ -1,4 +1,4 @@
-"""Slips in clip_loader.py that the format and hostile-file tests could not see (issue 26, classes 4 and 5):
+"""Slips in clip_loader.py that the format and hostile-file tests could not see (found by a mutation review):
 each test here fails when the rule is written wrong and passes on the correct code (bench/mutations.py
 applies each slip and runs these tests).
 

@@ -1,4 +1,4 @@
-"""Slips in feedback.py and model.py that no test saw (issue 26, class 6; issue 24, item 8): each test here
+"""Slips in feedback.py and model.py that no test saw (found by a mutation review): each test here
 fails when the rule is written wrong and passes on the correct code (bench/mutations.py applies each slip
 and runs these tests).
 

@@ -1,4 +1,4 @@
-"""Slips in train.py and eval.py that no test saw (issue 26, classes 1-3; issue 24, item 8): each test here
+"""Slips in train.py and eval.py that no test saw (found by a mutation review): each test here
 fails when the rule is written wrong and passes on the correct code (bench/mutations.py applies each slip
 and runs these tests). They test what a user relies on, through the command-line entry points where they
 can, so that they hold whatever function the rule ends up living in:
@@ -88,7 +88,7 @@ def write_csv_dataset(root, val_age=None):
     return root / "labels.csv"
 
 
-def test_resumed_run_keeps_the_best_pt_of_the_epoch_before_the_stop(tmp_path):
+def test_resumed_run_keeps_the_best_pt_of_the_epoch_before_the_stop(tmp_path, nan_images_at_step):
     """Stopped in epoch 3 (a non-finite loss), resumed: epoch 3 is worse on validation than the best epoch
     before the stop (the validation labels were changed, and the change allowed), so it must not replace
     best.pt: the resumed run remembers the best validation MAE."""
@@ -96,8 +96,8 @@ def test_resumed_run_keeps_the_best_pt_of_the_epoch_before_the_stop(tmp_path):
     common = ["--dataset", "csv", "--data-root", str(labels), "--depth", "1", "--width", "32", "--heads", "2",
               "--feedback-hidden", "32", "--batch-size", "16", "--clip", "random", "--epochs", "3",
               "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match="non-finite loss at step 6"):
-        train.main([*common, "--nan-at-step", "6"])   # 3 steps an epoch: the first step of epoch 3
+    with nan_images_at_step(6), pytest.raises(SystemExit, match="non-finite loss at step 6"):
+        train.main(common)   # 3 steps an epoch: the first step of epoch 3
     before = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert before["epoch"] in (1, 2)
     write_csv_dataset(tmp_path / "data", val_age=95)
@@ -234,7 +234,7 @@ def accumulated_gradients(model, batches, accum_steps):
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = GradientRecorder(params)
-    args = argparse.Namespace(accum_steps=accum_steps, nan_at_step=-1, grad_clip=0.0, epochs=1)
+    args = argparse.Namespace(accum_steps=accum_steps, grad_clip=0.0, epochs=1)
     state = {"step": 0, "epoch": 0, "rank": 0}
     train.train_epoch(model, model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                       lambda step: 1.0, state, args, torch.device("cpu"), None, 1, lambda record: None)

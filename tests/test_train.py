@@ -53,14 +53,6 @@ def log_lines(out, kind):
     return [line for line in lines if line["type"] == kind]
 
 
-def feed_nan_images_at_step(monkeypatch, step):
-    """The model's training forward gets NaN images at optimizer step `step` (one forward per step without
-    --accum-steps): how a test makes the loss non-finite where it wants."""
-    forward, training_calls = CILFCIAE.forward, iter(range(10 ** 9))
-    monkeypatch.setattr(CILFCIAE, "forward", lambda self, images: forward(
-        self, images * float("nan") if self.training and next(training_calls) == step else images))
-
-
 # --------------------------------------------------------------------------- helpers
 
 def test_lr_factor_warmup_then_cosine():
@@ -220,10 +212,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_images_at_step):
     steps_per_epoch = 96 // 16
-    feed_nan_images_at_step(monkeypatch, steps_per_epoch + 2)
-    with pytest.raises(SystemExit) as stop:
+    with nan_images_at_step(steps_per_epoch + 2), pytest.raises(SystemExit) as stop:
         train.main([*TINY, "--epochs", "3", "--out", str(tmp_path)])
     message = str(stop.value)
     assert f"non-finite loss at step {steps_per_epoch + 2} (epoch 2" in message
