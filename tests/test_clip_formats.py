@@ -44,12 +44,15 @@ def assert_close(ours, theirs):
 # Hugging Face
 
 def hf_model(activation="quick_gelu", heads=(2, 4), eos_token_id=49407, eps=1e-5, seed=0):
-    """A tiny random transformers.CLIPModel: width 64, 2 layers per tower, MLPs of 96 (ratio 1.5)."""
+    """A tiny random transformers.CLIPModel: width 64, 2 layers per tower, MLPs of 96 (ratio 1.5).
+    eps: both towers' layer-norm eps, or (vision, text)."""
     torch.manual_seed(seed)
-    tower = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, hidden_act=activation, layer_norm_eps=eps)
+    vision_eps, text_eps = eps if isinstance(eps, tuple) else (eps, eps)
+    tower = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, hidden_act=activation)
     config = transformers.CLIPConfig(
-        vision_config=dict(tower, num_attention_heads=heads[0], image_size=32, patch_size=8),
-        text_config=dict(tower, num_attention_heads=heads[1], max_position_embeddings=16, eos_token_id=eos_token_id),
+        vision_config=dict(tower, num_attention_heads=heads[0], image_size=32, patch_size=8, layer_norm_eps=vision_eps),
+        text_config=dict(tower, num_attention_heads=heads[1], max_position_embeddings=16, eos_token_id=eos_token_id,
+                         layer_norm_eps=text_eps),
         projection_dim=48)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():  # LayerNorms start at (1, 0): randomise them so a dropped or swapped one shows

@@ -18,29 +18,7 @@ import torch
 import clip_loader as cl
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_model(vision_eps=1e-5, text_eps=1e-5, eos_token_id=49407, seed=0):
-    """A tiny random transformers.CLIPModel (width 64, one layer per tower) with randomised layer norms."""
-    torch.manual_seed(seed)
-    tower = dict(hidden_size=64, num_hidden_layers=1, intermediate_size=96, num_attention_heads=2,
-                 hidden_act="quick_gelu")
-    config = transformers.CLIPConfig(
-        vision_config=dict(tower, image_size=32, patch_size=8, layer_norm_eps=vision_eps),
-        text_config=dict(tower, max_position_embeddings=16, eos_token_id=eos_token_id, layer_norm_eps=text_eps),
-        projection_dim=48)
-    model = transformers.CLIPModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def reference(model, image, ids):
-    with torch.no_grad():
-        return (model.get_image_features(pixel_values=image).pooler_output,
-                model.get_text_features(input_ids=ids).pooler_output)
+from test_clip_formats import hf_features, hf_model  # noqa: E402  (the tiny models the format tests use)
 
 
 def rows_whose_end_is_not_the_largest_id():
@@ -56,7 +34,7 @@ def rows_whose_end_is_not_the_largest_id():
 def assert_matches(ours, model):
     image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids = rows_whose_end_is_not_the_largest_id()
-    image_ref, text_ref = reference(model, image, ids)
+    image_ref, text_ref = hf_features(model, image, ids)
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(image), image_ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(ours.encode_text(ids), text_ref, rtol=0, atol=1e-5)
@@ -67,7 +45,7 @@ def assert_matches(ours, model):
 @pytest.mark.parametrize("vision_eps, text_eps", [(1e-5, 1e-2), (1e-2, 1e-6)])
 def test_hugging_face_towers_keep_their_own_layer_norm_eps(tmp_path, vision_eps, text_eps):
     """Each tower's eps comes from its own config: swapped or shared, the features differ from transformers'."""
-    model = hf_model(vision_eps=vision_eps, text_eps=text_eps)
+    model = hf_model(eps=(vision_eps, text_eps))
     model.save_pretrained(tmp_path)
     ours, _ = cl.load(tmp_path)
     assert_matches(ours, model)
