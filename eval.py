@@ -1059,8 +1059,8 @@ MODEL_FIELDS = {
     "uncertainty_weight": _accepts(non_negative_float)}
 # The run's options that eval.py reads (the others are only compared, by train.py's resume)
 TRAIN_FIELDS = {"dataset": _one_of(*data.DATASETS), "data_root": _of_type(str, type(None)),
-                "dataset_options": _of_type(dict), "fold": _accepts(non_negative_int),
-                "seed": _accepts(non_negative_int)}
+                "dataset_options": lambda value: _of_type(dict)(value) or _plain(value),
+                "fold": _accepts(non_negative_int), "seed": _accepts(non_negative_int)}
 DATA_FIELDS = {"fingerprint": _of_type(str), "images": _accepts(non_negative_int),
                "root": _of_type(str, type(None)), "changes": _of_type(list)}
 
