@@ -28,11 +28,11 @@ CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py and clip.py
   1. The model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
   2. Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
   3. The tokenizer, byte-level BPE step by step: SimpleTokenizer, default_bpe
-  4. Image preprocessing: to_rgb, image_transform, CLIP_MEAN, CLIP_STD
-  5. load and tokenize: load, tokenize, CheckpointError, error_line
+  4. Image preprocessing: to_rgb, check_normalisation, image_transform, CLIP_MEAN, CLIP_STD
+  5. load and tokenize: load, tokenize, token_count, CheckpointError, error_line
 Files you did not write
-  6. Hugging Face and open_clip files: is_hf_layout, from_hf_state_dict, hf_settings,
-     open_clip_settings; the config files beside the weights, the folders that hold them
+  6. Hugging Face and open_clip files: is_hf_layout, from_hf_state_dict, hf_settings, hf_stated,
+     open_clip_settings; the config files beside the weights (checked against them), the folders
   7. Reading checkpoint files as data: read_state_dict (.safetensors by hand, TorchScript archives
      without torch.jit.load, a sharded Hugging Face model)
   8. Hostile checkpoint files: scan_pickle (pickle opcodes), zip records, tensor views, safe_torch_load
@@ -72,8 +72,11 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 __all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "CLIP_MEAN", "CLIP_STD", "load", "tokenize",
-           "CheckpointError", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "open_clip_settings",
+           "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "check_normalisation", "CLIP_MEAN",
+           "CLIP_STD",
+           "load", "tokenize", "token_count",
+           "CheckpointError", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "hf_stated",
+           "open_clip_settings",
            "read_state_dict", "scan_pickle", "safe_torch_load", "verify_checkpoint", "sha256", "OPENAI_SHA256"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -513,16 +516,54 @@ def _mlp_width_unless_4x(c_fc: torch.Tensor, width: int) -> Optional[int]:
     return None if c_fc.shape[0] == 4 * width else c_fc.shape[0]
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _setting_problem(name: str, value, state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why a SETTINGS value cannot be what the weights were trained with (its type, its range, or the widths
+    the weights hold), or None. Checked before any model is built: a head width of 0 divides by zero, a NaN
+    or negative layer-norm eps gives NaN features, an eos id beyond the vocabulary reads no token."""
+    if name == "activation":
+        return None if value in ACTIVATIONS else f"must be one of {sorted(ACTIVATIONS)}"
+    if name == "image_resolution":
+        sides = value if isinstance(value, (list, tuple)) else (value,)
+        return None if len(sides) in (1, 2) and all(map(_is_count, sides)) else \
+            "must be a positive integer or two (height, width)"
+    if name in ("vision_ln_eps", "text_ln_eps"):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) and value > 0 else "must be a finite number > 0"
+    if name == "text_eos_id":
+        vocab = state_dict["token_embedding.weight"].shape[0] if "token_embedding.weight" in state_dict else 0
+        return None if value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                         and 0 <= value < vocab) else f"must be None or a token id below {vocab}"
+    if not _is_count(value):
+        return "must be a positive integer"
+    if name == "transformer_heads":  # heads of the text tower
+        width = state_dict["ln_final.weight"].shape[0] if "ln_final.weight" in state_dict else value
+        return None if width % value == 0 else f"cannot split the text width {width}"
+    # vision_head_width: channels per head; the heads it makes (at least one) must split the tower's width
+    tower = state_dict.get("visual.conv1.weight") if "visual.proj" in state_dict else \
+        state_dict.get("visual.attnpool.k_proj.weight")
+    width = tower.shape[0] if tower is not None else value
+    return None if width % max(1, width // value) == 0 else f"makes heads that cannot split the image width {width}"
+
+
 def infer_config(state_dict: Dict[str, torch.Tensor], **settings) -> CLIPConfig:
     """Every size from tensor shapes and key counts, as OpenAI's build_model (no size table); the
     SETTINGS shapes cannot tell come from `settings`, else OpenAI's: QuickGELU, heads of 64, eps 1e-5,
-    text read at the highest id. A non-square image_resolution must fit the positional embedding."""
+    text read at the highest id. A non-square image_resolution must fit the positional embedding; a
+    setting of the wrong type or range (_setting_problem) is a ValueError naming it."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}; build_model takes {SETTINGS}")
     family = unservable_family(state_dict)
     if family:
         raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
+    for name, value in settings.items():
+        problem = _setting_problem(name, value, state_dict)
+        if problem:
+            raise ValueError(f"setting {name} = {_describe(value)} {problem}")
     common = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
     if "visual.proj" in state_dict:
         tower = ["visual.conv1.weight", "visual.positional_embedding", "visual.transformer.resblocks.0.mlp.c_fc.weight"]
@@ -771,6 +812,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_normalisation(mean, std) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) as three floats each, one per RGB channel, or a ValueError: three finite means and three
+    finite stds > 0 (one value would be broadcast to every channel silently, a std of 0 divides by zero)."""
+    for name, values, low in (("mean", mean, -math.inf), ("std", std, 0.0)):
+        numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in values)
+        if not numbers:
+            given = (f"{len(values)} values: " + ", ".join(map(_describe, values[:5]))
+                     if isinstance(values, (list, tuple)) else _describe(values))
+            raise ValueError(f"image {name} must be three finite numbers{' > 0' if low == 0 else ''} (R, G, B), "
+                             f"not {given}")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
 def image_transform(n_px: Union[int, Tuple[int, int]], mean: Sequence[float] = CLIP_MEAN,
                     std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic",
                     resize_mode: str = "shortest") -> Compose:
@@ -817,13 +872,15 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
     warning naming what is assumed (OpenAI's QuickGELU and heads of 64).
     verify: check the SHA-256 of files bearing an official OpenAI name (pass False for renamed or
     converted files). trust_torchscript: allow torch.jit.load for archives the data-only reader
-    cannot parse (it runs the archive's code: only for files you trust). A file that cannot be read
-    as a CLIP checkpoint raises CheckpointError (a ValueError) naming it."""
+    cannot parse (it runs the archive's code: only for files you trust). A config is checked against
+    the weights (every size it states, heads, eps, image size, mean and std), a shard index against its
+    shards. A file that cannot be read as a CLIP checkpoint raises CheckpointError (a ValueError) naming
+    it, quoting none of its bytes."""
     path = os.fspath(path)
     weights, folder = _locate(path)
     verified = verify_checkpoint(weights) if verify else False
-    state_dict = _read_weights(weights, trust_torchscript)
     try:
+        state_dict = _read_weights(weights, trust_torchscript)
         state_dict, settings, stated, preprocessing, source = _read_configs_beside(state_dict, folder)
         if source is None and activation is None and not _is_openai(weights, verified):
             warnings.warn(
@@ -836,11 +893,13 @@ def load(path: str, device: Union[str, torch.device] = "cpu", trust_torchscript:
         settings.update(_settings_from_arguments(state_dict, activation, vision_head_width, text_head_width))
         model = build_model(state_dict, **settings)
         _check_stated(model.config, stated, source)
-        model.image_mean = tuple(preprocessing.get("mean", CLIP_MEAN))
-        model.image_std = tuple(preprocessing.get("std", CLIP_STD))
+        model.image_mean, model.image_std = check_normalisation(preprocessing.get("mean", CLIP_MEAN),
+                                                                preprocessing.get("std", CLIP_STD))
         preprocess = image_transform(model.visual.image_size, model.image_mean, model.image_std,
                                      preprocessing.get("interpolation", "bicubic"),
                                      preprocessing.get("resize_mode", "shortest"))
+    except (CheckpointError, FileNotFoundError):  # a weights file that cannot be read names itself
+        raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # shapes no CLIP has (a 1-D projection, ...) fail inside the arithmetic
@@ -868,6 +927,11 @@ def _settings_from_arguments(state_dict: Dict[str, torch.Tensor], activation: Op
 @lru_cache()
 def _default_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()  # built on first use: reading the vocabulary takes a fraction of a second
+
+
+def token_count(text: str) -> int:
+    """The tokens tokenize gives text, its start and end tokens included: what must fit the context."""
+    return len(_default_tokenizer().encode(text)) + 2
 
 
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
@@ -964,11 +1028,30 @@ def from_hf_state_dict(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _hf_head_width(tower: dict, name: str, default_heads: int) -> int:
-    width, heads = tower.get("hidden_size"), tower.get("num_attention_heads", default_heads)
-    if not width or width % heads:
-        raise ValueError(f"{name}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+def _hf_head_width(tower: dict, name: str, default_width: int, default_heads: int) -> int:
+    width, heads = tower.get("hidden_size", default_width), tower.get("num_attention_heads", default_heads)
+    if not (_is_count(width) and _is_count(heads) and width % heads == 0):
+        raise ValueError(f"{HF_CONFIG}: {name}.hidden_size {_describe(width)} is not a multiple of "
+                         f"num_attention_heads {_describe(heads)} (two positive integers)")
     return width // heads
+
+
+# Sizes a Hugging Face config states, as CLIPConfig fields (checked against the weights): field -> (tower, key)
+_HF_STATED = {"vision_width": ("vision_config", "hidden_size"), "vision_layers": ("vision_config", "num_hidden_layers"),
+              "vision_mlp_width": ("vision_config", "intermediate_size"),
+              "vision_patch_size": ("vision_config", "patch_size"), "transformer_width": ("text_config", "hidden_size"),
+              "transformer_layers": ("text_config", "num_hidden_layers"),
+              "text_mlp_width": ("text_config", "intermediate_size"),
+              "context_length": ("text_config", "max_position_embeddings"), "embed_dim": (None, "projection_dim")}
+
+
+def hf_stated(config: dict) -> dict:
+    """The sizes a Hugging Face CLIPModel's config.json states (the keys it has), as CLIPConfig fields: the
+    weights must hold them, or the config belongs to another model (a wrong hidden_size would otherwise
+    change the vision heads silently)."""
+    towers = {None: config, "vision_config": config.get("vision_config") or {},
+              "text_config": config.get("text_config") or {}}
+    return {field: towers[tower][key] for field, (tower, key) in _HF_STATED.items() if key in towers[tower]}
 
 
 def hf_settings(config: dict) -> dict:
@@ -977,21 +1060,23 @@ def hf_settings(config: dict) -> dict:
     eos_token_id is 2 (configs written before transformers PR #24773), else at the first eos_token_id."""
     model_type = config.get("model_type")
     if model_type != "clip":
-        family = _HF_FAMILIES.get(model_type, f"model_type {model_type!r}")
+        family = _HF_FAMILIES.get(model_type, f"model_type {_describe(model_type)}") if isinstance(model_type, str) \
+            else f"model_type {_describe(model_type)}"
         raise ValueError(f"{HF_CONFIG} describes {family}, not a CLIPModel this project can run")
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(activations) > 1 or not activations <= set(ACTIVATIONS):
-        raise ValueError(f"{HF_CONFIG}: hidden_act {sorted(activations)}; this CLIP runs one of {sorted(ACTIVATIONS)} "
-                         "in both towers")
+        raise ValueError(f"{HF_CONFIG}: hidden_act {', '.join(map(_describe, activations))}; this CLIP runs one of "
+                         f"{sorted(ACTIVATIONS)} in both towers")
     vocab, bos, eos = text.get("vocab_size", OPENAI_VOCAB_SIZE), text.get("bos_token_id", 49406), text.get("eos_token_id", 49407)
     if (vocab, bos) != (OPENAI_VOCAB_SIZE, 49406) or eos not in (2, 49407):
-        raise ValueError(f"{HF_CONFIG}: text vocabulary {vocab} with bos/eos ids {bos}/{eos} is not OpenAI's "
+        raise ValueError(f"{HF_CONFIG}: text vocabulary {_describe(vocab)} with bos/eos ids {_describe(bos)}/"
+                         f"{_describe(eos)} is not OpenAI's "
                          f"({OPENAI_VOCAB_SIZE}, 49406/49407): this project's BPE tokenizer cannot serve it")
     image_size = vision.get("image_size", 224)
     return {"activation": activations.pop(),
-            "vision_head_width": _hf_head_width(vision, "vision_config", 12),
-            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 8),
+            "vision_head_width": _hf_head_width(vision, "vision_config", 768, 12),
+            "transformer_heads": text.get("hidden_size", 512) // _hf_head_width(text, "text_config", 512, 8),
             "vision_ln_eps": vision.get("layer_norm_eps", 1e-5), "text_ln_eps": text.get("layer_norm_eps", 1e-5),
             "text_eos_id": None if eos == 2 else eos,
             "image_resolution": tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size}
@@ -1027,7 +1112,8 @@ _CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inn
 def _open_clip_eps(tower: dict, name: str) -> float:
     norm = tower.get("norm_kwargs") or {}
     if set(norm) - {"eps"}:
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs {norm} (only eps is served)")
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: {name}.norm_kwargs has {', '.join(map(_describe, norm))} "
+                         "(only eps is served)")
     return norm.get("eps", 1e-5)
 
 
@@ -1045,18 +1131,20 @@ def open_clip_settings(config: dict) -> Tuple[dict, dict, dict]:
     for tower_name, tower in (("vision_cfg", vision), ("text_cfg", text)):
         for key, (default, family) in _OPEN_CLIP_UNSERVABLE[tower_name].items():
             if tower.get(key, default) not in (default, {} if default is None else default):
-                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {tower[key]!r} is {family}, which this "
-                                 "CLIP implementation cannot run")
+                raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name}.{key} = {_describe(tower[key])} is {family}, "
+                                 "which this CLIP implementation cannot run")
         custom = [k for k in _CUSTOM_BLOCK if tower.get(k)] + ([tower["block_type"]] if tower.get("block_type") not in
                                                                 (None, "default") else [])
         if custom:
-            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block ({custom}), "
+            raise ValueError(f"{OPEN_CLIP_CONFIG}: {tower_name} uses open_clip's custom attention block "
+                             f"({', '.join(map(_describe, custom))}), "
                              "which this CLIP implementation cannot run")
     text_eos_id = None
     if text.get("pool_type", "argmax") == "eos" and text.get("eos_id", 2) == 49407:
         text_eos_id = 49407
     elif text.get("pool_type", "argmax") != "argmax":
-        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {text['pool_type']!r} (eos_id {text.get('eos_id', 2)}) "
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: text_cfg.pool_type {_describe(text['pool_type'])} (eos_id "
+                         f"{_describe(text.get('eos_id', 2))}) "
                          "is not served: our tokenizer ends every text with 49407")
     width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
     head_width = vision.get("head_width", 64)
@@ -1086,16 +1174,23 @@ def _check_stated(config: CLIPConfig, stated: dict, source: str):
     effective["text_mlp_width"] = config.text_mlp_width or 4 * config.transformer_width
     for field, value in stated.items():
         if value is not None and effective[field] != value:
-            raise ValueError(f"{source} states {field} = {value}, but the weights hold {effective[field]}: the "
+            said = ", ".join(map(_describe, value)) if isinstance(value, (list, tuple)) else _describe(value)
+            raise ValueError(f"{source} states {field} = {said}, but the weights hold {effective[field]}: the "
                              "config belongs to another model")
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from a file; a file that is not one is a ValueError that names it and quotes none of
+    its bytes (a config may be a link to any file)."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a readable JSON config (not UTF-8 text)") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a readable JSON config (nested too deep)") from None
+    except (OSError, ValueError) as e:  # json's messages give a position, never the text
+        raise ValueError(f"{path}: not a readable JSON config ({error_line(e)})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a JSON {type(config).__name__}, not a config object")
     return config
@@ -1131,7 +1226,8 @@ def _read_configs_beside(state_dict: Dict[str, torch.Tensor], folder: str) -> _C
         settings = _read_config(hf_settings, source)  # refuses SigLIP & co. by their model_type
         processor = _read_json(beside(HF_PREPROCESSOR_CONFIG)) if beside(HF_PREPROCESSOR_CONFIG) else {}
         preprocessing = {k: processor[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in processor}
-        return _ConfigsBeside(from_hf_state_dict(state_dict), settings, {}, preprocessing, source)
+        return _ConfigsBeside(from_hf_state_dict(state_dict), settings, _read_config(hf_stated, source), preprocessing,
+                              source)
     family = unservable_family(state_dict)
     if family:
         raise ValueError(f"this is {family}, which this CLIP implementation cannot run")
@@ -1179,7 +1275,8 @@ def _safetensors_header(path: str, f) -> Tuple[int, Dict[str, Tuple[torch.dtype,
         raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", head)
     if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
-        raise CheckpointError(f"not a safetensors file (header length {n} with a file of {size} bytes)")
+        raise CheckpointError(f"not a safetensors file (its first 8 bytes, the header length, exceed the file's "
+                              f"{size} bytes or {_MAX_SAFETENSORS_HEADER >> 20} MiB)")  # never the bytes themselves
 
     def no_duplicates(pairs):
         names = [k for k, _ in pairs]
@@ -1461,17 +1558,26 @@ def read_state_dict(path: str, trust_torchscript: bool = False) -> Dict[str, tor
 
 
 def _read_weights(path: str, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
-    """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names."""
+    """read_state_dict, or for a *.index.json of a sharded Hugging Face model, every shard it names: each
+    tensor in the one shard the index gives it (a tensor in two shards, or in none, is refused)."""
     if not path.endswith(".index.json"):
         return read_state_dict(path, trust_torchscript=trust_torchscript)
     weight_map = _read_json(path).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{path}: no weight_map in this shard index")
-    state = {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path}: its weight_map must map each tensor name to a shard file name")
+    state, shard_of = {}, {}
     for shard in dict.fromkeys(weight_map.values()):  # each shard once, in order
-        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
-            raise ValueError(f"{path}: shard {shard!r} is not a file name in the model's folder")
-        state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{path}: shard {_describe(shard)} is not a file name in the model's folder")
+        for name, tensor in read_state_dict(os.path.join(os.path.dirname(path), shard)).items():
+            if name in shard_of:
+                raise ValueError(f"{path}: tensor {_describe(name)} is held by two shards, {shard_of[name]} and "
+                                 f"{shard}")
+            state[name], shard_of[name] = tensor, shard
+    absent = [name for name, shard in weight_map.items() if shard_of.get(name) != shard]
+    if absent:
+        raise ValueError(f"{path}: {len(absent)} tensor(s) the index lists are not in the shard it names, e.g. "
+                         f"{_describe(absent[0])} in {_describe(weight_map[absent[0]])}")
     return state
 
 

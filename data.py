@@ -6,7 +6,8 @@ named, and only honest when a person never appears on both sides of a split, so 
 subject-exclusive wherever identities are known, seeded, and disjoint (see DATASETS).
 
 Sections:
-    images and transforms   load_image (any image file -> RGB, within size limits), train_transform, eval_transform
+    images and transforms   load_image (any image file -> RGB, within size limits), check_image_size,
+                            train_transform, eval_transform
     the dataset             AgeDataset, collate_readable, check_images
     splits                  random_split, subject_split, leave_one_subject_out, subject_kfold
     parsing the layouts     one reader per dataset, check_split_integrity, build_dataset
@@ -38,7 +39,8 @@ from torchvision import transforms as T
 import clip_loader
 
 __all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS", "SPLITS", "AGE_RANGE", "MORPH_FOLDS",
-           "IMAGE_EXTENSIONS", "load_image", "train_transform", "eval_transform", "synthetic_image_size",
+           "IMAGE_EXTENSIONS", "load_image", "check_image_size", "train_transform", "eval_transform",
+           "synthetic_image_size",
            "AgeDataset", "collate_readable", "check_images", "random_split", "subject_split", "leave_one_subject_out",
            "subject_kfold", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
            "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
@@ -145,7 +147,7 @@ def load_image(path) -> Image.Image:
         if large and image.format == "JPEG":  # draft keeps both sides >= the request: ask for the short-side target
             scale = LARGE_IMAGE_SIDE / min(image.size)
             image.draft("RGB", tuple(math.ceil(side * scale) for side in image.size))
-        _check_image_size(image)  # after draft: the size and mode that will really be decoded
+        check_image_size(image)  # after draft: the size and mode that will really be decoded
         image.load()  # decode now, so a truncated file fails here and not inside a transform
     except Exception:
         image.close()  # PIL leaves the file open when decoding fails
@@ -157,10 +159,14 @@ def load_image(path) -> Image.Image:
     return clip_loader.to_rgb(image)
 
 
-def _check_image_size(image: Image.Image):
+def check_image_size(image: Image.Image):
+    """The size guard above (ValueError naming the limit): the aspect ratio, the pixels, and the bytes PIL
+    holds (or will hold, before decoding) for the image."""
     width, height = image.size
     if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ValueError(f"{width}x{height} pixels: aspect ratio beyond {MAX_ASPECT_RATIO}:1, not a face image")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pixels: more than the {MAX_IMAGE_PIXELS:,} of an image accepted")
     decoded = width * height * _pil_bytes_per_pixel(image.mode)
     if decoded > MAX_DECODED_BYTES:
         raise ValueError(f"{width}x{height} {image.mode} pixels would decode to {decoded / 2 ** 20:.0f} MiB, above "

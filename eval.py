@@ -14,11 +14,12 @@ Run:
 
 Sections:
     1. metrics                 mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics
-    2. conformal intervals     calibrate, conformal_interval, interval_metrics
+    2. conformal intervals     calibrate, level_quantiles, conformal_interval, interval_metrics
     3. prediction              predict, predict_dataset
     4. command line            parse_args, main, the checks against the run, the output files
-    5. photos                  image files, faces, the predict API (load_model, predict_images)
-    6. shared with train.py    option types, atomic files, devices, checkpoints, CLIP options
+    5. photos                  image files (read one at a time), faces, the predict API (load_model, predict_images)
+    6. shared with train.py    option types, atomic files, devices, checkpoints (every field checked on load:
+                               checkpoint_problem), CLIP options
 """
 import os
 
@@ -45,22 +46,25 @@ from PIL import Image
 
 import clip_loader
 import data
-from model import CILFCIAE, CILFConfig
+from feedback import UNCERTAINTY_LOSSES
+from linear_attention import MIXERS
+from model import CILFCIAE, CILFConfig, check_prompts_fit, weight_shapes
 
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
     "mae", "cumulative_score", "epsilon_error", "mae_per_decade", "spearman", "prompt_age_order",
     "compute_metrics", "format_table", "CONFORMAL_LEVELS", "conformal_quantile", "conformal_scores", "calibrate",
-    "conformal_interval", "interval_metrics", "model_transform", "predict", "predict_dataset",
+    "level_quantiles", "conformal_interval", "interval_metrics", "model_transform", "predict", "predict_dataset",
     # 4. command line, 5. photos
     "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "image_paths",
     "predict_files", "face_detector", "face_crop", "FACE_MARGIN", "Prediction", "load_model", "predict_images",
     # 6. shared with train.py
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
-    "probability_below_one", "coverage_level", "device_name", "prompt_template", "one_line_warnings",
+    "probability_below_one", "coverage_level", "face_margin", "MAX_FACE_MARGIN", "device_name", "prompt_template",
+    "MAX_TEMPLATE_CHARS", "one_line_warnings",
     "atomic_write", "write_text", "write_json", "select_device", "autocast_dtype", "autocast", "move_to",
-    "load_checkpoint", "exit_on_checkpoint_error", "model_from_checkpoint", "add_clip_options", "load_clip",
-    "clip_record",
+    "load_checkpoint", "checkpoint_problem", "exit_on_checkpoint_error", "model_from_checkpoint",
+    "add_clip_options", "load_clip", "clip_record",
 ]
 
 
@@ -235,10 +239,19 @@ def calibrate(pred, target, uncertainty, source, levels=CONFORMAL_LEVELS, delta=
                                              "plain": conformal_quantile(abs_error, level)} for level in levels}}
 
 
+def level_quantiles(calibration, level):
+    """The calibration's quantiles at `level`; a level it was not calibrated for is a ValueError naming the
+    levels it was."""
+    if level_key(level) not in calibration["quantiles"]:
+        raise ValueError(f"no interval at level {level:g}: the calibration holds levels "
+                         f"{', '.join(calibration['quantiles'])} only")
+    return calibration["quantiles"][level_key(level)]
+
+
 def conformal_interval(pred, uncertainty, calibration, level, plain=False):
     """(lower, upper) numpy arrays: y_hat -+ q (u + delta), or y_hat -+ q_plain with plain=True."""
     pred = np.asarray(pred, dtype=np.float64)
-    q = calibration["quantiles"][level_key(level)]
+    q = level_quantiles(calibration, level)
     if plain:
         half = np.full_like(pred, q["plain"])
     else:
@@ -353,8 +366,9 @@ def parse_args(argv=None):
                    "split now (a checkpoint from before train.py stored a calibration, or another --interval)")
     p.add_argument("--detect-faces", action="store_true", help="with --images: find the faces in each photo "
                    "(MTCNN, pip install -e \".[faces]\") and predict one age per face")
-    p.add_argument("--face-margin", type=non_negative_float, default=FACE_MARGIN, help="with --detect-faces: "
-                   "fraction of the face box added on each side of the square crop (APPA-REAL's crops: 0.4)")
+    p.add_argument("--face-margin", type=face_margin, default=FACE_MARGIN, help="with --detect-faces: "
+                   f"fraction of the face box added on each side of the square crop, 0 to {MAX_FACE_MARGIN:g} "
+                   "(APPA-REAL's crops: 0.4)")
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.ckpt):
         p.error("give exactly one of --ckpt RUN/best.pt or --zero-shot --clip CHECKPOINT")
@@ -374,6 +388,10 @@ def main(argv=None):
     detect = face_detector(device) if args.detect_faces else None   # so is a missing detector
     if args.zero_shot:
         clip_model = load_clip(args)
+        try:
+            check_prompts_fit(CILFConfig(), clip_model.context_length)
+        except ValueError as e:
+            raise SystemExit(f"--clip {args.clip}: {e}") from None
         ckpt, model, train_config, source = None, CILFCIAE(clip_model, CILFConfig()), {}, Path(args.clip)
     else:
         ckpt = exit_on_checkpoint_error(load_checkpoint, args.ckpt)
@@ -635,19 +653,23 @@ def image_paths(items):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Unlabelled image files for --images: (path, RGB PIL image or None, why it did not decode)."""
+    """Unlabelled image files for --images: (path, image, its (width, height), why it did not decode). Each
+    file is decoded and guarded (data.load_image, as the labelled datasets are) and, given a transform,
+    transformed as it is read: the image is then the model's input tensor, and no decoded photo waits in a
+    batch. On a file that does not decode: (path, None, None, "Type: message")."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = paths, transform
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return self.paths[i], data.load_image(self.paths[i]), ""
+            image = data.load_image(self.paths[i])
         except Exception as e:   # PIL raises many types on corrupt data
-            return self.paths[i], None, f"{type(e).__name__}: {e}"
+            return self.paths[i], None, None, f"{type(e).__name__}: {e}"
+        return self.paths[i], self.transform(image) if self.transform else image, image.size, ""
 
 
 # ----------------------------------------------------------------------------- 5.2 faces in raw photos
@@ -687,7 +709,10 @@ def face_detector(device="cpu"):
 
 def face_crop(image, box, margin=FACE_MARGIN):
     """The square crop around a face box: centred on the box, side = (1 + 2 margin) x its longer side
-    (margin = the fraction of the box added on each side); beyond the photo's border it is black."""
+    (margin = the fraction of the box added on each side, at most MAX_FACE_MARGIN); beyond the photo's
+    border it is black."""
+    if not 0 <= margin <= MAX_FACE_MARGIN:
+        raise ValueError(f"face margin {margin} outside [0, {MAX_FACE_MARGIN:g}]")
     x0, y0, x1, y1 = box
     side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
     left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
@@ -703,28 +728,35 @@ def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MAR
                   zero_shot=False):
     """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
     With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
-    an empty box for a photo without a face; without, one row per file, the box the whole image."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=list)
-    rows, skipped = [], []
-    for batch in loader:
-        faces = []   # (path, face index, box, image to predict on), in file order
-        for path, image, error in batch:
-            if image is None:
-                skipped.append((path, error))
-                continue
-            boxes = detect(image) if detect else [(0, 0, *image.size)]
-            faces += [(path, j, box, face_crop(image, box, margin) if detect else image)
-                      for j, box in enumerate(boxes)] or [(path, -1, None, None)]
-        found = [face[3] for face in faces if face[3] is not None]
-        pred = predict_images(model, found, calibration, level, batch_size, zero_shot) if found else None
-        values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if found else iter(())
-        for path, j, box, image in faces:
-            if image is None:
-                rows.append([path, -1] + [""] * (len(PHOTO_COLUMNS) - 2))
-            else:
-                rows.append([path, j, *(f"{v:.1f}" for v in box), *map(csv_cell, next(values))])
-    return rows, skipped
+    an empty box for a photo without a face; without, one row per file, the box the whole image. Photos are
+    read one at a time and turned into the model's input tensors at once (their face crops, or the whole
+    image), so memory holds one decoded photo per loading process whatever their size."""
+    transform = model_transform(model)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, None if detect else transform), batch_size=None,
+                                         num_workers=workers)
+    rows, skipped, faces = [], [], []   # faces: (path, face index, box, input tensor) waiting for a batch
+    for path, image, size, error in loader:
+        if image is None:
+            skipped.append((path, error))
+            continue
+        if detect:
+            found = [(path, j, box, transform(face_crop(image, box, margin))) for j, box in enumerate(detect(image))]
+        else:
+            found = [(path, 0, (0, 0, *size), image)]
+        faces += found or [(path, -1, None, None)]
+        if sum(face[3] is not None for face in faces) >= batch_size:
+            rows += face_rows(model, faces, calibration, level, batch_size, zero_shot)
+            faces = []
+    return rows + face_rows(model, faces, calibration, level, batch_size, zero_shot), skipped
+
+
+def face_rows(model, faces, calibration, level, batch_size, zero_shot):
+    """predictions.csv rows of (path, face index, box, input tensor or None for a photo without a face)."""
+    inputs = [face[3] for face in faces if face[3] is not None]
+    pred = prediction(model, inputs, lambda x: x, calibration, level, batch_size, zero_shot) if inputs else None
+    values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if inputs else iter(())
+    return [[path, -1] + [""] * (len(PHOTO_COLUMNS) - 2) if x is None else
+            [path, j, *(f"{v:.1f}" for v in box), *map(csv_cell, next(values))] for path, j, box, x in faces]
 
 
 # ----------------------------------------------------------------------------- 5.4 the predict API
@@ -750,15 +782,28 @@ def load_model(path, device="cpu"):
 def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False):
     """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
     crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
-    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces."""
+    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces. An image
+    beyond the datasets' size guard (data.check_image_size: aspect ratio, pixels), or a level the calibration
+    does not hold, is a ValueError before any work."""
     images = [images] if isinstance(images, Image.Image) else list(images)
+    for i, image in enumerate(images):
+        try:
+            data.check_image_size(image)
+        except ValueError as e:
+            raise ValueError(f"image {i} of the {len(images)} given: {e}") from None
+    if calibration is not None:
+        level_quantiles(calibration, level)
+    return prediction(model, images, model_transform(model), calibration, level, batch_size, zero_shot)
+
+
+def prediction(model, items, prepare, calibration, level, batch_size, zero_shot):
+    """The Prediction for items, each turned into the model's input tensor by prepare as its batch is formed."""
     device = next(model.parameters()).device
-    transform = model_transform(model)
-    batches = ((torch.stack([transform(im) for im in chunk]), torch.full((len(chunk),), float("nan")))
-               for chunk in (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
+    batches = ((torch.stack([prepare(x) for x in chunk]), torch.full((len(chunk),), float("nan")))
+               for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)))
     result = predict(model, batches, device, autocast_dtype(device), zero_shot)
     if calibration is None:
-        lower = upper = np.full(len(images), np.nan)
+        lower = upper = np.full(len(items), np.nan)
     else:
         lower, upper = conformal_interval(result["age"], result["uncertainty"], calibration, level)
     return Prediction(age=result["age"], uncertainty=result["uncertainty"], lower=lower, upper=upper)
@@ -791,6 +836,7 @@ def _bounded(kind, within, says):
         if not within(value):
             raise argparse.ArgumentTypeError(f"must {says}, not {text}")
         return value
+    parse.kind = kind   # what a value saved from the option is (checkpoint_problem checks saved values)
     return parse
 
 
@@ -801,6 +847,9 @@ non_negative_float = _bounded(float, lambda v: v >= 0, "be a finite number >= 0"
 fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
 probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
 coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
+# The crop around a face is (1 + 2 margin) times its side: a bounded multiple of the face, whatever the photo.
+MAX_FACE_MARGIN = 1.0
+face_margin = _bounded(float, lambda v: 0 <= v <= MAX_FACE_MARGIN, f"lie in [0, {MAX_FACE_MARGIN:g}]")
 
 
 def device_name(text):
@@ -809,12 +858,24 @@ def device_name(text):
     return text
 
 
+# A CLIP reads 77 tokens, a few hundred characters; a longer template cannot fit any context, and one prompt
+# per age class is made of it.
+MAX_TEMPLATE_CHARS = 1000
+
+
 def prompt_template(text):
-    """A template with exactly one '{}' (the age) and no other braces: one distinct prompt per class."""
+    """A template with exactly one '{}' (the age) and no other braces (no format spec): one distinct prompt
+    per class; at most MAX_TEMPLATE_CHARS characters."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise argparse.ArgumentTypeError(f"a template of {len(text)} characters is longer than any CLIP context "
+                                         f"(at most {MAX_TEMPLATE_CHARS})")
     if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
-        raise argparse.ArgumentTypeError(f"{text!r} must hold exactly one '{{}}' (where the age goes) and no "
-                                         f"other braces")
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}{'...' if len(text) > 60 else ''} must hold exactly one "
+                                         f"'{{}}' (where the age goes) and no other braces")
     return text
+
+
+prompt_template.kind = str
 
 
 def one_line_warnings():
@@ -917,7 +978,204 @@ def load_checkpoint(path):
         raise clip_loader.CheckpointError(
             f"{path}: not a CILF-CIAE checkpoint written by train.py (expected keys 'model' and 'config'; found "
             f"{keys}). For a plain CLIP checkpoint use --zero-shot --clip.")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise clip_loader.CheckpointError(f"{path}: {problem[0]}: {problem[1]} (not as train.py writes it)")
     return ckpt
+
+
+# What a train.py checkpoint may hold, field by field, checked by load_checkpoint before anything is built
+# from it (a shared best.pt may come from anyone). A rule maps a value to why it is refused, or None. A field
+# that a command-line option wrote takes that option's type (6.1): a saved value passes only what the option
+# would have accepted. A new config field, or a new kind of model, is one more entry in these tables.
+
+def _what(value):
+    """A value read from a file, for a message: a number or a short text as it is, anything else by its type
+    alone (a text or a list may be huge)."""
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() < 64) \
+            or (isinstance(value, str) and len(value) <= 40):
+        return repr(value)
+    return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+
+
+def _accepts(option_type):
+    """The rule of a value saved from an option of this type (positive_int, prompt_template, ...)."""
+    kind = option_type.kind
+    def rule(value):
+        wanted = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, wanted) or (isinstance(value, int)
+                                                                        and value.bit_length() > 64):
+            wanted = "a number" if kind is float else "an integer" if kind is int else "text"
+            return f"must be {wanted}, not {_what(value)}"
+        try:
+            option_type(value if kind is str else repr(value))
+        except argparse.ArgumentTypeError as e:
+            return str(e)
+        return None
+    return rule
+
+
+def _one_of(*choices):
+    return lambda value: None if isinstance(value, str) and value in choices else \
+        f"must be one of {', '.join(choices)}, not {_what(value)}"
+
+
+def _of_type(*kinds):
+    """A value of one of these types (bool is not an int here)."""
+    names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+    return lambda value: None if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds) \
+        else f"must be {names}, not {_what(value)}"
+
+
+_boolean = _of_type(bool)
+
+
+def _plain(value):
+    """Plain data, as JSON holds it (what vars(args) and the CLIP record are made of): never a tensor, which
+    train.py's comparison of runs cannot compare."""
+    if isinstance(value, (list, tuple)):
+        return next(filter(None, map(_plain, value)), None)
+    if isinstance(value, dict):
+        return next(filter(None, (_plain(v) if isinstance(k, str) else "a key that is not text"
+                                  for k, v in value.items())), None)
+    return None if value is None or isinstance(value, (bool, int, float, str)) else \
+        f"must be plain data, not {_what(value)}"
+
+
+# CILFConfig's fields, each with the rule of the train.py option that sets it (age_step has no option)
+MODEL_FIELDS = {
+    "min_age": _accepts(non_negative_float), "max_age": _accepts(non_negative_float),
+    "age_step": _accepts(positive_float), "prompt_template": _accepts(prompt_template),
+    "mixer": _one_of(*MIXERS, "none"), "depth": _accepts(non_negative_int), "width": _accepts(positive_int),
+    "heads": _accepts(positive_int), "mlp_ratio": _accepts(positive_float),
+    "dropout": _accepts(probability_below_one), "cross_attention": _boolean,
+    "feedback_steps": _accepts(non_negative_int), "feedback_hidden": _accepts(positive_int),
+    "feedback_design": _one_of("reread", "residual"), "feedback_noise": _accepts(non_negative_float),
+    "detach_inverse": _boolean, "uncertainty_loss": _one_of(*UNCERTAINTY_LOSSES),
+    "freeze_image_tower": _boolean, "freeze_text_tower": _boolean, "clip_bn": _one_of("frozen", "train"),
+    "sigma_y": _accepts(positive_float), "distribution_weight": _accepts(non_negative_float),
+    "l1_weight": _accepts(non_negative_float), "contrastive_weight": _accepts(non_negative_float),
+    "contrastive_sigma": _accepts(positive_float), "feedback_weight": _accepts(non_negative_float),
+    "uncertainty_weight": _accepts(non_negative_float)}
+# The run's options that eval.py reads (the others are only compared, by train.py's resume)
+TRAIN_FIELDS = {"dataset": _one_of(*data.DATASETS), "data_root": _of_type(str, type(None)),
+                "dataset_options": lambda value: _of_type(dict)(value) or _plain(value),
+                "fold": _accepts(non_negative_int), "seed": _accepts(non_negative_int)}
+DATA_FIELDS = {"fingerprint": _of_type(str), "images": _accepts(non_negative_int),
+               "root": _of_type(str, type(None)), "changes": _of_type(list)}
+
+
+def _quantiles_problem(quantiles):
+    """The calibration's quantiles: {level key: {"normalised": q, "plain": q}}, each q >= 0 or inf (too few
+    images for the level), at levels strictly between 0 and 1."""
+    if not isinstance(quantiles, dict) or not quantiles:
+        return f"must be a dict of levels, not {_what(quantiles)}"
+    for key, q in quantiles.items():
+        try:
+            level = float(key) if isinstance(key, str) and len(key) < 20 else None
+        except ValueError:
+            level = None
+        if level is None or not 0 < level < 1 or level_key(level) != key:
+            return f"level {_what(key)} is not a coverage level between 0 and 1"
+        if not (isinstance(q, dict) and set(q) == {"normalised", "plain"} and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in q.values())):
+            return f"level {key}: must be {{normalised, plain}}, two numbers >= 0 (inf: too few images)"
+    return None
+
+
+CALIBRATION_FIELDS = {"source": _of_type(str), "n": _accepts(non_negative_int), "delta": _accepts(positive_float),
+                      "quantiles": _quantiles_problem}
+
+
+def _index_problem(index):
+    """data_index: one [relative path, size, age, age_std, subject, split] per image (data.index_entries)."""
+    if not isinstance(index, list):
+        return f"must be a list, not {_what(index)}"
+    number = (int, float)
+    for i, e in enumerate(index):
+        if not (isinstance(e, list) and len(e) == 6 and isinstance(e[0], str) and isinstance(e[1], int)
+                and isinstance(e[2], number) and isinstance(e[3], (*number, type(None)))
+                and isinstance(e[4], (str, type(None))) and e[5] in data.SPLITS):
+            return f"entry {i} is not [path, size, age, age_std, subject, split]"
+    return None
+
+
+def _fields_problem(where, fields, rules, others=None, required=()):
+    """(where.field, why) for the first field of a dict that breaks its rule or is required and missing, or
+    None. Fields without a rule are refused unless others (a rule for them) is given."""
+    if not isinstance(fields, dict):
+        return where, f"must be a dict, not {_what(fields)}"
+    missing = [name for name in required if name not in fields]
+    if missing:
+        return f"{where}.{missing[0]}", "missing"
+    for name, value in fields.items():
+        rule = rules.get(name, others) if isinstance(name, str) else None
+        if rule is None:
+            shown = repr(name[:40]) if isinstance(name, str) else _what(name)
+            return where, f"holds {shown}, not a field train.py writes"
+        problem = rule(value)
+        if problem:
+            return f"{where}.{name}", problem
+    return None
+
+
+def checkpoint_problem(ckpt):
+    """(field, why) for the first value of a train.py checkpoint (load_checkpoint's structure) that
+    train.py cannot have written, or None. Every field's type and range (the tables above); the age classes
+    and widths the model config states against the weights' shapes (model.weight_shapes) and its prompts
+    against the CLIP's context, so no model is built from sizes the weights do not have; the CLIP record's
+    settings against the CLIP weights (clip_loader.infer_config) and its mean and std."""
+    state, config = ckpt["model"], ckpt["config"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return "model", "must map weight names to tensors"
+    if "train" not in config:
+        return "config.train", "missing"
+    record = config.get("clip") or {}
+    for where, fields, rules, others, required in (
+            ("config.model", config["model"], MODEL_FIELDS, None, ()),
+            ("config.train", config["train"], TRAIN_FIELDS, _plain, ()),
+            ("config.clip", record, {"settings": _of_type(dict)}, _plain, ()),
+            ("config.data", config.get("data") or {}, DATA_FIELDS, None,
+             ("fingerprint",) if config.get("data") else ()),
+            ("calibration", ckpt.get("calibration", {}), CALIBRATION_FIELDS, None,
+             CALIBRATION_FIELDS if "calibration" in ckpt else ())):
+        problem = _fields_problem(where, fields, rules, others, required)
+        if problem:
+            return problem
+    problem = _index_problem(ckpt.get("data_index", []))
+    if problem:
+        return "data_index", problem
+    model = config["model"]
+    max_age = model.get("max_age", CILFConfig.max_age)
+    if not model.get("min_age", CILFConfig.min_age) < max_age <= data.AGE_RANGE[1]:
+        return "config.model.max_age", f"must lie above min_age and at most {data.AGE_RANGE[1]:g}, not {max_age:g}"
+    if model.get("width", CILFConfig.width) % model.get("heads", CILFConfig.heads):
+        return "config.model.heads", "must divide width"
+    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    if clip_state.get("text_projection", torch.empty(0)).ndim != 2 or "positional_embedding" not in clip_state:
+        return None   # not a CLIP's weights: model_from_checkpoint refuses them before building anything
+    try:
+        clip_loader.infer_config(clip_state, **record.get("settings", {}))
+        clip_loader.check_normalisation(record.get("image_mean", clip_loader.CLIP_MEAN),
+                                        record.get("image_std", clip_loader.CLIP_STD))
+    except (TypeError, ValueError) as e:
+        return "config.clip", str(e)
+    cilf = config_from_dict(model)
+    try:
+        shapes = weight_shapes(cilf, clip_state["text_projection"].shape[1])
+    except ValueError as e:
+        return "config.model.age_step", str(e)
+    for key, shape in shapes.items():
+        held = tuple(state[key].shape) if key in state else None
+        if held != shape:
+            return "config.model", f"its sizes make {key} of shape {shape}, but the weights hold {held or 'none'}"
+    if not torch.allclose(state["ages"].double(), cilf.ages().double()):
+        return "config.model", "its age classes are not the weights' ages"
+    try:
+        check_prompts_fit(cilf, clip_state["positional_embedding"].shape[0])
+    except ValueError as e:
+        return "config.model.prompt_template", str(e)
+    return None
 
 
 def exit_on_checkpoint_error(function, *args):

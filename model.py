@@ -41,10 +41,12 @@ from feedback import (UNCERTAINTY_LOSSES, ErrorFeedback, FeedbackOutput, Hypothe
                       interpolate_age_embedding)
 from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
-__all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss",
+__all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit",
+           "weight_shapes", "MAX_AGE_CLASSES",
            "soft_contrastive_targets", "gaussian_label_distribution", "weight_decayed"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
+MAX_AGE_CLASSES = 1201  # a class every 0.1 year from 0 to 120
 
 
 @dataclass
@@ -83,13 +85,20 @@ class CILFConfig:
     feedback_weight: float = 1.0            # mean over steps r >= 1 of |y_r - y|
     uncertainty_weight: float = 1.0         # uncertainty loss of every step (u_r against |y - y_r|)
 
-    def ages(self) -> torch.Tensor:
-        """The age classes a_1..a_K as a float32 tensor (K,)."""
-        if self.age_step <= 0 or self.max_age < self.min_age:
+    def num_ages(self) -> int:
+        """K, the number of age classes; at most MAX_AGE_CLASSES (each class is a prompt the text tower reads)."""
+        if not self.age_step > 0 or not self.max_age >= self.min_age:
             raise ValueError(f"CILFConfig: need age_step > 0 and max_age >= min_age, got "
                              f"{self.min_age}..{self.max_age} step {self.age_step}")
-        n = int(math.floor((self.max_age - self.min_age) / self.age_step + 1e-6)) + 1
-        return self.min_age + self.age_step * torch.arange(n, dtype=torch.float64).float()
+        n = (self.max_age - self.min_age) / self.age_step
+        if not n < MAX_AGE_CLASSES:
+            raise ValueError(f"CILFConfig: {self.min_age:g}..{self.max_age:g} in steps of {self.age_step:g} makes more "
+                             f"than {MAX_AGE_CLASSES} age classes")
+        return int(math.floor(n + 1e-6)) + 1
+
+    def ages(self) -> torch.Tensor:
+        """The age classes a_1..a_K as a float32 tensor (K,)."""
+        return self.min_age + self.age_step * torch.arange(self.num_ages(), dtype=torch.float64).float()
 
     def prompts(self):
         """One prompt per age class, e.g. "a photo of a 25 year old person."."""
@@ -108,6 +117,34 @@ class AgeOutput:
     uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
     text_embeddings: torch.Tensor           # (K, E) the unit-norm age-text embeddings T used
     rated_per_step: Optional[torch.Tensor] = None  # (B, R+1) estimates rated (perturbed in training), or None
+
+
+def check_prompts_fit(config: CILFConfig, context_length: int):
+    """Raise ValueError when an age prompt of config is longer than a CLIP text context of context_length
+    tokens (its start and end tokens included), naming the longest prompt and both lengths."""
+    prompts = config.prompts()
+    lengths = [clip_loader.token_count(prompt) for prompt in prompts]
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[longest] > context_length:
+        raise ValueError(f"the prompt {prompts[longest][:60]!r}{'...' if len(prompts[longest]) > 60 else ''} is "
+                         f"{lengths[longest]} tokens long, more than the CLIP's context of {context_length} tokens")
+
+
+def weight_shapes(config: CILFConfig, embed_dim: int) -> dict:
+    """{state-dict key: shape} of the tensors that config's sizes fix, for a CLIP of embedding width
+    embed_dim: the age classes, the fusion's width, depth and MLP, the feedback's steps and width. A
+    checkpoint whose weights differ states sizes it does not have; comparing these first refuses it before a
+    model of the stated sizes is built (a stated width of 20000 would cost gigabytes before any other check)."""
+    c = config
+    shapes = {"ages": (c.num_ages(),)}
+    if c.depth > 0:
+        shapes["fusion.in_proj.weight"] = (c.width, embed_dim)
+        shapes[f"fusion.blocks.{c.depth - 1}.mlp.0.weight"] = (int(round(c.mlp_ratio * c.width)), c.width)
+    if c.feedback_steps > 0 and c.feedback_design == "reread":
+        shapes["feedback.step_embedding.weight"] = (c.feedback_steps + 1, c.feedback_hidden)
+    elif c.feedback_steps > 0:
+        shapes["feedback.head.0.weight"] = (c.feedback_hidden, 4 * embed_dim)
+    return shapes
 
 
 def gaussian_label_distribution(target, ages, sigma):

@@ -68,7 +68,7 @@ from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, cali
                   exit_on_checkpoint_error, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
-from model import CILFCIAE, CILFConfig, weight_decayed
+from model import CILFCIAE, CILFConfig, check_prompts_fit, weight_decayed
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -303,6 +303,10 @@ def run(args, rank, world, device, argv_of_run=()):
     resolve_max_age(args, [s.age for s in splits["train"].samples])
     config = build_config(args)
     refuse_ages_outside_classes(splits["train"], config)
+    try:
+        check_prompts_fit(config, clip_model.context_length)
+    except ValueError as e:
+        raise SystemExit(f"--prompt-template with --clip {args.clip}: {e}") from None
     raw_model = CILFCIAE(clip_model, config)
     train_set = EpochSeeded(splits["train"], args.seed)
     data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]

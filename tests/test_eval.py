@@ -234,7 +234,7 @@ def test_checkpoint_with_mismatched_weights(trained_run, tmp_path):
     ckpt["config"]["model"]["width"] = 48   # the saved config no longer describes the weights
     bad = tmp_path / "mismatch.pt"
     torch.save(ckpt, bad)
-    with pytest.raises(SystemExit, match="mismatch.pt: weights do not fit"):
+    with pytest.raises(SystemExit, match="mismatch.pt: config.model: its sizes make fusion.in_proj.weight of shape"):
         ev.main(["--ckpt", str(bad)])
 
 
