@@ -75,7 +75,9 @@ def kept_bytes(run, exclude=(), blocks=()):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded:
             noted[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes(), inside[0])
-        return tensor
+        # kept as autograd keeps it; an alias without grad_fn, since an output saved as itself would hold its own
+        # node (a reference cycle that keeps a dropped branch alive)
+        return tensor.detach()
 
     def enter(i):
         return lambda module, args: inside.__setitem__(0, i)
