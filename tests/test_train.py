@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -337,3 +338,25 @@ def test_gpu_check_runs_the_fp16_path():
     parsed = [train.parse_args(c[c.index("train.py") + 1:]) for c in commands]
     assert len(parsed) >= 3 and all(a.device == "cuda" for a in parsed)
     assert any(a.amp == "fp16" for a in parsed) and any(a.amp == "auto" for a in parsed)
+
+
+def test_gpu_check_is_valid_bash_and_its_python_commands_parse():
+    """bench/gpu_check.sh: bash accepts it, and each python/torchrun command's arguments pass its script's
+    argparse (the README commands' runner, which stops at the parse)."""
+    import shlex
+    from test_readme import RUNNER, script_and_args
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    script = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in script.splitlines():
+        if line.lstrip().startswith("#") or not re.search(r"\b(python|torchrun) ", line):
+            continue
+        words = shlex.split(line.split("|")[0].replace('"$out', '"/tmp/x'))
+        for start in [i for i, w in enumerate(words) if w in ("python", "torchrun")][:1]:
+            if words[start + 1:start + 2] not in (["-m"], ["-c"]):
+                commands.append(script_and_args(words[start:]))
+    assert {c[0] for c in commands} == {"train.py", "bench/train.py", "bench/memory.py", "bench/data.py"}
+    done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(commands), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ok"] * len(commands)
