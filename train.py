@@ -217,7 +217,8 @@ def parse_args(argv=None):
 def default_workers():
     """Data-loading processes per training process: the CPU cores this process may use (its affinity mask, as
     a container or taskset sets it) shared by the training processes torchrun starts on this machine, at
-    least 1 (decoding then overlaps the training step), at most 8 (beyond that a step rarely waits)."""
+    least 1 (decoding then overlaps the training step), at most 8 (each holds its own copy of the dataset and
+    its prefetched batches); whether they keep up with a model: bench/README.md#data-loading."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 

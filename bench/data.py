@@ -33,18 +33,17 @@ from PIL import Image
 # run as a script, this file's folder comes first on sys.path and this file would import itself as `data`
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)
+sys.path.append(str(ROOT / "bench"))   # after the root: `train` is train.py, not bench/train.py
 import clip_loader  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
+from memory import MODELS  # noqa: E402  (bench/memory.py: OpenAI's published CLIP sizes)
 
 # the shapes bench/train.py times: its demo backbone is train.py's demo CLIP (here with random weights) and
 # the demo's fusion size; ViT-B/16 is OpenAI's shape with a real run's defaults
 BACKBONE_OPTIONS = {"demo": ["--clip", "random", "--text-tower", "freeze", "--width", str(train.DEMO_MODEL["width"]),
                              "--heads", str(train.DEMO_MODEL["heads"])],
                     "ViT-B/16": []}
-VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-               transformer_layers=12)
 
 
 def write_jpegs(folder: Path, n: int, size: int) -> list:
@@ -112,7 +111,7 @@ def loader_model_ratio(args):
         labels = write_csv_dataset(folder, args.n, args.size)
         options = list(BACKBONE_OPTIONS[args.backbone])
         if args.backbone == "ViT-B/16":
-            torch.save(clip_loader.CLIP(**VIT_B16).state_dict(), folder / "vit_b16.pt")
+            torch.save(clip_loader.CLIP(**MODELS["ViT-B/16"]).state_dict(), folder / "vit_b16.pt")
             options += ["--clip", str(folder / "vit_b16.pt")]
         if args.workers is not None:
             options += ["--workers", str(args.workers)]

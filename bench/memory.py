@@ -2,7 +2,7 @@
 for backward per image, counted exactly on the CPU, plus the static bytes, and the largest batch that fits a
 GPU of 24, 40 and 80 GB.
 
-    python bench/memory.py                    # the table of bench/README.md#memory (about 10-20 minutes on 2 cores)
+    python bench/memory.py                    # the table of bench/README.md#memory (tens of minutes on 2 cores)
     python bench/memory.py --models ViT-B/16 --precisions bf16 --json      # rows as a JSON list
     python bench/memory.py --models ViT-B/16 --precisions bf16 --measure-cuda 64   # on a GPU: predicted vs
                                                                                     # torch.cuda.max_memory_allocated
@@ -18,13 +18,14 @@ was dropped frees what it saved). The model's own parameters and buffers are lef
   static_bytes = parameters and buffers + gradients + AdamW's two moments (of the trained parameters)
                  + what is kept whatever the batch (kept at b1 - b1 x per image: under bf16 autocast the
                  bf16 copies of the weights)
-  max_batch[N GB] = floor((N GiB - static_bytes) / activation_bytes_per_image)
+  recomputed_bytes_per_image = under checkpointing, the largest checkpointed block's own activations (counted
+                 in the run without checkpointing): backward forms them again, one block at a time
+  max_batch[N GB] = floor((N GiB - static_bytes) / (activation_bytes_per_image + recomputed_bytes_per_image))
 The attention kernel is the one torch picks on the CPU: its flash-attention kernel, which keeps q, k, v, the
 output and the log-sum-exp, as flash and memory-efficient attention do on a GPU; --attention math counts the
-math kernel, which also keeps each layer's attention matrix. Not counted: the transients of backward (the
-gradients of the activations being formed, one block recomputed under checkpointing), the CUDA context and
-the allocator's fragmentation, and what CPU and CUDA autocast cast differently; --measure-cuda shows the
-difference on the GPU.
+math kernel, which also keeps each layer's attention matrix. Not counted: the other transients of backward
+(the gradients of the activations being formed), the CUDA context and the allocator's fragmentation, and
+what CPU and CUDA autocast cast differently; --measure-cuda shows the difference on the GPU.
 """
 import argparse
 import json

@@ -108,6 +108,34 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"epoch": 3}
 
 
+def test_default_workers_share_the_usable_cores_among_the_training_processes(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, processes, expected in [(16, None, 8), (6, None, 6), (1, None, 1), (16, "4", 4), (3, "4", 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        if processes:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert train.default_workers() == expected, (cores, processes)
+        assert train.parse_args([]).workers == expected and train.parse_args(["--workers", "0"]).workers == 0
+
+
+def test_one_training_loader_keeps_its_workers_and_each_epochs_order():
+    """The run's loader serves every epoch with the same worker processes, in the order a new DataLoader
+    per epoch seeded with mix_seed(seed, epoch) drew (how train.py built it before: every seed keeps its
+    batches)."""
+    args = train.parse_args(["--synthetic-n", "24", "8", "8", "--batch-size", "8", "--workers", "1", "--seed", "3"])
+    labelled = [(torch.zeros(1), float(i)) for i in range(24)]
+    loader = train.build_train_loader(labelled, args, 1, torch.device("cpu"))
+    workers = []
+    for epoch in range(3):
+        train.data.set_epoch(loader, epoch)
+        order = [int(a) for _, ages in loader for a in ages]
+        workers.append([w.pid for w in loader._iterator._workers])
+        fresh = torch.utils.data.DataLoader(labelled, batch_size=8, shuffle=True, drop_last=True,
+                                            generator=torch.Generator().manual_seed(train.mix_seed(3, epoch)))
+        assert order == [int(a) for _, ages in fresh for a in ages], epoch
+    assert workers[0] == workers[1] == workers[2] and len(workers[0]) == 1
+
+
 def test_defaults_depend_on_the_mode():
     demo = train.parse_args([])
     assert demo.dataset == "synthetic" and demo.clip == str(train.DEMO_CLIP_FILE)
