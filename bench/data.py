@@ -132,8 +132,8 @@ def loader_model_ratio(args):
     tensors = json.loads(timed.stdout.strip().splitlines()[-1])["images_per_s"]
     print(f"{args.backbone}, batch {args.batch_size}, {args.device}, {args.n} JPEGs of {args.size} px, "
           f"{config['train']['workers']} loader workers, OMP_NUM_THREADS={args.threads}")
-    print(f"train.py on the JPEGs (last of 2 epochs): {fed:.1f} images/s; bench/train.py on device tensors: "
-          f"{tensors:.1f} images/s; ratio {fed / tensors:.2f} "
+    print(f"train.py on the JPEGs (last of 2 epochs): {fed:.3g} images/s; bench/train.py on device tensors: "
+          f"{tensors:.3g} images/s; ratio {fed / tensors:.2f} "
           f"({'the model bounds the run' if fed / tensors > 0.9 else 'the loader bounds the run'})")
 
 

@@ -1,6 +1,7 @@
 """train.py: the schedule, seeds and checkpoint helpers; the demo in a shortened form learns; a run killed
 with SIGKILL and resumed ends with bit-identical weights; two torchrun processes (gloo) match one; gradient
-accumulation matches a full batch; a non-finite loss stops the run with its message and the last good
+accumulation matches a full batch; --grad-checkpoint trains the same weights; one training loader serves
+the run with the same workers; a non-finite loss stops the run with its message and the last good
 checkpoint intact; a rerun with other options into the same folder is refused."""
 import json
 import math
@@ -247,6 +248,19 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     a, b = comparable(weights(tmp_path / "full" / "last.pt")), comparable(weights(tmp_path / "accum" / "last.pt"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_grad_checkpoint_trains_the_same_weights(tmp_path, monkeypatch):
+    import clip_loader
+    calls, checkpoint = [], clip_loader.checkpoint
+    monkeypatch.setattr(clip_loader, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    common = [*TINY, "--epochs", "1", "--synthetic-n", "32", "16", "16"]
+    train.main([*common, "--out", str(tmp_path / "plain")])
+    assert not calls
+    train.main([*common, "--grad-checkpoint", "--out", str(tmp_path / "checkpointed")])
+    assert calls   # the blocks went through torch.utils.checkpoint
+    a, b = weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "checkpointed" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
