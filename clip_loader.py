@@ -25,7 +25,7 @@ What differs from OpenAI's clip package, on purpose:
 
 Contents, in two halves (the numbered banners in the file):
 CLIP as OpenAI wrote it (openai/CLIP's model.py, simple_tokenizer.py and clip.py, in that order)
-  1. The model: QuickGELU, ACTIVATIONS, the towers, CLIPConfig, CLIP
+  1. The model: QuickGELU, ACTIVATIONS, run_blocks (gradient checkpointing), the towers, CLIPConfig, CLIP
   2. Building a model from a state dict: unservable_family, infer_config, build_model, SETTINGS
   3. The tokenizer, byte-level BPE step by step: SimpleTokenizer, default_bpe
   4. Image preprocessing: to_rgb, check_normalisation, image_transform, CLIP_MEAN, CLIP_STD
@@ -42,6 +42,7 @@ Typical use (`import clip_loader as clip`):
     model, preprocess = clip.load("ViT-B-16.pt")           # or a Hugging Face folder, open_clip file
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a 30 year old person."]))
 """
+import contextlib
 import gzip
 import hashlib
 import html
@@ -69,11 +70,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-__all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "SETTINGS", "infer_config", "unservable_family", "build_model",
-           "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "check_normalisation", "CLIP_MEAN",
-           "CLIP_STD",
+__all__ = ["CLIP", "CLIPConfig", "ACTIVATIONS", "run_blocks", "SETTINGS", "infer_config", "unservable_family",
+           "build_model", "SimpleTokenizer", "default_bpe", "image_transform", "to_rgb", "check_normalisation",
+           "CLIP_MEAN", "CLIP_STD",
            "load", "tokenize", "token_count",
            "CheckpointError", "error_line", "is_hf_layout", "from_hf_state_dict", "hf_settings", "hf_stated",
            "open_clip_settings",
@@ -120,6 +122,35 @@ def resample_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int],
     cells = F.interpolate(cells, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
     cells = cells.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)  # (h*w, C)
     return torch.cat([cls, cells])
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(module: nn.Module):
+    """BatchNorm layers in module leave their running statistics as they are (momentum 0, the batch count
+    put back): the recomputation of a checkpointed block must not update them a second time."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    kept = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, kept):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """blocks applied in order. With checkpointing (while gradients are recorded) each block keeps only its
+    input for backward and recomputes its activations there (non-reentrant torch.utils.checkpoint): the
+    same gradients for about one more forward pass of compute (CLIP.set_grad_checkpointing)."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False,
+                       context_fn=lambda block=block: (contextlib.nullcontext(), _running_statistics_kept(block)))
+    return x
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -217,6 +248,7 @@ class ModifiedResNet(nn.Module):
         self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+        self.grad_checkpointing = False  # checkpoint each Bottleneck of layer1..layer4 (run_blocks)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self._inplanes, planes, stride)]
@@ -229,7 +261,9 @@ class ModifiedResNet(nn.Module):
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = run_blocks(stage, x, self.grad_checkpointing)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attnpool(self.features(x))  # (B, E)
@@ -296,9 +330,10 @@ class Transformer(nn.Module):
         self.layers = layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, **block_options)
                                          for _ in range(layers)])
+        self.grad_checkpointing = False  # checkpoint each block (run_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resblocks(x)
+        return run_blocks(self.resblocks, x, self.grad_checkpointing)
 
 
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -438,6 +473,15 @@ class CLIP(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
+
+    def set_grad_checkpointing(self, enabled: bool = True):
+        """Gradient checkpointing of both towers' residual blocks (the ViT's and the text tower's
+        transformer blocks, the ResNet's bottlenecks; run_blocks): in training each block keeps only its
+        input for backward and recomputes the rest there. Same gradients, less activation memory, about
+        one more forward pass of compute."""
+        image_blocks = self.visual if isinstance(self.visual, ModifiedResNet) else self.visual.transformer
+        image_blocks.grad_checkpointing = enabled
+        self.transformer.grad_checkpointing = enabled
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) -> (B, E), not normalised."""

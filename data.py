@@ -934,16 +934,15 @@ def _seed_worker(worker_id: int):
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                 device="cpu", drop_last: Optional[bool] = None) -> DataLoader:
-    """A DataLoader: shuffled (seeded generator) and dropping the last partial batch for training; workers
-    kept alive between epochs; pinned memory when feeding CUDA. Under torch.distributed the training loader
-    shards with a DistributedSampler (call set_epoch(loader, epoch) every epoch, or every epoch repeats the
-    same order); evaluation loaders are not sharded, so metrics cover every image exactly once; evaluate
-    on one rank."""
+                 device="cpu", drop_last: Optional[bool] = None, sampler=None) -> DataLoader:
+    """A DataLoader: shuffled (seeded generator, or the given sampler's order) and dropping the last partial
+    batch for training; workers kept alive between epochs; pinned memory when feeding CUDA. Under
+    torch.distributed the training loader shards with a DistributedSampler; call set_epoch(loader, epoch)
+    every epoch, or a sampler with epochs repeats one order. Evaluation loaders are not sharded, so metrics
+    cover every image exactly once; evaluate on one rank."""
     if drop_last is None:
         drop_last = train and len(dataset) > batch_size
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
     if train and dist.is_available() and dist.is_initialized():
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
     return DataLoader(
@@ -954,6 +953,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
 
 
 def set_epoch(loader: DataLoader, epoch: int):
-    """Tell a DistributedSampler which epoch starts, so each epoch gets a new order (no-op otherwise)."""
-    if isinstance(loader.sampler, DistributedSampler):
+    """Tell the loader's sampler which epoch starts (a DistributedSampler, or any sampler with set_epoch),
+    so each epoch gets its own order (no-op otherwise)."""
+    if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)

@@ -80,8 +80,8 @@ DEMO_CLIP_LR = 1e-4
 DEMO_MODEL = dict(width=64, heads=4)
 # Options that only say how a run is executed, not what it computes: they may change on resume. nan_at_step
 # is in the config.json of runs started by earlier versions of train.py, where it was a testing aid.
-RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "check_images", "world_size",
-                   "allow_data_change", "nan_at_step"}
+RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "grad_checkpoint", "check_images",
+                   "world_size", "allow_data_change", "nan_at_step"}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -114,8 +114,9 @@ def parse_args(argv=None):
                    "colour jitter (data.train_transform); off: the evaluation transform; demo: off / real: on")
     g.add_argument("--check-images", action="store_true", help="decode every image once before training and "
                    "stop with the list of unreadable files")
-    g.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes; 1 overlaps decoding (or drawing "
-                   "the synthetic images) with training; results do not depend on it")
+    g.add_argument("--workers", type=non_negative_int, default=None, help="data-loading processes per training "
+                   "process, kept alive for the whole run; results do not depend on it; default: min(8, usable CPU "
+                   "cores / training processes on this machine), at least 1")
     g.add_argument("--corpus-size", type=positive_int, default=30000, help="--objective clip: captioned drawings in "
                    "the pretraining corpus")
     g.add_argument("--caption-age-rate", type=fraction, default=0.25, help="--objective clip: share of the captions "
@@ -201,6 +202,9 @@ def parse_args(argv=None):
     g.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES], help="autocast dtype; auto: bf16 on "
                    "GPUs that have it, fp16 (with a GradScaler) on older ones, off on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute the activations of the CLIP towers' "
+                   "residual blocks in backward instead of keeping them: the same gradients for much less memory "
+                   "(bench/README.md#memory) and one more forward pass of the towers")
     g.add_argument("--allow-data-change", action="store_true", help="continue a run although its dataset "
                    "changed (its fingerprint differs); the change is recorded in config.json and the checkpoints")
     args = resolve_defaults(p.parse_args(argv))
@@ -208,6 +212,15 @@ def parse_args(argv=None):
     if problem:
         p.error(problem)
     return args
+
+
+def default_workers():
+    """Data-loading processes per training process: the CPU cores this process may use (its affinity mask, as
+    a container or taskset sets it) shared by the training processes torchrun starts on this machine, at
+    least 1 (decoding then overlaps the training step), at most 8 (each holds its own copy of the dataset and
+    its prefetched batches); whether they keep up with a model: bench/README.md#data-loading."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def check_option_combinations(args):
@@ -228,6 +241,7 @@ def resolve_defaults(args):
     CLIP a bit more; a random CLIP must learn everything; the pretraining of the demo CLIP has its own
     settings (PRETRAIN)."""
     m = CILFConfig()
+    args.workers = default_workers() if args.workers is None else args.workers
     if args.objective == "clip":
         for name, value in PRETRAIN.items():
             setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
@@ -296,6 +310,7 @@ def run(args, rank, world, device, argv_of_run=()):
         demo_clip()   # built here, if need be, before the run's seeding: a first run equals a later one
     seed_all(args.seed)
     clip_model = build_clip(args)
+    clip_model.set_grad_checkpointing(args.grad_checkpoint)
     splits, options = build_splits(args, clip_model.visual.input_resolution,
                                    (clip_model.image_mean, clip_model.image_std))
     if args.check_images:
@@ -313,7 +328,8 @@ def run(args, rank, world, device, argv_of_run=()):
     run_config = build_run_config(args, world, options, config, clip_model, splits, data_index)
     raw_model = sync_batchnorm(raw_model.to(device), args, device, world)
 
-    steps_per_epoch = math.ceil(len(build_train_loader(train_set, args, world, device, 0)) / args.accum_steps)
+    loader = build_train_loader(train_set, args, world, device)
+    steps_per_epoch = math.ceil(len(loader) / args.accum_steps)
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
     schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
     optimizer = build_optimizer(raw_model, args, device)
@@ -340,7 +356,6 @@ def run(args, rank, world, device, argv_of_run=()):
         # every source of randomness restarts from (seed, epoch): the order (same on every process, which
         # DistributedSampler shards), each image's augmentation (EpochSeeded) and, per process, dropout
         seed_all(mix_seed(args.seed, state["epoch"], rank))
-        loader = build_train_loader(train_set, args, world, device, state["epoch"])
         data.set_epoch(loader, state["epoch"])
         train_set.epoch.fill_(state["epoch"])
         try:
@@ -377,6 +392,7 @@ def run(args, rank, world, device, argv_of_run=()):
         if world > 1:
             dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
 
+    del loader   # ends its workers
     return final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log)
 
 
@@ -624,6 +640,28 @@ class EpochSeeded(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """The training order of a single process: epoch e is a permutation drawn from a generator seeded with
+    mix_seed(seed, e), so a resumed run draws what the uninterrupted one drew, and one loader (with persistent
+    workers) serves every epoch (set_epoch). Before the permutation one number is drawn and dropped: a fresh
+    DataLoader per epoch once drew its workers' seed from that generator first, and every seed keeps the
+    order it had then."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=generator)   # the dropped draw
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD)):
     """train (augmented, EpochSeeded), val and test datasets, and the dataset options used.
     normalization: the CLIP's (mean, std)."""
@@ -641,13 +679,13 @@ def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_lo
     return splits, options
 
 
-def build_train_loader(train_set, args, world, device, epoch):
-    """The training loader of one epoch (this process's share of each batch). A new loader every epoch,
-    seeded from (seed, epoch): its order then needs no saved state, and the first epoch after a resume draws
-    from its generator exactly as that epoch did in the uninterrupted run (a persistent DataLoader iterator
-    draws its worker seed only once, which shifts later orders)."""
+def build_train_loader(train_set, args, world, device):
+    """The training loader of the whole run (this process's share of each batch): its workers start once and
+    serve every epoch; data.set_epoch(loader, epoch) sets each epoch's order (EpochShuffle alone,
+    DistributedSampler under torch.distributed), a function of (seed, epoch) that needs no saved state."""
+    order = None if dist.is_available() and dist.is_initialized() else EpochShuffle(len(train_set), args.seed)
     return data.build_loader(train_set, args.batch_size // (world * args.accum_steps), train=True,
-                             num_workers=args.workers, device=str(device), seed=mix_seed(args.seed, epoch))
+                             num_workers=args.workers, device=str(device), seed=args.seed, sampler=order)
 
 
 def refuse_unreadable_images(splits):

@@ -311,6 +311,32 @@ def test_encode_image_tokens_match_hand_computation(small):
         torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vit", "resnet"])
+def test_gradient_checkpointing_keeps_gradients_and_batchnorm_statistics(name):
+    """set_grad_checkpointing: in training mode the same gradients and (ResNet) the same BatchNorm running
+    statistics as without it, while the blocks' activations are no longer saved for backward."""
+    config = SMALL[name]
+    image, text = inputs(config)
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = cl.CLIP(**config).train()
+        model.set_grad_checkpointing(on)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logits, _ = model(image, text)
+        (logits ** 2).mean().backward()
+        runs.append((sum(saved), {k: p.grad for k, p in model.named_parameters()},
+                     {k: b.clone() for k, b in model.named_buffers()}))
+    (kept_off, grads_off, buffers_off), (kept_on, grads_on, buffers_on) = runs
+    assert kept_on < kept_off / 2
+    for k, grad in grads_off.items():
+        assert torch.equal(grad, grads_on[k]), k
+    assert buffers_off.keys() == buffers_on.keys()
+    for k, buffer in buffers_off.items():
+        assert torch.equal(buffer, buffers_on[k]), k
+
+
 def test_other_input_resolution_resamples_positional_embeddings(small):
     """At a new grid the model equals the reference whose positional embedding was resized by hand
     (bicubic, antialiased, as open_clip) to that grid."""

@@ -1,11 +1,13 @@
 """train.py: the schedule, seeds and checkpoint helpers; the demo in a shortened form learns; a run killed
 with SIGKILL and resumed ends with bit-identical weights; two torchrun processes (gloo) match one; gradient
-accumulation matches a full batch; a non-finite loss stops the run with its message and the last good
+accumulation matches a full batch; --grad-checkpoint trains the same weights; one training loader serves
+the run with the same workers; a non-finite loss stops the run with its message and the last good
 checkpoint intact; a rerun with other options into the same folder is refused."""
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +99,34 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"epoch": 1}   # the old checkpoint is intact
     train.save_checkpoint(path, {"epoch": 3})
     assert torch.load(path, weights_only=True) == {"epoch": 3}
+
+
+def test_default_workers_share_the_usable_cores_among_the_training_processes(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, processes, expected in [(16, None, 8), (6, None, 6), (1, None, 1), (16, "4", 4), (3, "4", 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        if processes:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert train.default_workers() == expected, (cores, processes)
+        assert train.parse_args([]).workers == expected and train.parse_args(["--workers", "0"]).workers == 0
+
+
+def test_one_training_loader_keeps_its_workers_and_each_epochs_order():
+    """The run's loader serves every epoch with the same worker processes, in the order a new DataLoader
+    per epoch seeded with mix_seed(seed, epoch) drew (how train.py built it before: every seed keeps its
+    batches)."""
+    args = train.parse_args(["--synthetic-n", "24", "8", "8", "--batch-size", "8", "--workers", "1", "--seed", "3"])
+    labelled = [(torch.zeros(1), float(i)) for i in range(24)]
+    loader = train.build_train_loader(labelled, args, 1, torch.device("cpu"))
+    workers = []
+    for epoch in range(3):
+        train.data.set_epoch(loader, epoch)
+        order = [int(a) for _, ages in loader for a in ages]
+        workers.append([w.pid for w in loader._iterator._workers])
+        fresh = torch.utils.data.DataLoader(labelled, batch_size=8, shuffle=True, drop_last=True,
+                                            generator=torch.Generator().manual_seed(train.mix_seed(3, epoch)))
+        assert order == [int(a) for _, ages in fresh for a in ages], epoch
+    assert workers[0] == workers[1] == workers[2] and len(workers[0]) == 1
 
 
 def test_defaults_depend_on_the_mode():
@@ -210,6 +240,19 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     a, b = comparable(weights(tmp_path / "full" / "last.pt")), comparable(weights(tmp_path / "accum" / "last.pt"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_grad_checkpoint_trains_the_same_weights(tmp_path, monkeypatch):
+    import clip_loader
+    calls, checkpoint = [], clip_loader.checkpoint
+    monkeypatch.setattr(clip_loader, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    common = [*TINY, "--epochs", "1", "--synthetic-n", "32", "16", "16"]
+    train.main([*common, "--out", str(tmp_path / "plain")])
+    assert not calls
+    train.main([*common, "--grad-checkpoint", "--out", str(tmp_path / "checkpointed")])
+    assert calls   # the blocks went through torch.utils.checkpoint
+    a, b = weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "checkpointed" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, nan_images_at_step):
@@ -328,3 +371,25 @@ def test_gpu_check_runs_the_fp16_path():
     parsed = [train.parse_args(c[c.index("train.py") + 1:]) for c in commands]
     assert len(parsed) >= 3 and all(a.device == "cuda" for a in parsed)
     assert any(a.amp == "fp16" for a in parsed) and any(a.amp == "auto" for a in parsed)
+
+
+def test_gpu_check_is_valid_bash_and_its_python_commands_parse():
+    """bench/gpu_check.sh: bash accepts it, and each python/torchrun command's arguments pass its script's
+    argparse (the README commands' runner, which stops at the parse)."""
+    import shlex
+    from test_readme import RUNNER, script_and_args
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    script = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in script.splitlines():
+        if line.lstrip().startswith("#") or not re.search(r"\b(python|torchrun) ", line):
+            continue
+        words = shlex.split(line.split("|")[0].replace('"$out', '"/tmp/x'))
+        for start in [i for i, w in enumerate(words) if w in ("python", "torchrun")][:1]:
+            if words[start + 1:start + 2] not in (["-m"], ["-c"]):
+                commands.append(script_and_args(words[start:]))
+    assert {c[0] for c in commands} == {"train.py", "bench/train.py", "bench/memory.py", "bench/data.py"}
+    done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(commands), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ok"] * len(commands)
