@@ -45,7 +45,7 @@ from PIL import Image
 
 import clip_loader
 import data
-from model import CILFCIAE, CILFConfig
+from model import MODELS, CILFCIAE, CILFConfig
 
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
@@ -421,11 +421,11 @@ def main(argv=None):
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
     metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
                               std)
-    with torch.no_grad():
-        order = prompt_age_order(model.text_embeddings(), model.ages)
     metrics.update(checkpoint=str(source), dataset=name, split=split,
-                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped),
-                   prompt_age_order=order, **record)
+                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped), **record)
+    if isinstance(model, CILFCIAE):   # a model with age prompts (not the ce-baseline)
+        with torch.no_grad():
+            metrics["prompt_age_order"] = prompt_age_order(model.text_embeddings(), model.ages)
     if calibration is not None:
         metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
                                                calibration, args.interval)
@@ -740,8 +740,9 @@ class Prediction:
 
 
 def load_model(path, device="cpu"):
-    """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
-    the conformal calibration train.py stored in it (None for a checkpoint written before there was one).
+    """(model, calibration) from a train.py checkpoint: its model (CILFCIAE, or LinearAgeBaseline for a
+    --method ce-baseline run) in eval mode on `device`, and the conformal calibration train.py stored in it
+    (None for a checkpoint written before there was one).
     A missing, unreadable or foreign file raises clip_loader.CheckpointError (a ValueError) naming it."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
@@ -929,28 +930,35 @@ def exit_on_checkpoint_error(function, *args):
         raise SystemExit(str(e)) from None
 
 
-def config_from_dict(fields):
-    """CILFConfig from the plain dict saved by train.py (JSON turns tuples into lists: undo that)."""
-    defaults = CILFConfig()
-    return CILFConfig(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
-                         for k, v in fields.items()})
+def config_from_dict(fields, config_class=CILFConfig):
+    """config_class (CILFConfig, ...) from the plain dict saved by train.py (JSON turns tuples into lists:
+    undo that)."""
+    defaults = config_class()
+    return config_class(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
+                           for k, v in fields.items()})
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
-    "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
-    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig.
+    """Rebuild a run's model from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of
+    the "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
+    (checkpoints written before it existed: OpenAI's settings), the method's modules from the saved model
+    config of its --method (model.MODELS; checkpoints written before --method existed: cilf-ciae).
     Raises clip_loader.CheckpointError when the weights do not make that model."""
     state = ckpt["model"]
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
     if not clip_state:
         raise clip_loader.CheckpointError(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+    method = (ckpt["config"].get("train") or {}).get("method", "cilf-ciae")
+    if method not in MODELS:
+        raise clip_loader.CheckpointError(f"{path}: its run used --method {method!r}, which this code does not "
+                                          f"know ({', '.join(MODELS)})")
+    model_class, config_class = MODELS[method]
     record = ckpt["config"].get("clip") or {}
     try:
         clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
         clip_model.image_mean = tuple(record.get("image_mean", clip_loader.CLIP_MEAN))
         clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
-        model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
+        model = model_class(clip_model, config_from_dict(ckpt["config"]["model"], config_class))
         model.load_state_dict(state)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "
