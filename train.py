@@ -15,6 +15,8 @@ Run:
     python train.py --dataset morph2 --data-root /data/MORPH --protocol subject5fold --fold 0 \\
         --clip ViT-B-16.pt --out runs/morph_f0
     python train.py --out runs/utk --resume           # continue a stopped run (rerunning into --out does too)
+    python train.py --method ce-baseline --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt \
+        --out runs/utk_ce                             # the plain baseline: linear head, cross-entropy
     torchrun --nproc_per_node=4 --standalone train.py --dataset utkface --data-root /data/UTKFace \\
         --clip ViT-B-16.pt --out runs/utk4            # DDP: NCCL on GPUs, gloo on CPUs
     python eval.py --ckpt runs/utk/best.pt            # the full metric table
