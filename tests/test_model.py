@@ -572,8 +572,8 @@ def test_fourier_global_token_passes_the_mixing_step_unchanged(vit):
 
 def test_ce_baseline_is_a_linear_head_with_a_hand_computed_cross_entropy(vit):
     """LinearAgeBaseline by hand (numpy, float64): logits W g + b on CLIP's image embedding; the loss is
-    -log p of the true class for a whole age, split 50/50 between 12 and 13 for 12.5; the age the
-    expectation, the uncertainty the standard deviation of p."""
+    -log p of the true class for a whole age, split 75/25 between 12 and 13 for 12.25 (25/75 for 12.75);
+    the age the expectation, the uncertainty the standard deviation of p."""
     model = LinearAgeBaseline(vit, LinearBaselineConfig(max_age=30.0))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -581,15 +581,15 @@ def test_ce_baseline_is_a_linear_head_with_a_hand_computed_cross_entropy(vit):
         model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g))
     x = images(vit)
     out = model(x)
-    loss, parts = model.loss(out, TARGET)
+    loss, parts = model.loss(out, torch.tensor([3.0, 12.25, 12.75, 27.0]))
     with torch.no_grad():
         feature = vit.encode_image(x).double().numpy()
     W, b = model.head.weight.detach().double().numpy(), model.head.bias.detach().double().numpy()
     logits = feature @ W.T + b   # (4, 31)
     log_p = logits - logits.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
-    hand = -np.mean([log_p[0, 3], 0.5 * (log_p[1, 12] + log_p[1, 13]), 0.5 * (log_p[2, 12] + log_p[2, 13]),
-                     log_p[3, 27]])
+    hand = -np.mean([log_p[0, 3], 0.75 * log_p[1, 12] + 0.25 * log_p[1, 13],
+                     0.25 * log_p[2, 12] + 0.75 * log_p[2, 13], log_p[3, 27]])
     assert loss.item() == pytest.approx(hand, rel=1e-5) and list(parts) == ["cross_entropy"]
     p, ages = np.exp(log_p), np.arange(31.0)
     mean = p @ ages
