@@ -292,7 +292,8 @@ def predict(model, loader, device, amp_dtype=None, zero_shot=False, tta="none"):
         images, target = batch
         images = move_to(images, device)
         with autocast(device, amp_dtype):
-            views = [forward(images)] + ([forward(images.flip(-1))] if tta == "flip" else [])   # (B, 3, H, W)
+            # images (B, 3, H, W): flip(-1) mirrors the width
+            views = [forward(images)] + ([forward(images.flip(-1))] if tta == "flip" else [])
         for key in ("age", "ages_per_step", "uncertainty"):
             out[key].append(torch.stack([getattr(v, key).float() for v in views]).mean(0).cpu())
         out["target"].append(target.float())
