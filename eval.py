@@ -11,12 +11,14 @@ Run:
     python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
     python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
     python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
+    python eval.py --ckpt RUN/best.pt --tta flip                 # each image's and its mirror's predictions averaged
+    python eval.py --summarize runs/morph_split*/eval_test       # mean +- std over splits, per test set
 
 Sections:
     1. metrics                 mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics
     2. conformal intervals     calibrate, level_quantiles, conformal_interval, interval_metrics
-    3. prediction              predict, predict_dataset
-    4. command line            parse_args, main, the checks against the run, the output files
+    3. prediction              predict (with test-time flip averaging), predict_dataset
+    4. command line            parse_args, main, the checks against the run, the output files, --summarize
     5. photos                  image files (read one at a time), faces, the predict API (load_model, predict_images)
     6. shared with train.py    option types, atomic files, devices, checkpoints (every field checked on load:
                                checkpoint_problem), CLIP options
@@ -48,15 +50,17 @@ import clip_loader
 import data
 from feedback import UNCERTAINTY_LOSSES
 from linear_attention import MIXERS
-from model import CILFCIAE, CILFConfig, check_prompts_fit, weight_shapes
+from model import MODELS, CILFCIAE, CILFConfig, check_prompts_fit, weight_shapes
 
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
     "mae", "cumulative_score", "epsilon_error", "mae_per_decade", "spearman", "prompt_age_order",
     "compute_metrics", "format_table", "CONFORMAL_LEVELS", "conformal_quantile", "conformal_scores", "calibrate",
-    "level_quantiles", "conformal_interval", "interval_metrics", "model_transform", "predict", "predict_dataset",
+    "level_quantiles", "conformal_interval", "interval_metrics", "model_transform", "TTA_MODES", "predict",
+    "predict_dataset",
     # 4. command line, 5. photos
-    "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "image_paths",
+    "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "metrics_files",
+    "read_metrics", "summarize_metrics", "format_summary", "image_paths",
     "predict_files", "face_detector", "face_crop", "FACE_MARGIN", "Prediction", "load_model", "predict_images",
     # 6. shared with train.py
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
@@ -281,34 +285,44 @@ def model_transform(model):
     return data.eval_transform(model.clip.visual.input_resolution, model.clip.image_mean, model.clip.image_std)
 
 
+# Test-time augmentation: none, or flip (the predictions for the image and for its mirror image, averaged).
+TTA_MODES = ("none", "flip")
+
+
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, zero_shot=False):
+def predict(model, loader, device, amp_dtype=None, zero_shot=False, tta="none"):
     """Run model over loader (in order). Returns numpy arrays: age (N,), ages_per_step (N, R+1),
-    uncertainty (N,), target (N,) (nan where the loader has no labels)."""
+    uncertainty (N,), target (N,) (nan where the loader has no labels). tta "flip": each of age,
+    ages_per_step and uncertainty is the mean of the image's and its mirror image's (the preprocessed
+    image flipped left to right, as a training flip would show it)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
+    forward = model.zero_shot if zero_shot else model
     out = {"age": [], "ages_per_step": [], "uncertainty": [], "target": []}
     for batch in loader:
         if batch is None:   # every image of the batch was unreadable (data.collate_readable)
             continue
         images, target = batch
+        images = move_to(images, device)
         with autocast(device, amp_dtype):
-            result = (model.zero_shot if zero_shot else model)(move_to(images, device))
-        out["age"].append(result.age.float().cpu())
-        out["ages_per_step"].append(result.ages_per_step.float().cpu())
-        out["uncertainty"].append(result.uncertainty.float().cpu())
+            # images (B, 3, H, W): flip(-1) mirrors the width
+            views = [forward(images)] + ([forward(images.flip(-1))] if tta == "flip" else [])
+        for key in ("age", "ages_per_step", "uncertainty"):
+            out[key].append(torch.stack([getattr(v, key).float() for v in views]).mean(0).cpu())
         out["target"].append(target.float())
     if not out["age"]:
         return {k: np.zeros((0, 1) if k == "ages_per_step" else 0) for k in out}
     return {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
 
 
-def predict_dataset(model, dataset, args, device, zero_shot=False):
+def predict_dataset(model, dataset, args, device, zero_shot=False, tta="none"):
     """(predict's arrays, samples) of a drop_unreadable dataset: unreadable images are left out and
     counted, exactly as in train.py's evaluation (data.AgeDataset)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          collate_fn=data.collate_readable)
-    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot), dataset.samples
+    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot, tta), dataset.samples
     skipped = set(dataset.skipped)
     if skipped:
         warn_unreadable(sorted(skipped))
@@ -339,6 +353,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a train.py checkpoint (RUN/best.pt); its dataset and split are the defaults")
     p.add_argument("--zero-shot", action="store_true", help="raw CLIP prompt classification (needs --clip)")
+    p.add_argument("--summarize", nargs="+", metavar="PATH", help="instead of evaluating: mean +- std over "
+                   "evaluations (one per split) of MAE and CS(5) per test set, and both over all their images; each "
+                   "PATH an evaluation's folder (its metrics.json) or a run folder (its eval_*/metrics.json); "
+                   "writes summary.json to --out")
     p.add_argument("--clip", help="CLIP checkpoint for --zero-shot (OpenAI's .pt, an open_clip file, a Hugging Face "
                    "CLIP folder)")
     add_clip_options(p)
@@ -355,7 +373,8 @@ def parse_args(argv=None):
     p.add_argument("--age-target", choices=["apparent", "real"], help="appa-real: which age (default: the run's)")
     p.add_argument("--images", nargs="+", metavar="FILE_OR_DIR", help="predict ages for these images "
                    "(files or folders, no labels needed) instead of a dataset")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint, eval_<dataset>_<split>)")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint, eval_<dataset>_<split>; "
+                   "--summarize: the folder that holds every PATH)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -369,9 +388,11 @@ def parse_args(argv=None):
     p.add_argument("--face-margin", type=face_margin, default=FACE_MARGIN, help="with --detect-faces: "
                    f"fraction of the face box added on each side of the square crop, 0 to {MAX_FACE_MARGIN:g} "
                    "(APPA-REAL's crops: 0.4)")
+    p.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flip averages the "
+                   "predictions (age and uncertainty) for each image and its mirror image; recorded in metrics.json")
     args = p.parse_args(argv)
-    if args.zero_shot == bool(args.ckpt):
-        p.error("give exactly one of --ckpt RUN/best.pt or --zero-shot --clip CHECKPOINT")
+    if sum((bool(args.ckpt), args.zero_shot, bool(args.summarize))) != 1:
+        p.error("give exactly one of --ckpt RUN/best.pt, --zero-shot --clip CHECKPOINT or --summarize PATH ...")
     if args.zero_shot and not args.clip:
         p.error("--zero-shot needs --clip CHECKPOINT (e.g. ViT-B-16.pt)")
     if args.detect_faces and not args.images:
@@ -382,6 +403,8 @@ def parse_args(argv=None):
 def main(argv=None):
     one_line_warnings()
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.out)
     if args.plot:
         import_pyplot()   # a missing matplotlib is reported before any work
     device = select_device(args.device)
@@ -403,19 +426,22 @@ def main(argv=None):
     if args.calibrate_on:
         dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
                                             model.clip.visual.input_resolution)
-        result, _ = predict_dataset(model, dataset, args, device, args.zero_shot)
+        result, _ = predict_dataset(model, dataset, args, device, args.zero_shot, args.tta)
         calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
                                 levels=sorted({*CONFORMAL_LEVELS, args.interval}))
     calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
     if calibration is None:
         print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",
               file=sys.stderr)
+    elif args.tta != "none" and not args.calibrate_on:
+        print(f"note: the interval was calibrated without --tta {args.tta}; add --calibrate-on val to calibrate it "
+              f"with", file=sys.stderr)
     if args.images:
         paths = image_paths(args.images)
         out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
         out_dir.mkdir(parents=True, exist_ok=True)
         rows, skipped = predict_files(model, paths, calibration, args.interval, detect, args.face_margin,
-                                      args.batch_size, args.workers, args.zero_shot)
+                                      args.batch_size, args.workers, args.zero_shot, args.tta)
         write_csv(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
         if skipped:
             warn_unreadable([path for path, _ in skipped], [reason for _, reason in skipped])
@@ -429,7 +455,7 @@ def main(argv=None):
     tag = f"{name}_{split}"
     out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result, samples = predict_dataset(model, dataset, args, device, args.zero_shot)
+    result, samples = predict_dataset(model, dataset, args, device, args.zero_shot, args.tta)
     if not samples:
         raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
     interval = None
@@ -439,11 +465,12 @@ def main(argv=None):
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
     metrics = compute_metrics(result["age"], result["target"], result["ages_per_step"], result["uncertainty"],
                               std)
-    with torch.no_grad():
-        order = prompt_age_order(model.text_embeddings(), model.ages)
     metrics.update(checkpoint=str(source), dataset=name, split=split,
-                   mode="zero-shot" if args.zero_shot else "trained", unreadable=len(dataset.skipped),
-                   prompt_age_order=order, **record)
+                   mode="zero-shot" if args.zero_shot else "trained", tta=args.tta, unreadable=len(dataset.skipped),
+                   **record)
+    if isinstance(model, CILFCIAE):   # a model with age prompts (not the ce-baseline)
+        with torch.no_grad():
+            metrics["prompt_age_order"] = prompt_age_order(model.text_embeddings(), model.ages)
     if calibration is not None:
         metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
                                                calibration, args.interval)
@@ -583,6 +610,111 @@ def write_csv(path, header, rows):
 def csv_cell(value):
     """A number as a CSV cell: 4 decimals, empty for nan (no interval without a calibration)."""
     return "" if math.isnan(value) else f"{value:.4f}"
+
+
+# --summarize: one line per test set (dataset and split, the benchmark database where metrics.json names
+# one, and the test-time augmentation if any) over the evaluations given, e.g. the five splits' test evaluations. mean +- std (sample standard
+# deviation, n - 1) weighs every evaluation alike, as papers report splits; "over all images" pools the
+# images (sum of abs errors / number of images, from each evaluation's MAE and image count n), the figure a
+# leave-one-subject-out protocol reports (FG-NET: 82 one-person test folds of 2-18 images each).
+
+SUMMARY_FIELDS = {"mae": "a number", "n": "an image count", "cs": "CS(theta) with theta 5", "dataset": "a name",
+                  "split": "a name"}
+
+
+def metrics_files(paths):
+    """The metrics.json files of PATHs, in the order given (each once): PATH/metrics.json, or PATH/eval_*/
+    metrics.json for a run folder (sorted), or PATH itself if it is a metrics.json. Anything else is a
+    one-line exit naming the PATH."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_file() and path.name == "metrics.json":
+            found = [path]
+        elif (path / "metrics.json").is_file():
+            found = [path / "metrics.json"]
+        else:
+            evaluations = sorted(p for p in path.glob("eval_*") if p.is_dir()) if path.is_dir() else []
+            missing = [str(p) for p in evaluations if not (p / "metrics.json").is_file()]
+            if not evaluations or missing:
+                where = (f"{missing[0]} holds no metrics.json" if missing else
+                         f"{path} holds no metrics.json and no eval_* folder" if path.is_dir() else
+                         f"{path} is not a folder" if os.path.lexists(path) else f"{path} does not exist")
+                raise SystemExit(f"--summarize: {where} (give an evaluation's folder, written by eval.py, or a run "
+                                 f"folder holding eval_* folders)")
+            found = [p / "metrics.json" for p in evaluations]
+        files += [f for f in found if f.resolve() not in {g.resolve() for g in files}]
+    return files
+
+
+def read_metrics(path):
+    """The fields --summarize reads from an evaluation's metrics.json (SUMMARY_FIELDS, the database if any),
+    or a one-line exit naming the file and what is wrong."""
+    try:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"--summarize: {path}: not readable as JSON ({clip_loader.error_line(e)})") from None
+    checks = {"mae": lambda v: isinstance(v, (int, float)) and math.isfinite(v),
+              "n": lambda v: isinstance(v, int) and v > 0,
+              "cs": lambda v: isinstance(v, dict) and isinstance(v.get("5"), (int, float)) and 0 <= v["5"] <= 1,
+              "dataset": lambda v: isinstance(v, str), "split": lambda v: isinstance(v, str)}
+    bad = [f"{k} ({SUMMARY_FIELDS[k]})" for k, ok in checks.items()
+           if not isinstance(metrics, dict) or isinstance(metrics.get(k), bool) or not ok(metrics.get(k))]
+    if bad:
+        raise SystemExit(f"--summarize: {path}: not an evaluation's metrics.json written by eval.py: missing or "
+                         f"wrong {', '.join(bad)}")
+    database = metrics.get("database")
+    names = [database] if isinstance(database, str) else database if isinstance(database, list) else []
+    tta = [f"tta {metrics['tta']}"] if metrics.get("tta", "none") != "none" else []   # another evaluation
+    test_set = " ".join([metrics["dataset"], *(Path(str(d)).stem for d in names), metrics["split"], *tta])
+    return {"path": str(path), "test_set": test_set, "n": metrics["n"], "mae": float(metrics["mae"]),
+            "cs5": float(metrics["cs"]["5"])}
+
+
+def summarize_metrics(records):
+    """One dict per test set (in order of first appearance) over read_metrics records: evaluations, images,
+    MAE and CS(5) mean and sample std over the evaluations (std None for one), and both over all images."""
+    groups = {}
+    for record in records:
+        groups.setdefault(record["test_set"], []).append(record)
+    summary = []
+    for test_set, group in groups.items():
+        mae_values, cs5, n = (np.array([r[k] for r in group], dtype=np.float64) for k in ("mae", "cs5", "n"))
+        std = lambda v: float(v.std(ddof=1)) if len(v) > 1 else None
+        summary.append({"test_set": test_set, "evaluations": len(group), "images": int(n.sum()),
+                        "mae_mean": float(mae_values.mean()), "mae_std": std(mae_values),
+                        "cs5_mean": float(cs5.mean()), "cs5_std": std(cs5),
+                        "mae_over_images": float((mae_values * n).sum() / n.sum()),
+                        "cs5_over_images": float((cs5 * n).sum() / n.sum()),
+                        "paths": [r["path"] for r in group]})
+    return summary
+
+
+def format_summary(summary):
+    """summarize_metrics' result as a plain-text table (CS in %)."""
+    pm = lambda mean, std, scale: f"{scale * mean:.2f} ± {scale * std:.2f}" if std is not None else f"{scale * mean:.2f}"
+    rows = [["test set", "evaluations", "images", "MAE mean ± std", "CS(5) % mean ± std", "MAE over all images",
+             "CS(5) % over all images"]]
+    rows += [[g["test_set"], str(g["evaluations"]), str(g["images"]), pm(g["mae_mean"], g["mae_std"], 1),
+              pm(g["cs5_mean"], g["cs5_std"], 100), f"{g['mae_over_images']:.2f}", f"{100 * g['cs5_over_images']:.2f}"]
+             for g in summary]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def summarize(paths, out=None):
+    """--summarize: read the evaluations of PATHs, print the table and write summary.json (atomically) to
+    out, by default the deepest folder that holds every PATH. Returns the summary."""
+    files = metrics_files(paths)
+    summary = summarize_metrics([read_metrics(f) for f in files])
+    out_dir = Path(out) if out else Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
+    if out_dir.is_file():   # a single metrics.json given: write beside it
+        out_dir = out_dir.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "summary.json", {"test_sets": summary})
+    print(format_summary(summary))
+    print(f"{len(files)} evaluation(s); wrote {out_dir / 'summary.json'}")
+    return summary
 
 
 def import_pyplot():
@@ -725,12 +857,12 @@ PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncer
 
 
 def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MARGIN, batch_size=64, workers=0,
-                  zero_shot=False):
+                  zero_shot=False, tta="none"):
     """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
     With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
     an empty box for a photo without a face; without, one row per file, the box the whole image. Photos are
     read one at a time and turned into the model's input tensors at once (their face crops, or the whole
-    image), so memory holds one decoded photo per loading process whatever their size."""
+    image), so memory holds one decoded photo per loading process whatever their size. tta: see predict."""
     transform = model_transform(model)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, None if detect else transform), batch_size=None,
                                          num_workers=workers)
@@ -745,15 +877,15 @@ def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MAR
             found = [(path, 0, (0, 0, *size), image)]
         faces += found or [(path, -1, None, None)]
         if sum(face[3] is not None for face in faces) >= batch_size:
-            rows += face_rows(model, faces, calibration, level, batch_size, zero_shot)
+            rows += face_rows(model, faces, calibration, level, batch_size, zero_shot, tta)
             faces = []
-    return rows + face_rows(model, faces, calibration, level, batch_size, zero_shot), skipped
+    return rows + face_rows(model, faces, calibration, level, batch_size, zero_shot, tta), skipped
 
 
-def face_rows(model, faces, calibration, level, batch_size, zero_shot):
+def face_rows(model, faces, calibration, level, batch_size, zero_shot, tta):
     """predictions.csv rows of (path, face index, box, input tensor or None for a photo without a face)."""
     inputs = [face[3] for face in faces if face[3] is not None]
-    pred = prediction(model, inputs, lambda x: x, calibration, level, batch_size, zero_shot) if inputs else None
+    pred = prediction(model, inputs, lambda x: x, calibration, level, batch_size, zero_shot, tta) if inputs else None
     values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if inputs else iter(())
     return [[path, -1] + [""] * (len(PHOTO_COLUMNS) - 2) if x is None else
             [path, j, *(f"{v:.1f}" for v in box), *map(csv_cell, next(values))] for path, j, box, x in faces]
@@ -772,19 +904,21 @@ class Prediction:
 
 
 def load_model(path, device="cpu"):
-    """(model, calibration) from a train.py checkpoint: the CILFCIAE model in eval mode on `device`, and
-    the conformal calibration train.py stored in it (None for a checkpoint written before there was one).
+    """(model, calibration) from a train.py checkpoint: its model (CILFCIAE, or LinearAgeBaseline for a
+    --method ce-baseline run) in eval mode on `device`, and the conformal calibration train.py stored in it
+    (None for a checkpoint written before there was one).
     A missing, unreadable or foreign file raises clip_loader.CheckpointError (a ValueError) naming it."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
 
 
-def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False):
+def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False, tta="none"):
     """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
     crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
-    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces. An image
-    beyond the datasets' size guard (data.check_image_size: aspect ratio, pixels), or a level the calibration
-    does not hold, is a ValueError before any work."""
+    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces. tta:
+    "flip" averages each image's and its mirror's predictions (predict). An image beyond the datasets' size
+    guard (data.check_image_size: aspect ratio, pixels), or a level the calibration does not hold, is a
+    ValueError before any work."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     for i, image in enumerate(images):
         try:
@@ -793,15 +927,15 @@ def predict_images(model, images, calibration=None, level=0.9, batch_size=64, ze
             raise ValueError(f"image {i} of the {len(images)} given: {e}") from None
     if calibration is not None:
         level_quantiles(calibration, level)
-    return prediction(model, images, model_transform(model), calibration, level, batch_size, zero_shot)
+    return prediction(model, images, model_transform(model), calibration, level, batch_size, zero_shot, tta)
 
 
-def prediction(model, items, prepare, calibration, level, batch_size, zero_shot):
+def prediction(model, items, prepare, calibration, level, batch_size, zero_shot, tta="none"):
     """The Prediction for items, each turned into the model's input tensor by prepare as its batch is formed."""
     device = next(model.parameters()).device
     batches = ((torch.stack([prepare(x) for x in chunk]), torch.full((len(chunk),), float("nan")))
                for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)))
-    result = predict(model, batches, device, autocast_dtype(device), zero_shot)
+    result = predict(model, batches, device, autocast_dtype(device), zero_shot, tta)
     if calibration is None:
         lower = upper = np.full(len(items), np.nan)
     else:
@@ -1187,28 +1321,35 @@ def exit_on_checkpoint_error(function, *args):
         raise SystemExit(str(e)) from None
 
 
-def config_from_dict(fields):
-    """CILFConfig from the plain dict saved by train.py (JSON turns tuples into lists: undo that)."""
-    defaults = CILFConfig()
-    return CILFConfig(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
-                         for k, v in fields.items()})
+def config_from_dict(fields, config_class=CILFConfig):
+    """config_class (CILFConfig, ...) from the plain dict saved by train.py (JSON turns tuples into lists:
+    undo that)."""
+    defaults = config_class()
+    return config_class(**{k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) else v
+                           for k, v in fields.items()})
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild CILFCIAE from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of the
-    "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
-    (checkpoints written before it existed: OpenAI's settings), the method's modules from the CILFConfig.
+    """Rebuild a run's model from a train.py checkpoint alone: CLIP's sizes are inferred from the shapes of
+    the "clip." weights (clip_loader.build_model), what shapes cannot tell from the saved clip_record
+    (checkpoints written before it existed: OpenAI's settings), the method's modules from the saved model
+    config of its --method (model.MODELS; checkpoints written before --method existed: cilf-ciae).
     Raises clip_loader.CheckpointError when the weights do not make that model."""
     state = ckpt["model"]
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
     if not clip_state:
         raise clip_loader.CheckpointError(f"{path}: its model has no 'clip.' weights; not a CILF-CIAE checkpoint")
+    method = (ckpt["config"].get("train") or {}).get("method", "cilf-ciae")
+    if method not in MODELS:
+        raise clip_loader.CheckpointError(f"{path}: its run used --method {method!r}, which this code does not "
+                                          f"know ({', '.join(MODELS)})")
+    model_class, config_class = MODELS[method]
     record = ckpt["config"].get("clip") or {}
     try:
         clip_model = clip_loader.build_model(clip_state, **record.get("settings", {}))
         clip_model.image_mean = tuple(record.get("image_mean", clip_loader.CLIP_MEAN))
         clip_model.image_std = tuple(record.get("image_std", clip_loader.CLIP_STD))
-        model = CILFCIAE(clip_model, config_from_dict(ckpt["config"]["model"]))
+        model = model_class(clip_model, config_from_dict(ckpt["config"]["model"], config_class))
         model.load_state_dict(state)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise clip_loader.CheckpointError(f"{path}: weights do not fit the CILF-CIAE model they describe "

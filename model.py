@@ -24,6 +24,11 @@ the choice on the demo's validation splits: bench/README.md#ablation).
 The temperature scale = exp(logit_scale) starts at CLIP's and trains (capped at 100 after each optimizer
 step, CILFCIAE.clamp_logit_scale); the reported age y_R is clipped to the class range [a_1, a_K].
 
+The plain baseline on the same backbone, LinearAgeBaseline (train.py --method ce-baseline): CLIP's image
+embedding, a linear layer to the K age classes, cross-entropy, the expectation as the age and the
+distribution's standard deviation as its uncertainty; CLIPAgeModel holds what both models share (the CLIP
+towers' training modes and AdamW groups, the age classes).
+
 W_out starts at zero, so an untrained model is CLIP's prompt classifier (with CLIP's temperature, up
 to rounding) followed by a feedback loop that changes nothing; everything switched off (depth 0,
 feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
@@ -41,8 +46,9 @@ from feedback import (UNCERTAINTY_LOSSES, ErrorFeedback, FeedbackOutput, Hypothe
                       interpolate_age_embedding)
 from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
-__all__ = ["CILFConfig", "CILFCIAE", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit",
-           "weight_shapes", "MAX_AGE_CLASSES",
+__all__ = ["AgeClasses", "CILFConfig", "CLIPAgeModel", "CILFCIAE", "LinearBaselineConfig", "LinearAgeBaseline",
+           "MODELS", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit", "weight_shapes",
+           "MAX_AGE_CLASSES",
            "soft_contrastive_targets", "gaussian_label_distribution", "weight_decayed"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
@@ -50,11 +56,31 @@ MAX_AGE_CLASSES = 1201  # a class every 0.1 year from 0 to 120
 
 
 @dataclass
-class CILFConfig:
-    # ages and prompts
+class AgeClasses:
+    """The age classes a_1..a_K of a model: min_age, min_age + age_step, ..., max_age."""
     min_age: float = 0.0                    # first age class a_1
     max_age: float = 100.0                  # last age class a_K
     age_step: float = 1.0                   # spacing of the age classes
+
+    def num_ages(self) -> int:
+        """K, the number of age classes; at most MAX_AGE_CLASSES (each class is a prompt the text tower reads)."""
+        if not self.age_step > 0 or not self.max_age >= self.min_age:
+            raise ValueError(f"{type(self).__name__}: need age_step > 0 and max_age >= min_age, got "
+                             f"{self.min_age}..{self.max_age} step {self.age_step}")
+        n = (self.max_age - self.min_age) / self.age_step
+        if not n < MAX_AGE_CLASSES:
+            raise ValueError(f"{type(self).__name__}: {self.min_age:g}..{self.max_age:g} in steps of "
+                             f"{self.age_step:g} makes more than {MAX_AGE_CLASSES} age classes")
+        return int(math.floor(n + 1e-6)) + 1
+
+    def ages(self) -> torch.Tensor:
+        """The age classes a_1..a_K as a float32 tensor (K,)."""
+        return self.min_age + self.age_step * torch.arange(self.num_ages(), dtype=torch.float64).float()
+
+
+@dataclass
+class CILFConfig(AgeClasses):
+    # prompts (the age classes: AgeClasses)
     prompt_template: str = "a photo of a {} year old person."  # one prompt per age class
     # fusion Transformer (claim 2)
     mixer: str = "linear"                   # token mixer: linear | fourier | softmax | none (global token only)
@@ -85,21 +111,6 @@ class CILFConfig:
     feedback_weight: float = 1.0            # mean over steps r >= 1 of |y_r - y|
     uncertainty_weight: float = 1.0         # uncertainty loss of every step (u_r against |y - y_r|)
 
-    def num_ages(self) -> int:
-        """K, the number of age classes; at most MAX_AGE_CLASSES (each class is a prompt the text tower reads)."""
-        if not self.age_step > 0 or not self.max_age >= self.min_age:
-            raise ValueError(f"CILFConfig: need age_step > 0 and max_age >= min_age, got "
-                             f"{self.min_age}..{self.max_age} step {self.age_step}")
-        n = (self.max_age - self.min_age) / self.age_step
-        if not n < MAX_AGE_CLASSES:
-            raise ValueError(f"CILFConfig: {self.min_age:g}..{self.max_age:g} in steps of {self.age_step:g} makes more "
-                             f"than {MAX_AGE_CLASSES} age classes")
-        return int(math.floor(n + 1e-6)) + 1
-
-    def ages(self) -> torch.Tensor:
-        """The age classes a_1..a_K as a float32 tensor (K,)."""
-        return self.min_age + self.age_step * torch.arange(self.num_ages(), dtype=torch.float64).float()
-
     def prompts(self):
         """One prompt per age class, e.g. "a photo of a 25 year old person."."""
         return [self.prompt_template.format(f"{a:g}") for a in self.ages().tolist()]
@@ -115,7 +126,7 @@ class AgeOutput:
     uncertainty: torch.Tensor               # (B,) predicted |y - y_R|; zeros when R = 0
     embedding: torch.Tensor                 # (B, E) fused embedding f, unit norm
     uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
-    text_embeddings: torch.Tensor           # (K, E) the unit-norm age-text embeddings T used
+    text_embeddings: Optional[torch.Tensor]  # (K, E) the unit-norm age-text embeddings T used; None: no prompts
     rated_per_step: Optional[torch.Tensor] = None  # (B, R+1) estimates rated (perturbed in training), or None
 
 
@@ -278,58 +289,28 @@ def _drop_text_cache(module, incompatible_keys):
     module._text_cache = None
 
 
-class CILFCIAE(nn.Module):
-    """CLIP + fusion + age distribution + error feedback; see the module docstring for the equations."""
+class CLIPAgeModel(nn.Module):
+    """What every age model here shares: a CLIP (self.clip) whose towers train or stay frozen as the config
+    says (freeze_image_tower, freeze_text_tower, clip_bn), the age classes (self.ages), the towers' train
+    and eval modes, and the AdamW parameter groups. A subclass builds its own modules after __init__, then
+    calls set_trainable()."""
 
-    def __init__(self, clip_model, config: Optional[CILFConfig] = None):
+    def __init__(self, clip_model, config):
         super().__init__()
-        config = CILFConfig() if config is None else config
-        if config.mixer not in MIXERS + ("none",):
-            raise ValueError(f"CILFConfig.mixer must be one of {MIXERS + ('none',)}, got {config.mixer!r}")
-        if config.feedback_steps < 0 or config.depth < 0:
-            raise ValueError("CILFConfig: feedback_steps and depth must be >= 0")
         if config.clip_bn not in ("frozen", "train"):
-            raise ValueError(f"CILFConfig.clip_bn must be 'frozen' or 'train', got {config.clip_bn!r}")
+            raise ValueError(f"{type(config).__name__}.clip_bn must be 'frozen' or 'train', got {config.clip_bn!r}")
         self.config = config
         self.clip = clip_model
-        E = clip_model.embed_dim
         self.register_buffer("ages", config.ages())  # (K,), saved: a checkpoint names its classes
-        tokens = clip_loader.tokenize(config.prompts(), context_length=clip_model.context_length)
-        self.register_buffer("prompt_tokens", tokens, persistent=False)  # (K, L)
-        self._text_cache = None
-        self.register_load_state_dict_post_hook(_drop_text_cache)  # new weights, new text embeddings
 
-        self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
-        # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
-        # zero_shot() keeps CLIP's value untouched. Its cap is enforced by clamp_logit_scale() after each
-        # optimizer step, as open_clip does, not by a clamp in forward: every released CLIP sits at the cap
-        # (in float32 just above log 100), where such a clamp passes a gradient of exactly 0.
-        start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
-        self.logit_scale = nn.Parameter(torch.tensor(start))
-        self.feedback = self._build_feedback(E) if config.feedback_steps > 0 else None
-
+    def set_trainable(self):
+        """requires_grad of the CLIP towers as the config says; CLIP's own temperature never trains."""
         for p in self._image_params():
-            p.requires_grad_(not config.freeze_image_tower)
+            p.requires_grad_(not self.config.freeze_image_tower)
         for p in self._text_params():
-            p.requires_grad_(not config.freeze_text_tower)
-        clip_model.logit_scale.requires_grad_(False)  # only zero_shot() reads it; our loss never does
+            p.requires_grad_(not self.config.freeze_text_tower)
+        self.clip.logit_scale.requires_grad_(False)  # only zero_shot() reads it; our losses never do
         self.train(self.training)
-
-    def _build_feedback(self, E):
-        c = self.config
-        if c.uncertainty_loss not in UNCERTAINTY_LOSSES:
-            raise ValueError(f"CILFConfig.uncertainty_loss must be one of {UNCERTAINTY_LOSSES}, got "
-                             f"{c.uncertainty_loss!r}")
-        span = float(self.ages[-1] - self.ages[0]) or 1.0
-        if c.feedback_design == "residual":
-            return ErrorFeedback(E, c.feedback_steps, c.feedback_hidden, age_scale=span / 10,
-                                 detach_inverse=c.detach_inverse)
-        if c.feedback_design != "reread":
-            raise ValueError(f"CILFConfig.feedback_design must be reread or residual, got {c.feedback_design!r}")
-        # it attends over the fused tokens (width d), or over f alone (width E) without fusion
-        token_dim = c.width if self.fusion is not None else E
-        return HypothesisFeedback(E, token_dim, c.feedback_steps, c.feedback_hidden,
-                                  age_range=(float(self.ages[0]), float(self.ages[-1])), noise=c.feedback_noise)
 
     # ---- CLIP towers -------------------------------------------------------------------------
     def _image_params(self):
@@ -358,6 +339,69 @@ class CILFCIAE(nn.Module):
                     child.eval()
         return self
 
+    # ---- training ----------------------------------------------------------------------------
+    def param_groups(self, clip_lr, new_lr, weight_decay):
+        """AdamW groups: CLIP towers at clip_lr, new modules at new_lr; each with and without weight decay.
+
+        Weight decay as weight_decayed says. Frozen parameters are left out; empty groups are dropped.
+        """
+        groups = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "clip" if name.startswith("clip.") else "new"
+            decay = weight_decayed(name, p)
+            key = f"{part}_{'decay' if decay else 'no_decay'}"
+            if key not in groups:
+                groups[key] = {"name": key, "params": [], "lr": clip_lr if part == "clip" else new_lr,
+                               "weight_decay": weight_decay if decay else 0.0}
+            groups[key]["params"].append(p)
+        return list(groups.values())
+
+
+class CILFCIAE(CLIPAgeModel):
+    """CLIP + fusion + age distribution + error feedback; see the module docstring for the equations."""
+
+    def __init__(self, clip_model, config: Optional[CILFConfig] = None):
+        config = CILFConfig() if config is None else config
+        if config.mixer not in MIXERS + ("none",):
+            raise ValueError(f"CILFConfig.mixer must be one of {MIXERS + ('none',)}, got {config.mixer!r}")
+        if config.feedback_steps < 0 or config.depth < 0:
+            raise ValueError("CILFConfig: feedback_steps and depth must be >= 0")
+        super().__init__(clip_model, config)
+        E = clip_model.embed_dim
+        tokens = clip_loader.tokenize(config.prompts(), context_length=clip_model.context_length)
+        self.register_buffer("prompt_tokens", tokens, persistent=False)  # (K, L)
+        self._text_cache = None
+        self.register_load_state_dict_post_hook(_drop_text_cache)  # new weights, new text embeddings
+
+        self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
+        # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
+        # zero_shot() keeps CLIP's value untouched. Its cap is enforced by clamp_logit_scale() after each
+        # optimizer step, as open_clip does, not by a clamp in forward: every released CLIP sits at the cap
+        # (in float32 just above log 100), where such a clamp passes a gradient of exactly 0.
+        start = min(float(clip_model.logit_scale.detach()), MAX_LOGIT_SCALE)
+        self.logit_scale = nn.Parameter(torch.tensor(start))
+        self.feedback = self._build_feedback(E) if config.feedback_steps > 0 else None
+        self.set_trainable()
+
+    def _build_feedback(self, E):
+        c = self.config
+        if c.uncertainty_loss not in UNCERTAINTY_LOSSES:
+            raise ValueError(f"CILFConfig.uncertainty_loss must be one of {UNCERTAINTY_LOSSES}, got "
+                             f"{c.uncertainty_loss!r}")
+        span = float(self.ages[-1] - self.ages[0]) or 1.0
+        if c.feedback_design == "residual":
+            return ErrorFeedback(E, c.feedback_steps, c.feedback_hidden, age_scale=span / 10,
+                                 detach_inverse=c.detach_inverse)
+        if c.feedback_design != "reread":
+            raise ValueError(f"CILFConfig.feedback_design must be reread or residual, got {c.feedback_design!r}")
+        # it attends over the fused tokens (width d), or over f alone (width E) without fusion
+        token_dim = c.width if self.fusion is not None else E
+        return HypothesisFeedback(E, token_dim, c.feedback_steps, c.feedback_hidden,
+                                  age_range=(float(self.ages[0]), float(self.ages[-1])), noise=c.feedback_noise)
+
+    # ---- age prompts -------------------------------------------------------------------------
     def _encode_prompts(self):
         # float32 whatever the caller's autocast: adjacent age prompts differ by ~1e-4 per coordinate,
         # which bf16 (8 significant bits) rounds away, making neighbouring ages identical.
@@ -453,20 +497,77 @@ class CILFCIAE(nn.Module):
         total = sum((weights[k] * v for k, v in parts.items()), out.logits.new_zeros(()))
         return total, parts
 
-    def param_groups(self, clip_lr, new_lr, weight_decay):
-        """AdamW groups: CLIP towers at clip_lr, new modules at new_lr; each with and without weight decay.
 
-        Weight decay as weight_decayed says. Frozen parameters are left out; empty groups are dropped.
-        """
-        groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            part = "clip" if name.startswith("clip.") else "new"
-            decay = weight_decayed(name, p)
-            key = f"{part}_{'decay' if decay else 'no_decay'}"
-            if key not in groups:
-                groups[key] = {"name": key, "params": [], "lr": clip_lr if part == "clip" else new_lr,
-                               "weight_decay": weight_decay if decay else 0.0}
-            groups[key]["params"].append(p)
-        return list(groups.values())
+# ----------------------------------------------------------------------------- the plain baseline
+
+@dataclass
+class LinearBaselineConfig(AgeClasses):
+    """LinearAgeBaseline's settings (the age classes: AgeClasses). Its text tower is never read, so it
+    stays frozen and in eval mode."""
+    freeze_image_tower: bool = False        # True: a linear probe on frozen CLIP features
+    clip_bn: str = "frozen"                 # BatchNorm of a trained ResNet tower: frozen (eval mode) | train
+    freeze_text_tower: bool = True          # never read by the head; kept so the checkpoint holds a whole CLIP
+
+
+def age_class_targets(y, ages):
+    """Cross-entropy targets over the age classes ages (K,), evenly spaced, for true ages y (B,) -> (B, K):
+    an age on a class is that class (one-hot); one between two classes is split between them in proportion
+    to its nearness, so the target's expectation is y (apparent ages are means of votes); ages outside
+    the classes go to the nearest end."""
+    K = len(ages)
+    step = float(ages[1] - ages[0]) if K > 1 else 1.0
+    position = ((y - ages[0]) / step).clamp(0, K - 1)  # (B,) in class units
+    low = position.floor().long().clamp(max=K - 1)
+    high = (low + 1).clamp(max=K - 1)
+    w = position - low  # (B,) the share of the upper class
+    q = torch.zeros(len(y), K, dtype=torch.float32, device=y.device)
+    q.scatter_add_(1, low[:, None], (1 - w)[:, None])
+    return q.scatter_add_(1, high[:, None], w[:, None])
+
+
+class LinearAgeBaseline(CLIPAgeModel):
+    """The CLIP image tower with a linear head over the K age classes, trained by cross-entropy: the plain
+    baseline on the same backbone (train.py --method ce-baseline; Paplham and Franc, CVPR 2024, found it
+    hard to beat). p = softmax(W g + b) for CLIP's image embedding g; the age is the expectation
+    sum_k p_k a_k; the uncertainty is the standard deviation of p, the spread the model itself predicts
+    (it is not trained to rank the error, which CILF-CIAE's feedback is). W and b start at zero: the
+    untrained model predicts the mean of the classes."""
+
+    def __init__(self, clip_model, config: Optional[LinearBaselineConfig] = None):
+        config = LinearBaselineConfig() if config is None else config
+        super().__init__(clip_model, config)
+        self.head = nn.Linear(clip_model.embed_dim, len(self.ages))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.set_trainable()
+
+    def forward(self, images):
+        """images (B, 3, R, R), CLIP-normalised -> AgeOutput with one step (no feedback) and no prompts."""
+        g = self.clip.encode_image(images)  # (B, E)
+        # float32 with autocast off, as CILFCIAE._predict: the ages need more than bf16's 8 significant bits
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            logits = self.head(g.float())  # (B, K)
+            probs = logits.softmax(dim=1)
+            age = probs @ self.ages  # (B,)
+            spread = (probs * (self.ages[None, :] - age[:, None]) ** 2).sum(1).clamp(min=0).sqrt()  # (B,)
+        return AgeOutput(logits=logits, probs=probs, ages_per_step=age.unsqueeze(1),
+                         age=age.clamp(self.ages[0], self.ages[-1]), uncertainty=spread,
+                         embedding=F.normalize(g.float(), dim=-1), uncertainty_per_step=spread.unsqueeze(1),
+                         text_embeddings=None)
+
+    def loss(self, out: AgeOutput, target):
+        """(total, {"cross_entropy": total}): the mean over the batch of -sum_k q_k log p_k, with q the
+        targets of age_class_targets (one-hot for whole ages)."""
+        y = target.to(device=out.logits.device, dtype=torch.float32)
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            q = age_class_targets(y, self.ages)
+            total = -(q * out.logits.float().log_softmax(dim=1)).sum(1).mean()
+        return total, {"cross_entropy": total}
+
+    def clamp_logit_scale(self):
+        """No temperature of its own (the head's scale is free): nothing to cap after an optimizer step."""
+
+
+# The methods train.py --method names: the model class and its config class (eval.model_from_checkpoint
+# rebuilds a run's model from the method its checkpoint records).
+MODELS = {"cilf-ciae": (CILFCIAE, CILFConfig), "ce-baseline": (LinearAgeBaseline, LinearBaselineConfig)}

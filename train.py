@@ -15,6 +15,8 @@ Run:
     python train.py --dataset morph2 --data-root /data/MORPH --protocol subject5fold --fold 0 \\
         --clip ViT-B-16.pt --out runs/morph_f0
     python train.py --out runs/utk --resume           # continue a stopped run (rerunning into --out does too)
+    python train.py --method ce-baseline --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt \
+        --out runs/utk_ce                             # the plain baseline: linear head, cross-entropy
     torchrun --nproc_per_node=4 --standalone train.py --dataset utkface --data-root /data/UTKFace \\
         --clip ViT-B-16.pt --out runs/utk4            # DDP: NCCL on GPUs, gloo on CPUs
     python eval.py --ckpt runs/utk/best.pt            # the full metric table
@@ -68,7 +70,7 @@ from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, cali
                   exit_on_checkpoint_error, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
-from model import CILFCIAE, CILFConfig, check_prompts_fit, weight_decayed
+from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, weight_decayed
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -123,6 +125,10 @@ def parse_args(argv=None):
                    "that state the age (the others say 'a photo of a person', as most web captions leave the age "
                    "out; 1 makes the demo CLIP's zero-shot unrealistically strong, see the README's demo CLIP)")
     g = p.add_argument_group("model (CILFConfig)")
+    g.add_argument("--method", default="cilf-ciae", choices=sorted(MODELS), help="cilf-ciae: the method "
+                   "(model.CILFCIAE); ce-baseline: the plain baseline on the same CLIP (model.LinearAgeBaseline: "
+                   "a linear head on the image embedding, cross-entropy over the age classes), which reads only "
+                   "--clip*, --min-age, --max-age, --image-tower and --clip-bn of the model options")
     g.add_argument("--clip", default=None, help="CLIP checkpoint: OpenAI's RN50.pt ... ViT-L-14-336px.pt, an "
                    "open_clip file (its open_clip_config.json beside it), a Hugging Face CLIP folder; none: the "
                    "demo CLIP, pretrained on captioned drawings and cached (built on first use, see --objective "
@@ -232,6 +238,8 @@ def check_option_combinations(args):
         return f"--width {args.width} must be divisible by --heads {args.heads}"
     if args.dataset != "synthetic" and args.data_root is None:
         return f"--dataset {args.dataset} needs --data-root"
+    if args.method == "ce-baseline" and args.text_tower == "train":
+        return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
     return None
 
 
@@ -256,7 +264,7 @@ def resolve_defaults(args):
     args.batch_size = pick(args.batch_size, 64, 64)
     args.lr = pick(args.lr, 1e-3, 1e-4)
     args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)
-    args.text_tower = args.text_tower or ("train" if random_clip else "freeze")
+    args.text_tower = args.text_tower or ("train" if random_clip and args.method == "cilf-ciae" else "freeze")
     args.width = pick(args.width, DEMO_MODEL["width"], m.width)
     args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
     args.weight_decay = pick(args.weight_decay, 0.05, 0.05)
@@ -318,11 +326,12 @@ def run(args, rank, world, device, argv_of_run=()):
     resolve_max_age(args, [s.age for s in splits["train"].samples])
     config = build_config(args)
     refuse_ages_outside_classes(splits["train"], config)
-    try:
-        check_prompts_fit(config, clip_model.context_length)
-    except ValueError as e:
-        raise SystemExit(f"--prompt-template with --clip {args.clip}: {e}") from None
-    raw_model = CILFCIAE(clip_model, config)
+    if isinstance(config, CILFConfig):   # the ce-baseline reads no prompts
+        try:
+            check_prompts_fit(config, clip_model.context_length)
+        except ValueError as e:
+            raise SystemExit(f"--prompt-template with --clip {args.clip}: {e}") from None
+    raw_model = MODELS[args.method][0](clip_model, config)
     train_set = EpochSeeded(splits["train"], args.seed)
     data_index = [entry for split, dataset in splits.items() for entry in data.index_entries(dataset, split)]
     run_config = build_run_config(args, world, options, config, clip_model, splits, data_index)
@@ -526,9 +535,13 @@ def build_clip(args):
 
 
 def build_config(args):
-    """CILFConfig from the options (every field has one). run() resolves --max-age from the training split
-    first (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
+    """The model config of --method from the options (CILFConfig: every field has one; LinearBaselineConfig:
+    the age classes and the image tower). run() resolves --max-age from the training split first
+    (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
     max_age = CILFConfig.max_age if args.max_age is None else args.max_age
+    if args.method == "ce-baseline":
+        return LinearBaselineConfig(min_age=args.min_age, max_age=max_age,
+                                    freeze_image_tower=args.image_tower == "freeze", clip_bn=args.clip_bn)
     return CILFConfig(min_age=args.min_age, max_age=max_age, prompt_template=args.prompt_template,
                       mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
                       mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,

@@ -10,7 +10,7 @@ mean and std over seeds and its ratio to the mean predictor's (worst seed too), 
 step, the change the feedback makes (last step minus step 0, mean and worst seed), Spearman rank
 correlation between the predicted uncertainty and the actual error, wall time and trainable parameters.
 
-    python bench/ablation.py                          # 10 variants x 3 seeds, 2 runs at a time
+    python bench/ablation.py                          # 11 variants x 3 seeds, 2 runs at a time
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
     python bench/ablation.py --variants augment-on clip-random --out runs/ablation_control   # controls
 
@@ -51,6 +51,7 @@ VARIANTS = {
     "mixer-none": ["--mixer", "none"],                               # claim 2: global token only
     "mixer-fourier": ["--mixer", "fourier"],                         # claim 2, the abstract's FourierFormer
     "mixer-softmax": ["--mixer", "softmax"],                         # claim 2, the quadratic baseline
+    "ce-baseline": ["--method", "ce-baseline"],                      # no claim: a linear head, cross-entropy
 }
 # Controls that show what a demo setting or the pretraining buys; run with --variants NAME.
 CONTROLS = {
@@ -117,7 +118,7 @@ def demo_clip_file():
 
 def trainable_parameters(path):
     """Parameters the run trained (frozen CLIP towers excluded), from the checkpoint alone: the model's
-    constructor sets requires_grad from the saved CILFConfig."""
+    constructor sets requires_grad from the saved model config."""
     evaluation = import_project("eval")
     model = evaluation.model_from_checkpoint(evaluation.load_checkpoint(path), path)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

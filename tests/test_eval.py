@@ -238,8 +238,73 @@ def test_checkpoint_with_mismatched_weights(trained_run, tmp_path):
         ev.main(["--ckpt", str(bad)])
 
 
+# --------------------------------------------------------------------------- --summarize
+
+def write_metrics(folder, dataset, split, n, mae, cs5, **more):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"n": n, "mae": mae, "cs": {str(t): cs5 if t == 5 else 0.0
+                                                     for t in range(11)}, "dataset": dataset, "split": split, **more}))
+
+
+def test_summarize_three_splits_and_a_leave_one_subject_out_protocol_by_hand(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for i, (n, mae, cs5) in enumerate([(10, 2.0, 0.5), (20, 3.0, 0.6), (70, 4.0, 0.9)]):
+        write_metrics(runs / f"morph_split{i}" / "eval_test", "morph2", "test", n, mae, cs5)
+    write_metrics(runs / "morph_split0" / "eval_val", "morph2", "val", 8, 1.5, 0.75)
+    write_metrics(runs / "morph_split0" / "eval_test_flip", "morph2", "test", 10, 1.0, 1.0, tta="flip")
+    for person, (n, mae) in enumerate([(2, 1.0), (3, 4.0), (5, 2.0), (10, 3.0)]):
+        write_metrics(runs / f"fgnet_lopo{person}" / "eval_test", "fgnet", "test", n, mae, 0.5)
+    # a run folder (its eval_* folders), evaluation folders as a shell glob gives them, one given twice
+    summary = ev.main(["--summarize", str(runs / "morph_split0"), *map(str, sorted(runs.glob("morph_split*/eval_test"))),
+                       *map(str, sorted(runs.glob("fgnet_lopo*")))])
+    groups = {g["test_set"]: g for g in summary}
+    assert list(groups) == ["morph2 test", "morph2 test tta flip", "morph2 val", "fgnet test"]
+    morph = groups["morph2 test"]
+    assert morph["evaluations"] == 3 and morph["images"] == 100
+    assert morph["mae_mean"] == pytest.approx(3.0) and morph["mae_std"] == pytest.approx(1.0)   # sqrt((1 + 0 + 1) / 2)
+    assert morph["cs5_mean"] == pytest.approx(2 / 3)
+    assert morph["cs5_std"] == pytest.approx(math.sqrt(((0.5 - 2 / 3) ** 2 + (0.6 - 2 / 3) ** 2 + (0.9 - 2 / 3) ** 2) / 2))
+    assert morph["mae_over_images"] == pytest.approx((20 + 60 + 280) / 100)    # sum of |errors| / images
+    assert morph["cs5_over_images"] == pytest.approx((5 + 12 + 63) / 100)
+    assert groups["morph2 val"]["evaluations"] == 1 and groups["morph2 val"]["mae_std"] is None
+    fgnet = groups["fgnet test"]   # leave one subject out: the image-weighted MAE is the protocol's figure
+    assert fgnet["mae_over_images"] == pytest.approx((2 + 12 + 10 + 30) / 20) and fgnet["mae_mean"] == pytest.approx(2.5)
+    table = capsys.readouterr().out
+    assert "3.00 ± 1.00" in table and "66.67 ± 20.82" in table and "3.60" in table and "2.70" in table
+    written = json.loads((runs / "summary.json").read_text())   # the folder holding every PATH
+    assert written["test_sets"] == json.loads(json.dumps(summary))
+
+
+def test_summarize_bad_input_is_one_line_naming_the_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "eval_test").mkdir(parents=True)
+    write_metrics(tmp_path / "no_count", "morph2", "test", 0, 2.0, 0.5)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    for path, message in ((tmp_path / "missing", "missing does not exist"),
+                          (tmp_path / "empty", "empty holds no metrics.json and no eval_\\* folder"),
+                          (tmp_path / "run", "eval_test holds no metrics.json"),
+                          (tmp_path / "no_count", "no_count/metrics.json: not an evaluation's metrics.json .* n \\(an "
+                                                  "image count\\)"),
+                          (tmp_path / "broken", "broken/metrics.json: not readable as JSON")):
+        with pytest.raises(SystemExit, match=f"^--summarize: .*{message}") as error:
+            ev.main(["--summarize", str(path)])
+        assert "\n" not in str(error.value)
+
+
+def test_summarize_reads_what_eval_writes_and_tta_is_recorded(trained_run, tmp_path):
+    run, _ = trained_run
+    plain = ev.main(["--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "eval_test")])
+    flip = ev.main(["--ckpt", str(run / "best.pt"), "--tta", "flip", "--out", str(tmp_path / "eval_test_flip")])
+    assert plain["tta"] == "none" and flip["tta"] == "flip" and flip["mae"] != plain["mae"]
+    summary = ev.main(["--summarize", str(tmp_path), "--out", str(tmp_path / "summary")])
+    assert [(g["test_set"], g["mae_mean"], g["images"]) for g in summary] == [
+        ("csv test", plain["mae"], 4), ("csv test tta flip", flip["mae"], 4)]
+    assert (tmp_path / "summary" / "summary.json").is_file()
+
+
 def test_argument_errors():
     with pytest.raises(SystemExit):
-        ev.parse_args([])   # neither --ckpt nor --zero-shot
+        ev.parse_args([])   # neither --ckpt nor --zero-shot nor --summarize
     with pytest.raises(SystemExit):
         ev.parse_args(["--zero-shot"])   # --zero-shot without --clip

@@ -3,13 +3,14 @@ targets by hand, the plain-CLIP reduction, bf16 autocast, ViT and ResNet backbon
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import clip_loader
-from model import (AgeOutput, CILFCIAE, CILFConfig, contrastive_loss, gaussian_label_distribution,
-                   soft_contrastive_targets)
+from model import (AgeOutput, CILFCIAE, CILFConfig, LinearAgeBaseline, LinearBaselineConfig, contrastive_loss,
+                   gaussian_label_distribution, soft_contrastive_targets)
 
 CTX = 16  # context length of the tiny text towers; the longest prompt needs 12 tokens
 MIXERS = ("linear", "fourier", "softmax", "none")
@@ -565,3 +566,46 @@ def test_fourier_global_token_passes_the_mixing_step_unchanged(vit):
     out = block(z, None, (3, 3))
     assert torch.equal(out[:, 0], z[:, 0])
     assert not torch.allclose(out[:, 1:], z[:, 1:])                  # the grid tokens are mixed
+
+
+# ---- the ce-baseline ----------------------------------------------------------------------------------
+
+def test_ce_baseline_is_a_linear_head_with_a_hand_computed_cross_entropy(vit):
+    """LinearAgeBaseline by hand (numpy, float64): logits W g + b on CLIP's image embedding; the loss is
+    -log p of the true class for a whole age, split 75/25 between 12 and 13 for 12.25 (25/75 for 12.75);
+    the age the expectation, the uncertainty the standard deviation of p."""
+    model = LinearAgeBaseline(vit, LinearBaselineConfig(max_age=30.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.head.weight.copy_(0.3 * torch.randn(model.head.weight.shape, generator=g))
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g))
+    x = images(vit)
+    out = model(x)
+    loss, parts = model.loss(out, torch.tensor([3.0, 12.25, 12.75, 27.0]))
+    with torch.no_grad():
+        feature = vit.encode_image(x).double().numpy()
+    W, b = model.head.weight.detach().double().numpy(), model.head.bias.detach().double().numpy()
+    logits = feature @ W.T + b   # (4, 31)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    hand = -np.mean([log_p[0, 3], 0.75 * log_p[1, 12] + 0.25 * log_p[1, 13],
+                     0.25 * log_p[2, 12] + 0.75 * log_p[2, 13], log_p[3, 27]])
+    assert loss.item() == pytest.approx(hand, rel=1e-5) and list(parts) == ["cross_entropy"]
+    p, ages = np.exp(log_p), np.arange(31.0)
+    mean = p @ ages
+    assert out.age.detach().double().numpy() == pytest.approx(mean, abs=1e-4)
+    assert out.uncertainty.detach().double().numpy() == pytest.approx(np.sqrt(p @ ages ** 2 - mean ** 2), abs=1e-3)
+    assert out.ages_per_step.shape == (4, 1) and out.text_embeddings is None
+
+
+def test_ce_baseline_starts_at_the_mean_class_and_trains_only_image_tower_and_head(vit):
+    model = LinearAgeBaseline(vit, LinearBaselineConfig(max_age=30.0))
+    out = model(images(vit))
+    assert torch.allclose(out.age, torch.full((4,), 15.0))   # zero head: uniform over 0..30
+    assert torch.allclose(out.uncertainty, torch.full((4,), math.sqrt(sum((a - 15) ** 2 for a in range(31)) / 31)))
+    groups = {g["name"]: g for g in model.param_groups(1e-5, 1e-3, 0.05)}
+    assert {id(p) for p in groups["new_decay"]["params"]} == {id(model.head.weight)}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"head.weight", "head.bias"} | {f"clip.visual.{n}" for n, _ in vit.visual.named_parameters()}
+    model.train()
+    assert model.training and not model.clip.transformer.training   # the unread text tower stays in eval mode

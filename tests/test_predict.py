@@ -192,6 +192,24 @@ def test_predict_api_matches_the_command_line(run, tmp_path):
     assert one.age[0] == pytest.approx(out.age[1], abs=1e-4) and math.isnan(one.lower[0])
 
 
+def test_tta_flip_is_the_mean_of_the_image_and_its_mirror():
+    """predict_images(tta="flip") against predictions for the images and for their mirror images made by
+    PIL, averaged by hand; a random ViT CLIP (position embeddings) sees a mirror image differently."""
+    from model import CILFCIAE, CILFConfig
+    torch.manual_seed(0)
+    clip = clip_loader.CLIP(32, 32, 2, 64, 8, 16, 49408, 32, 2, 1)
+    model = CILFCIAE(clip, CILFConfig(max_age=30.0, width=32, heads=2, feedback_hidden=32)).eval()
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    plain = ev.predict_images(model, photos)
+    mirrored = ev.predict_images(model, [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in photos])
+    flip = ev.predict_images(model, photos, tta="flip")
+    for key in ("age", "uncertainty"):
+        assert getattr(flip, key) == pytest.approx((getattr(plain, key) + getattr(mirrored, key)) / 2, abs=1e-5)
+    for key in ("age", "uncertainty"):   # the mirror image changes both, so the mean is not either one
+        assert np.abs(getattr(plain, key) - getattr(mirrored, key)).min() > 1e-3
+
+
 def test_predict_api_raises_a_catchable_error_for_a_bad_file(tmp_path):
     """A library caller gets a ValueError it can catch (clip_loader.CheckpointError), not an exit."""
     garbage = tmp_path / "garbage.pt"

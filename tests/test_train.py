@@ -178,6 +178,27 @@ def test_short_demo_learns(tmp_path, capsys):
     assert set(best) >= {"model", "optimizer", "scheduler", "step", "epoch", "rng", "config", "history"}
 
 
+def test_ce_baseline_trains_on_the_demo_and_eval_rebuilds_it(tmp_path):
+    """--method ce-baseline: the first step's loss is the cross-entropy of a uniform distribution over the
+    101 classes, log 101 (the head starts at zero), whatever the batch; the loss falls; eval.py rebuilds
+    the baseline from best.pt alone and predicts what train.py tested."""
+    import eval as ev
+    from model import LinearAgeBaseline
+    result = train.main(["--method", "ce-baseline", "--out", str(tmp_path), "--clip", "random", "--synthetic-n",
+                         "128", "32", "32", "--epochs", "3", "--batch-size", "32"])
+    steps = log_lines(tmp_path, "step")
+    assert steps[0]["loss"] == pytest.approx(math.log(101), rel=1e-6) and set(steps[0]) >= {"cross_entropy"}
+    assert np.mean([s["loss"] for s in steps[-4:]]) < 0.97 * math.log(101)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"]["method"] == "ce-baseline" and "mixer" not in config["model"]
+    model, calibration = ev.load_model(tmp_path / "best.pt")
+    assert isinstance(model, LinearAgeBaseline) and calibration["n"] == 32
+    metrics = ev.main(["--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "eval")])
+    assert metrics["mae"] == pytest.approx(result["test_mae"], abs=1e-4) and "prompt_age_order" not in metrics
+    with pytest.raises(SystemExit):   # its text tower is never read: training it is refused
+        train.parse_args(["--method", "ce-baseline", "--text-tower", "train"])
+
+
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     args = [sys.executable, "train.py", *TINY, "--epochs", "3"]
     straight = tmp_path / "straight"
