@@ -1192,7 +1192,7 @@ MODEL_FIELDS = {
     "contrastive_sigma": _accepts(positive_float), "feedback_weight": _accepts(non_negative_float),
     "uncertainty_weight": _accepts(non_negative_float)}
 # The run's options that eval.py reads (the others are only compared, by train.py's resume)
-TRAIN_FIELDS = {"dataset": _one_of(*data.DATASETS), "data_root": _of_type(str, type(None)),
+TRAIN_FIELDS = {"method": _one_of(*MODELS), "dataset": _one_of(*data.DATASETS), "data_root": _of_type(str, type(None)),
                 "dataset_options": lambda value: _of_type(dict)(value) or _plain(value),
                 "fold": _accepts(non_negative_int), "seed": _accepts(non_negative_int)}
 DATA_FIELDS = {"fingerprint": _of_type(str), "images": _accepts(non_negative_int),
@@ -1294,21 +1294,22 @@ def checkpoint_problem(ckpt):
                                         record.get("image_std", clip_loader.CLIP_STD))
     except (TypeError, ValueError) as e:
         return "config.clip", str(e)
-    cilf = config_from_dict(model)
+    method_config = config_from_dict(model, MODELS[config["train"].get("method", "cilf-ciae")][1])
     try:
-        shapes = weight_shapes(cilf, clip_state["text_projection"].shape[1])
+        shapes = weight_shapes(method_config, clip_state["text_projection"].shape[1])
     except ValueError as e:
         return "config.model.age_step", str(e)
     for key, shape in shapes.items():
         held = tuple(state[key].shape) if key in state else None
         if held != shape:
             return "config.model", f"its sizes make {key} of shape {shape}, but the weights hold {held or 'none'}"
-    if not torch.allclose(state["ages"].double(), cilf.ages().double()):
+    if not torch.allclose(state["ages"].double(), method_config.ages().double()):
         return "config.model", "its age classes are not the weights' ages"
-    try:
-        check_prompts_fit(cilf, clip_state["positional_embedding"].shape[0])
-    except ValueError as e:
-        return "config.model.prompt_template", str(e)
+    if isinstance(method_config, CILFConfig):   # the ce-baseline reads no prompts
+        try:
+            check_prompts_fit(method_config, clip_state["positional_embedding"].shape[0])
+        except ValueError as e:
+            return "config.model.prompt_template", str(e)
     return None
 
 

@@ -141,13 +141,16 @@ def check_prompts_fit(config: CILFConfig, context_length: int):
                          f"{lengths[longest]} tokens long, more than the CLIP's context of {context_length} tokens")
 
 
-def weight_shapes(config: CILFConfig, embed_dim: int) -> dict:
+def weight_shapes(config: AgeClasses, embed_dim: int) -> dict:
     """{state-dict key: shape} of the tensors that config's sizes fix, for a CLIP of embedding width
-    embed_dim: the age classes, the fusion's width, depth and MLP, the feedback's steps and width. A
+    embed_dim: the age classes, the fusion's width, depth and MLP, the feedback's steps and width (for a
+    LinearBaselineConfig: the age classes and its head). A
     checkpoint whose weights differ states sizes it does not have; comparing these first refuses it before a
     model of the stated sizes is built (a stated width of 20000 would cost gigabytes before any other check)."""
     c = config
     shapes = {"ages": (c.num_ages(),)}
+    if isinstance(c, LinearBaselineConfig):   # the ce-baseline: one linear head on CLIP's image embedding
+        return {**shapes, "head.weight": (c.num_ages(), embed_dim)}
     if c.depth > 0:
         shapes["fusion.in_proj.weight"] = (c.width, embed_dim)
         shapes[f"fusion.blocks.{c.depth - 1}.mlp.0.weight"] = (int(round(c.mlp_ratio * c.width)), c.width)
