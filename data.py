@@ -7,11 +7,11 @@ subject-exclusive wherever identities are known, seeded, and disjoint (see DATAS
 
 Sections:
     images and transforms   load_image (any image file -> RGB, within size limits), train_transform, eval_transform
-    aligned faces           aligned_box, crop_aligned, aligned_crop_size, aligned_transform, face_detector
-    the dataset             AgeDataset, collate_readable, check_images
+    aligned faces           aligned_box, crop_aligned, aligned_crop_size, aligned_transform, Face, face_detector
+    the dataset             AgeDataset, AlignedFaces (the benchmark's faces, cropped), collate_readable, check_images
     splits                  random_split, subject_split, leave_one_subject_out, subject_kfold
-    parsing the layouts     one reader per dataset (the unified benchmark's databases: BENCHMARK_SPLITS,
-                            AlignedFaces), check_split_integrity, build_dataset
+    parsing the layouts     one reader per dataset (the unified benchmark's databases: BENCHMARK_SPLITS),
+                            check_split_integrity, build_dataset
     dataset identity        index_entries, fingerprint, describe_change
     synthetic data          render_synthetic, draw_synthetic, SyntheticAgeDataset (the demo's data)
     captioned drawings      caption, CaptionedDrawings (the demo CLIP's pretraining corpus)

@@ -10,6 +10,7 @@ Run:
     python eval.py --ckpt RUN/best.pt --images photos/ face.jpg  # no labels: writes predictions.csv
     python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
     python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
+    python eval.py --ckpt RUN/best.pt --database FG-Net_aligned.json --split all   # facebase: cross-dataset
     python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
 
 Sections:

@@ -96,7 +96,7 @@ def measure_crops(n: int, photo_size: int, resolution: int):
         photos = []
         for i in range(n):
             rng = np.random.default_rng([i, 5])
-            drawing = Image.fromarray(data.render_synthetic(i % 101, rng, photo_size // 2))
+            drawing = Image.fromarray(data.render_synthetic(i % 101, rng, photo_size // 3))
             canvas, box = paste(drawing, photo_size, rng)
             canvas.save(tmp / f"{i}.jpg", quality=90)
             photos.append(data.Sample(str(tmp / f"{i}.jpg"), float(i % 101), box=tuple(box)))
@@ -135,8 +135,8 @@ def measure_align(n: int, photo_size: int):
         counts = data.align_folder(raw, out, size=data.aligned_crop_size(256))
         seconds = time.perf_counter() - start
         shutil.rmtree(out)
-    print(f"{n} photos of {photo_size}x{photo_size} (the astronaut, rotated): {counts['faces']} aligned, "
-          f"{counts['no face']} without a face, {n / seconds:.1f} photos/s (model loading included, "
+    print(f"{n} photos of {photo_size}x{photo_size} (the astronaut, rotated): {counts['aligned']} aligned, "
+          f"{len(counts['no face'])} without a face, {n / seconds:.1f} photos/s (model loading included, "
           f"{torch.get_num_threads()} torch thread(s))")
 
 

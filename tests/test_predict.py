@@ -89,14 +89,15 @@ def test_face_crop_by_hand():
     box is 40 px wide (half side max(2 x 10, 1.8 x 10) = 20) about (40, 31), 1-based corners (21, 12) and
     (61, 52), 0-based (20, 11) and (60, 51). With margin 0.05 the crop's data.aligned_crop_size(40) = 44
     pixels span columns 18..62 and rows 9..53, 44/43 px apart, and the model sees the centre 40 from pixel
-    2: columns 18 + 2 * 44/43 = 20.05 .. 18 + 41 * 44/43 = 59.95, rows 11.05 .. 50.95."""
+    2: columns 18 + 2 * 44/43 = 20.05 .. 18 + 41 * 44/43 = 59.95, rows 11.05 .. 50.95, which PIL's 8-bit
+    bilinear interpolation of the coordinate image truncates."""
     image = coordinate_image(80, 60)
     face = data.Face((30, 20, 50, 45), ((35, 30), (45, 30), (40, 35), (36, 40), (44, 40)), 0.99)
     assert face.aligned_box() == [21, 12, 61, 12, 61, 52, 21, 52]
     crop = np.asarray(ev.face_crop(image, face, 40, margin=0.05), np.int64)
     assert crop.shape == (40, 40, 3)
-    assert tuple(crop[0, 0, :2]) == (20, 11) and tuple(crop[39, 39, :2]) == (60, 51)
-    assert tuple(crop[0, 39, :2]) == (60, 11) and tuple(crop[39, 0, :2]) == (20, 51)
+    assert tuple(crop[0, 0, :2]) == (20, 11) and tuple(crop[39, 39, :2]) == (59, 50)
+    assert tuple(crop[0, 39, :2]) == (59, 11) and tuple(crop[39, 0, :2]) == (20, 50)
 
 
 # --------------------------------------------------------------------------- a trained run
