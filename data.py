@@ -821,11 +821,11 @@ def _facebase(root: Path, fold: int, seed: int, split: str, database=None, margi
     """The unified benchmark: split `fold` (--split-index) of one database, or every entry of one or more
     databases with split "all" (cross-dataset testing: then they are the test split, train and val are
     empty). Entries left out are counted in one warning per reason."""
+    _check_root("facebase", root)
     if not database:
-        raise ValueError("facebase needs database: the benchmark's JSON file(s) (--database)")
+        raise DatasetError(f"facebase: no database (--database: the benchmark's JSON file) for the images under {root}")
     if crop_size is None:
         raise ValueError("facebase needs crop_size: the model's input enlarged by the margin (aligned_crop_size)")
-    _check_root("facebase", root)
     paths = [Path(os.path.abspath(p)) for p in ([database] if isinstance(database, (str, Path)) else database)]
     if split != "all" and len(paths) > 1:
         raise ValueError(f"{len(paths)} databases: several are tested whole across datasets (split all); a "
