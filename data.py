@@ -8,13 +8,16 @@ subject-exclusive wherever identities are known, seeded, and disjoint (see DATAS
 Sections:
     images and transforms   load_image (any image file -> RGB, within size limits), check_image_size,
                             train_transform, eval_transform
-    the dataset             AgeDataset, collate_readable, check_images
+    aligned faces           aligned_box, crop_aligned, aligned_crop_size, aligned_transform, Face, face_detector
+    the dataset             AgeDataset, AlignedFaces (the benchmark's faces, cropped), collate_readable, check_images
     splits                  random_split, subject_split, leave_one_subject_out, subject_kfold
-    parsing the layouts     one reader per dataset, check_split_integrity, build_dataset
+    parsing the layouts     one reader per dataset (the unified benchmark's databases: BENCHMARK_SPLITS),
+                            check_split_integrity, build_dataset
     dataset identity        index_entries, fingerprint, describe_change
     synthetic data          render_synthetic, draw_synthetic, SyntheticAgeDataset (the demo's data)
     captioned drawings      caption, CaptionedDrawings (the demo CLIP's pretraining corpus)
     loading                 build_loader, set_epoch
+    aligning a folder       align_folder, main (python data.py align --data-root RAW --out ALIGNED)
 """
 import csv
 import hashlib
@@ -41,7 +44,9 @@ import clip_loader
 __all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS", "SPLITS", "AGE_RANGE", "MORPH_FOLDS",
            "IMAGE_EXTENSIONS", "load_image", "check_image_size", "train_transform", "eval_transform",
            "synthetic_image_size",
-           "AgeDataset", "collate_readable", "check_images", "random_split", "subject_split", "leave_one_subject_out",
+           "ALIGN_MARGIN", "BENCHMARK_SPLITS", "aligned_box", "crop_aligned", "aligned_crop_size",
+           "aligned_transform", "Face", "face_detector", "AgeDataset", "AlignedFaces", "collate_readable",
+           "check_images", "random_split", "subject_split", "leave_one_subject_out",
            "subject_kfold", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
            "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
            "age_phrase", "caption", "CaptionedDrawings", "build_loader", "set_epoch"]
@@ -66,6 +71,7 @@ LARGE_IMAGE_PIXELS = 4096 * 4096
 LARGE_IMAGE_SIDE = 1024
 MAX_ASPECT_RATIO = 16  # faces are near 1; panoramas of 4 still pass
 MAX_DECODED_BYTES = 2 ** 29  # 512 MiB: e.g. 11585^2 RGB (PIL stores RGB as 4 bytes), 23170^2 greyscale
+COLOUR_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2)  # no hue: skin colour carries age
 
 DATASETS = {
     "utkface": "UTKFace, {age}_{gender}_{race}_{date}.jpg[.chip.jpg] in one or more folders; no identities, "
@@ -82,6 +88,9 @@ DATASETS = {
     "appa-real": "APPA-REAL, gt_avg_{train,valid,test}.csv beside train/ valid/ test/ ({file}_face.jpg "
                  "preferred); the official splits; apparent age (with its std) by default, "
                  "--age-target real for the real age",
+    "facebase": "the unified age-estimation benchmark's databases (JSON, --database) over an image root; the "
+                "benchmark's five subject-exclusive splits by folder (--split-index 0..4; three-folder databases: "
+                "0; FG-NET: the held-out folder 1..82), faces cropped with their aligned box (--crop-margin)",
     "csv": "any CSV with header path,age[,subject][,age_std][,split], paths relative to the CSV; its split "
            "column if given, else a seeded 80/10/10 split, subject-exclusive when subject is given",
     "synthetic": "generated face-like drawings (NOT faces): age shown by proportions, wrinkles, grey hair, "
@@ -91,9 +100,9 @@ DATASETS = {
 # The split protocol each dataset follows unless a protocol option says otherwise (printed by eval.py).
 PROTOCOLS = {"utkface": "random80/10/10", "fgnet": "leave-one-person-out", "morph2": "subject5fold",
              "cacd": "subject80/10/10", "agedb": "subject80/10/10", "appa-real": "official",
-             "csv": "split-column-or-subject80/10/10", "synthetic": "generated"}
+             "facebase": "benchmark-split", "csv": "split-column-or-subject80/10/10", "synthetic": "generated"}
 # Options each dataset accepts beyond the common arguments, so a typo is an error, not a silent default.
-OPTIONS = {"morph2": {"protocol"}, "appa-real": {"age_target"},
+OPTIONS = {"morph2": {"protocol"}, "appa-real": {"age_target"}, "facebase": {"database", "margin", "crop_size"},
            "synthetic": {"n", "image_size", "min_age", "max_age"}}
 
 
@@ -112,6 +121,7 @@ class Sample:
     subject: Optional[str] = None  # identity, for subject-exclusive splits; None where unknown
     age_std: Optional[float] = None  # spread of the apparent-age votes (APPA-REAL), for the epsilon-error
     source: Optional[str] = None  # "file:line" of the label row it came from, for error messages
+    box: Optional[tuple] = None  # the oriented face box to crop (crop_aligned), for the benchmark's databases
 
 
 # --------------------------------------------------------------------------- images and transforms
@@ -185,7 +195,7 @@ def train_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader
         clip_loader.to_rgb,
         T.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),  # no hue: skin colour carries age
+        T.ColorJitter(**COLOUR_JITTER),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
@@ -200,6 +210,118 @@ def synthetic_image_size(resolution: int) -> int:
 def eval_transform(resolution: int, mean=clip_loader.CLIP_MEAN, std=clip_loader.CLIP_STD) -> Callable:
     """OpenAI's evaluation transform (resize, centre crop, normalise with the CLIP's mean/std)."""
     return clip_loader.image_transform(resolution, mean, std)
+
+
+# --------------------------------------------------------------------------- aligned faces
+# The unified age-estimation benchmark (Paplham and Franc, CVPR 2024) frames every face one way: an
+# oriented box computed from the eyes and the mouth, warped to a square with a small margin, so that a
+# face fills the same part of the input whatever the photograph. Training, evaluation and prediction all
+# crop with these two functions; augmentation then works on the crop, never on the raw photograph.
+
+ALIGN_MARGIN = 0.05  # the benchmark's: its 256 x 256 inputs are taken from 281 x 281 crops
+# MTCNN's face probability between the true faces of the bundled photos and their one false positive, a
+# part of the motorcycle (bench/README.md#prediction-on-photos).
+FACE_MIN_PROBABILITY = 0.95
+FACES_INSTALL = 'pip install "facenet-pytorch>=2.5,<2.6"  (or, in this repository, pip install -e ".[faces]")'
+
+
+def aligned_box(eye_left, eye_right, mouth) -> list:
+    """The benchmark's oriented face box from three (column, row) points in pixel coordinates (0-based, as
+    detectors report them): the centres of the two eyes, in either order, and of the mouth. Returns
+    [Ax, Ay, Bx, By, Cx, Cy, Dx, Dy]: the corners A (top left as the face is upright), B, C, D in turn,
+    1-based and truncated toward zero, as the benchmark's databases store them.
+
+    The box is a square centred on the eyes' midpoint moved a tenth of the way toward the mouth; half its
+    side is the larger of 2.0 x the eye distance and 1.8 x the distance from the eyes' midpoint to the
+    mouth; its horizontal axis is the sum of the eye-to-eye vector and the eyes-to-mouth vector turned a
+    quarter turn, so the box turns with the face. The eye vector is taken to point to the face's left
+    (the image's right for an upright face); eyes given in the other order are swapped."""
+    left, right, mouth = (np.asarray(p, dtype=np.float64) for p in (eye_left, eye_right, mouth))
+    middle = (left + right) / 2
+    eyes, down = left - right, mouth - middle
+    across = np.array([down[1], -down[0]])  # eyes-to-mouth turned a quarter: left to right of the face
+    if eyes @ across < 0:  # the eyes came in the other order
+        eyes = -eyes
+    axis = eyes + across
+    if not np.hypot(*axis) > 0:
+        raise ValueError(f"aligned_box: the eyes {eye_left}, {eye_right} and the mouth {mouth} coincide")
+    half = max(2.0 * np.hypot(*eyes), 1.8 * np.hypot(*down))
+    x = axis / np.hypot(*axis) * half  # half the side, along the face's horizontal
+    y = np.array([-x[1], x[0]])  # and along its vertical (rows grow downward)
+    centre = middle + 0.1 * down
+    corners = np.stack([centre - x - y, centre + x - y, centre + x + y, centre - x + y]) + 1  # 1-based
+    return [int(v) for v in corners.flatten()]  # int(): toward zero, as the benchmark rounds
+
+
+def crop_aligned(image: Image.Image, box, size: int, margin: float = ALIGN_MARGIN) -> Image.Image:
+    """The size x size crop of a PIL image for an oriented box (8 numbers, corners A, B, C, D, 1-based, as
+    aligned_box and the benchmark's databases give them): the affine map that sends A, B and C, each
+    pushed outward by `margin` (a fraction of the box's width along A-B and of its height along A-D), to
+    the output's pixels (0, 0), (size-1, 0) and (size-1, size-1); bilinear, black beyond the image."""
+    if size < 2:
+        raise ValueError(f"crop_aligned: size must be at least 2, not {size}")
+    a, b, c, d = np.asarray(box, dtype=np.float64).reshape(4, 2) - 1  # 0-based pixel coordinates
+    a, b, c = (a + (a - b) * margin + (a - d) * margin, b + (b - a) * margin + (b - c) * margin,
+               c + (c - d) * margin + (c - b) * margin)
+    column, row = (b - a) / (size - 1), (c - b) / (size - 1)  # input step per output column, per output row
+    # PIL maps output pixel centres (x + 0.5, y + 0.5) to input coordinates whose pixel centres are at + 0.5
+    origin = a + 0.5 - 0.5 * (column + row)
+    return image.transform((size, size), Image.Transform.AFFINE,
+                           (column[0], row[0], origin[0], column[1], row[1], origin[1]),
+                           resample=Image.Resampling.BILINEAR)
+
+
+def aligned_crop_size(resolution: int, margin: float = ALIGN_MARGIN) -> int:
+    """The side of the aligned crop for a model input of `resolution`: enlarged by the margin on each side
+    and truncated, as the benchmark's 281 for 256; training takes random `resolution` crops of it,
+    evaluation its centre."""
+    return int(resolution * (1 + 2 * margin))
+
+
+def aligned_transform(resolution: int, train: bool, mean=clip_loader.CLIP_MEAN, std=clip_loader.CLIP_STD) -> Callable:
+    """The transform of an aligned crop (aligned_crop_size): for training a random `resolution` crop, a
+    horizontal flip and train_transform's colour jitter, as the benchmark's own pipeline jitters and flips
+    its crops; otherwise the centre crop; then the CLIP's normalisation. Neither resizes: the face keeps
+    the scale the crop gave it."""
+    crop = [T.RandomCrop(resolution), T.RandomHorizontalFlip(), T.ColorJitter(**COLOUR_JITTER)] if train \
+        else [T.CenterCrop(resolution)]
+    return T.Compose([clip_loader.to_rgb, *crop, T.ToTensor(), T.Normalize(mean, std)])
+
+
+@dataclass
+class Face:
+    """One face MTCNN found: its box (x0, y0, x1, y1) and five landmarks ((column, row) of the eyes, the
+    nose and the mouth's corners, as MTCNN orders them), in pixels of the photo."""
+    box: tuple
+    landmarks: tuple
+    probability: float
+
+    def aligned_box(self) -> list:
+        """aligned_box from the eyes and the midpoint of the mouth's corners."""
+        eye_1, eye_2, _, mouth_1, mouth_2 = self.landmarks
+        return aligned_box(eye_1, eye_2, ((mouth_1[0] + mouth_2[0]) / 2, (mouth_1[1] + mouth_2[1]) / 2))
+
+
+def face_detector(device="cpu", min_probability: float = FACE_MIN_PROBABILITY) -> Callable:
+    """A function PIL image -> [Face, ...] (left to right) with MTCNN (facenet-pytorch, the [faces] extra,
+    imported only here), keeping faces of probability >= min_probability; a missing facenet-pytorch is a
+    one-line SystemExit naming the install command."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise SystemExit(f"finding faces needs facenet-pytorch: {FACES_INSTALL}") from None
+    mtcnn = MTCNN(keep_all=True, device=device)
+
+    def detect(image: Image.Image) -> list:
+        if min(image.size) < mtcnn.min_face_size:  # 2.5.x crashes on images smaller than its smallest face
+            return []
+        boxes, probabilities, landmarks = mtcnn.detect(image, landmarks=True)
+        if boxes is None:
+            return []
+        faces = [Face(tuple(float(v) for v in box), tuple(tuple(float(v) for v in point) for point in points),
+                      float(p)) for box, p, points in zip(boxes, probabilities, landmarks) if p >= min_probability]
+        return sorted(faces, key=lambda face: face.box)
+    return detect
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -258,6 +380,25 @@ class AgeDataset(Dataset):
                 image = self.transform(image)
             return image, torch.tensor(self.samples[i].age, dtype=torch.float32)
         raise RuntimeError(f"none of the {n} images of this dataset could be read; run check_images()")
+
+
+class AlignedFaces(AgeDataset):
+    """The benchmark's entries: each image is its face, crop_aligned from the sample's box at crop_size
+    with the margin, warped from the photograph every time it is read (a cache of the crops would save
+    little: bench/README.md#aligned-crops). left_out: reason -> [img_path] of the entries left out."""
+
+    def __init__(self, samples: list, transform: Optional[Callable], margin: float, crop_size: int,
+                 left_out: Optional[dict] = None, drop_unreadable: bool = False):
+        super().__init__(samples, transform, drop_unreadable=drop_unreadable)
+        self.margin, self.crop_size, self.left_out = margin, crop_size, left_out or {}
+
+    def image(self, index: int) -> Image.Image:
+        sample = self.samples[index]
+        photo = load_image(sample.path)
+        with Image.open(sample.path) as header:  # the box is in the stored file's pixels; a large one is
+            scale = max(photo.size) / max(header.size)  # decoded at reduced size (load_image)
+        box = sample.box if scale == 1 else (np.asarray(sample.box) - 0.5) * scale + 0.5  # pixel centres scale
+        return crop_aligned(photo, box, self.crop_size, self.margin)
 
 
 def collate_readable(batch: list):
@@ -583,6 +724,138 @@ def _csv(root: Path, seed: int):
     return samples, [], lambda split: subject_split(samples, split, seed), True
 
 
+# The unified benchmark's databases (github.com/paplhjak/Facial-Age-Estimation-Benchmark-Databases): a
+# JSON list of entries {"img_path", "id_num", "age", "folder", "aligned_bbox", ...}, img_path relative to
+# the image root, age -1 when unknown, every image of a subject in one folder. The five splits as the
+# benchmark publishes them, (train, val, test) folders; as published, folders 3 and 4 are tested in two
+# splits and folders 6 and 7 in none. Databases with three folders (CACD2000, CLAP2016) have one split.
+BENCHMARK_SPLITS = (((0, 1, 2, 3, 4, 5), (6, 7), (8, 9)), ((2, 3, 4, 5, 6, 7), (8, 9), (0, 1)),
+                    ((4, 5, 6, 7, 8, 9), (0, 1), (2, 3)), ((5, 6, 7, 8, 9, 0), (1, 2), (3, 4)),
+                    ((6, 7, 8, 9, 0, 1), (2, 3), (4, 5)))
+SINGLE_SPLIT = ((0,), (1,), (2,))
+LEFT_OUT = ("unknown age (-1)", "no aligned_bbox", "image not found")  # why an entry is left out
+
+
+def _database_entries(path: Path) -> list:
+    """The list a database JSON file holds; a DatasetError naming the file (and line) otherwise."""
+    try:
+        _check_regular_file(path)
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)
+    except OSError as error:
+        raise DatasetError(f"facebase: database {error}") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text ({_first_non_utf8(path)})") from None
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: a database is a JSON list of entries, not a {type(entries).__name__}")
+    return entries
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _database(path: Path, root: Path):
+    """(samples, folders, left_out) of one database: a Sample per usable entry (its box kept), the entry's
+    folder beside it, and reason -> [img_path] of the entries left out (LEFT_OUT). Every other defect is a
+    DatasetError naming the entry's index and img_path."""
+    samples, folders, left_out, first_folder = [], [], {reason: [] for reason in LEFT_OUT}, {}
+    for index, entry in enumerate(_database_entries(path)):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("img_path"), str) or not entry["img_path"]:
+            raise DatasetError(f"{where}: not an object with an img_path")
+        where += f" ({entry['img_path']})"
+        for key in ("age", "id_num", "folder"):
+            if key not in entry:
+                raise DatasetError(f"{where}: no {key}")
+        age, folder, box = entry["age"], entry["folder"], entry.get("aligned_bbox")
+        if not _is_number(age) or not (age == -1 or AGE_RANGE[0] <= age <= AGE_RANGE[1]):
+            raise DatasetError(f"{where}: age {age!r} is neither -1 (unknown) nor in {AGE_RANGE[0]:g}..{AGE_RANGE[1]:g}")
+        if not isinstance(folder, int) or isinstance(folder, bool) or folder < 0:
+            raise DatasetError(f"{where}: folder {folder!r} is not a folder number (0, 1, ...)")
+        if not isinstance(entry["id_num"], (int, str)) or isinstance(entry["id_num"], bool):
+            raise DatasetError(f"{where}: id_num {entry['id_num']!r} is not a subject number or name")
+        if box not in (None, []) and (not isinstance(box, list) or len(box) != 8 or not all(map(_is_number, box))):
+            raise DatasetError(f"{where}: aligned_bbox {box!r} is not 8 numbers (corners A, B, C, D)")
+        subject = f"{entry.get('database', path.stem)}:{entry['id_num']}"
+        if first_folder.setdefault(subject, (folder, where))[0] != folder:
+            raise DatasetError(f"{where}: subject {subject} is in folder {folder} here and in folder "
+                               f"{first_folder[subject][0]} at {first_folder[subject][1]}; a subject is in one folder")
+        image = root / entry["img_path"]
+        reason = LEFT_OUT[0] if age == -1 else LEFT_OUT[1] if not box else None if image.is_file() else LEFT_OUT[2]
+        if reason:
+            left_out[reason].append(entry["img_path"])
+            continue
+        samples.append(Sample(str(image), float(age), subject=subject, source=where, box=tuple(box)))
+        folders.append(folder)
+    return samples, folders, left_out
+
+
+def _split_folders(path: Path, samples: list, folders: list, split_index: int) -> tuple:
+    """The (train, val, test) folders of split `split_index` of one database: BENCHMARK_SPLITS for folders
+    0-9, SINGLE_SPLIT for 0-2; a database whose folders are its subjects (FG-NET: 1-82, one subject each) is
+    left out one folder at a time: test is folder `split_index`, val a seeded VAL_FRACTION of the others
+    (see _facebase), train the rest."""
+    found = sorted(set(folders))
+    if set(found) <= {0, 1, 2}:
+        if split_index != 0:
+            raise ValueError(f"{path}: folders 0-2, the benchmark's single split: --split-index must be 0")
+        return SINGLE_SPLIT
+    if set(found) <= set(range(10)):
+        if split_index >= len(BENCHMARK_SPLITS):
+            raise ValueError(f"{path}: folders 0-9, the benchmark's five splits: --split-index must be 0..4")
+        return BENCHMARK_SPLITS[split_index]
+    subjects_of = {}
+    for sample, folder in zip(samples, folders):
+        subjects_of.setdefault(folder, set()).add(sample.subject)
+    shared = next((f for f in found if len(subjects_of[f]) > 1), None)
+    if shared is not None:
+        culprit = next(s for s, f in zip(samples, folders) if f > 9)
+        raise DatasetError(f"{culprit.source}: folder {folders[samples.index(culprit)]} lies outside the five "
+                           f"splits' 0-9, and the folders are not one subject each (folder {shared} holds "
+                           f"{len(subjects_of[shared])}), as a leave-one-subject-out database's are")
+    if split_index not in subjects_of:
+        raise ValueError(f"{path}: one subject per folder ({found[0]}-{found[-1]}), left out one at a time: "
+                         f"--split-index must name a folder, not {split_index}")
+    return None
+
+
+def _facebase(root: Path, fold: int, seed: int, split: str, database=None, margin: float = ALIGN_MARGIN,
+              crop_size: Optional[int] = None):
+    """The unified benchmark: split `fold` (--split-index) of one database, or every entry of one or more
+    databases with split "all" (cross-dataset testing: then they are the test split, train and val are
+    empty). Entries left out are counted in one warning per reason."""
+    _check_root("facebase", root)
+    if not database:
+        raise DatasetError(f"facebase: no database (--database: the benchmark's JSON file) for the images under {root}")
+    if crop_size is None:
+        raise ValueError("facebase needs crop_size: the model's input enlarged by the margin (aligned_crop_size)")
+    paths = [Path(os.path.abspath(p)) for p in ([database] if isinstance(database, (str, Path)) else database)]
+    if split != "all" and len(paths) > 1:
+        raise ValueError(f"{len(paths)} databases: several are tested whole across datasets (split all); a "
+                         f"split of train/val/test is taken from one")
+    samples, folders, left_out = [], [], {reason: [] for reason in LEFT_OUT}
+    for path in paths:
+        more, more_folders, more_left_out = _database(path, root)
+        samples, folders = samples + more, folders + more_folders
+        for reason, img_paths in more_left_out.items():
+            left_out[reason] += img_paths
+    for reason, img_paths in left_out.items():
+        if img_paths:
+            warnings.warn(f"facebase: left out {len(img_paths)} entries of {', '.join(p.name for p in paths)}: "
+                          f"{reason} (e.g. {', '.join(img_paths[:3])})")
+    if split == "all":
+        return samples, [], lambda part: samples if part in ("test", "all") else [], True, left_out
+    sets = _split_folders(paths[0], samples, folders, fold)
+    if sets is None:  # leave one subject out: folder `fold` is the test subject
+        held_out = {s.subject for s, f in zip(samples, folders) if f == fold}
+        return samples, [], lambda part: _fold_split(samples, part, held_out, fold, seed), True, left_out
+    of_part = dict(zip(("train", "val", "test"), sets))
+    return samples, [], lambda part: [s for s, f in zip(samples, folders) if f in of_part[part]], True, left_out
+
+
 def _single_split(name: str, fold: int):
     if fold != 0:
         raise ValueError(f"{name} has a single split; fold must be 0, not {fold}")
@@ -642,7 +915,10 @@ def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
     if root is None:
         raise ValueError(f"{name} needs a data root")
     root = Path(os.path.abspath(Path(root).expanduser()))
-    if name == "fgnet":
+    left_out = None
+    if name == "facebase":
+        samples, ignored, select, exclusive, left_out = _facebase(root, fold, seed, split, **options)
+    elif name == "fgnet":
         samples, ignored, select, exclusive = _fgnet(root, fold, seed)
     elif name == "morph2":
         samples, ignored, select, exclusive = _morph2(root, fold, seed, **options)
@@ -658,7 +934,11 @@ def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
     chosen = samples if split == "all" else parts[split]
     if not chosen:
         raise DatasetError(f"{name}: the {split} split under {root} is empty")
-    dataset = AgeDataset(chosen, transform, ignored, drop_unreadable)
+    if name == "facebase":
+        dataset = AlignedFaces(chosen, transform, options.get("margin", ALIGN_MARGIN), options["crop_size"],
+                               left_out, drop_unreadable)
+    else:
+        dataset = AgeDataset(chosen, transform, ignored, drop_unreadable)
     dataset.root = str(root.parent if root.is_file() else root)
     return dataset
 
@@ -666,30 +946,31 @@ def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
 # --------------------------------------------------------------------------- dataset identity
 
 def index_entries(dataset: AgeDataset, split: str) -> list:
-    """[relative path, size in bytes, age, age_std, subject, split] per sample: what the dataset is made
-    of, with paths relative to its root (so a moved copy reads the same) and sizes standing in for the
-    content (hashing every image would cost a full read of the dataset at every start)."""
+    """[relative path, size in bytes, age, age_std, subject, split] per sample, and its box where it has
+    one (the benchmark's databases): what the dataset is made of, with paths relative to its root (so a
+    moved copy reads the same) and sizes standing in for the content (hashing every image would cost a
+    full read of the dataset at every start)."""
     root = dataset.root
     entries = []
     for s in dataset.samples:
         relative = os.path.relpath(s.path, root) if root else s.path
         size = os.stat(s.path).st_size if root and os.path.exists(s.path) else -1
-        entries.append([relative, size, s.age, s.age_std, s.subject, split])
+        entries.append([relative, size, s.age, s.age_std, s.subject, split] + ([list(s.box)] if s.box else []))
     return entries
 
 
 def fingerprint(entries: list) -> str:
-    """SHA-256 of the sorted (relative path, size, labels) of index_entries rows: the split they fell in
-    is left out, as it follows from the data and the run's seed, fold and protocol."""
-    rows = sorted(json.dumps(entry[:5], ensure_ascii=False) for entry in entries)
+    """SHA-256 of the sorted (relative path, size, labels, box) of index_entries rows: the split they fell
+    in is left out, as it follows from the data and the run's seed, fold and protocol."""
+    rows = sorted(json.dumps(entry[:5] + entry[6:], ensure_ascii=False) for entry in entries)
     return hashlib.sha256("\n".join(rows).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def describe_change(old: list, new: list, limit: int = 3) -> str:
     """What differs between two index_entries lists, in words: files added, removed, changed in size
     or label, with a few names each ("" when nothing does)."""
-    before = {e[0]: tuple(e[1:5]) for e in old}
-    after = {e[0]: tuple(e[1:5]) for e in new}
+    before = {e[0]: tuple(e[1:5]) + tuple(map(tuple, e[6:])) for e in old}
+    after = {e[0]: tuple(e[1:5]) + tuple(map(tuple, e[6:])) for e in new}
     kinds = {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
              "changed in size": sorted(p for p in set(before) & set(after) if before[p][0] != after[p][0]),
              "relabelled": sorted(p for p in set(before) & set(after)
@@ -957,3 +1238,87 @@ def set_epoch(loader: DataLoader, epoch: int):
     so each epoch gets its own order (no-op otherwise)."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------- aligning a folder
+# `python data.py align --data-root RAW --out ALIGNED` aligns a raw dataset folder once, as the benchmark
+# aligns its databases: the face nearest the image centre, its aligned_box from MTCNN's landmarks, the
+# crop written under the same relative name, so every loader above reads ALIGNED as it read RAW.
+
+MANIFEST_COLUMNS = ["path", "aligned_bbox", "landmarks", "faces_found"]
+
+
+def align_folder(root, out, size: int = 281, margin: float = ALIGN_MARGIN, detect: Optional[Callable] = None,
+                 progress: bool = False) -> dict:
+    """Write the aligned crop (crop_aligned, size x size) of the face nearest the centre of every image
+    under root to out, under the same relative path, and out/manifest.csv (MANIFEST_COLUMNS: the box and
+    the five landmarks as space-separated numbers, empty without a face; faces_found counts MTCNN's faces).
+    detect: image -> [Face] (default: face_detector()). Returns {"images", "aligned", "no face" (relative
+    paths), "unreadable" ((relative path, reason))}."""
+    root, out = Path(os.path.abspath(root)), Path(os.path.abspath(out))
+    _check_root("align", root)
+    if out == root or root in out.parents:
+        raise ValueError(f"align: --out {out} lies inside --data-root {root}; write the crops elsewhere")
+    detect = detect or face_detector()
+    paths = _image_files(root)
+    if progress:
+        from tqdm import tqdm
+        paths = tqdm(paths, desc="aligning", unit="img")
+    rows, no_face, unreadable = [], [], []
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        try:
+            image = load_image(path)
+        except Exception as error:  # PIL raises many types on corrupt data
+            unreadable.append((relative, f"{type(error).__name__}: {error}"))
+            continue
+        faces = detect(image)
+        if not faces:
+            no_face.append(relative)
+            rows.append([relative, "", "", 0])
+            continue
+        centre = np.array(image.size) / 2
+        face = min(faces, key=lambda f: np.hypot(*(np.reshape(f.aligned_box(), (4, 2)).mean(0) - centre)))
+        box = face.aligned_box()
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        crop = crop_aligned(image, box, size, margin)
+        crop.save(target, **({"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg") else {}))
+        rows.append([relative, " ".join(map(str, box)),
+                     " ".join(f"{v:.1f}" for point in face.landmarks for v in point), len(faces)])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([MANIFEST_COLUMNS, *rows])
+    return {"images": len(rows) + len(unreadable), "aligned": len(rows) - len(no_face), "no face": no_face,
+            "unreadable": unreadable}
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="data.py commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+    align = commands.add_parser("align", help="align a raw dataset folder once (MTCNN, pip install -e \".[faces]\")")
+    align.add_argument("--data-root", required=True, help="the raw dataset folder (searched recursively)")
+    align.add_argument("--out", required=True, help="folder for the aligned crops, under the same relative names")
+    align.add_argument("--size", type=int, default=aligned_crop_size(256), help="side of the crops in pixels "
+                       "(default: the benchmark's 281, 256 enlarged by the margin)")
+    align.add_argument("--margin", type=float, default=ALIGN_MARGIN, help="fraction of the box added on each side")
+    align.add_argument("--device", default="cpu", help="where MTCNN runs: cpu | cuda")
+    args = parser.parse_args(argv)
+    try:
+        counts = align_folder(args.data_root, args.out, args.size, args.margin, face_detector(args.device),
+                              progress=True)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"align: {error}") from None
+    print(f"aligned {counts['aligned']} of {counts['images']} images into {args.out} "
+          f"(manifest: {Path(args.out) / 'manifest.csv'})")
+    if counts["no face"]:
+        print(f"{len(counts['no face'])} image(s) without a face (left out): {', '.join(counts['no face'][:10])}"
+              f"{' ...' if len(counts['no face']) > 10 else ''}")
+    if counts["unreadable"]:
+        print(f"{len(counts['unreadable'])} unreadable image(s) left out: "
+              + ", ".join(f"{path} ({reason})" for path, reason in counts["unreadable"][:10]))
+
+
+if __name__ == "__main__":
+    main()

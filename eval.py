@@ -10,6 +10,7 @@ Run:
     python eval.py --ckpt RUN/best.pt --images photos/ face.jpg  # no labels: writes predictions.csv
     python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
     python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
+    python eval.py --ckpt RUN/best.pt --database FG-Net_aligned.json --split all   # facebase: cross-dataset
     python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
     python eval.py --ckpt RUN/best.pt --tta flip                 # each image's and its mirror's predictions averaged
     python eval.py --summarize runs/morph_split*/eval_test       # mean +- std over splits, per test set
@@ -45,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import clip_loader
 import data
@@ -61,7 +63,7 @@ __all__ = [
     # 4. command line, 5. photos
     "main", "check_data_unchanged", "check_no_training_overlap", "write_predictions", "metrics_files",
     "read_metrics", "summarize_metrics", "format_summary", "image_paths",
-    "predict_files", "face_detector", "face_crop", "FACE_MARGIN", "Prediction", "load_model", "predict_images",
+    "predict_files", "face_detector", "face_crop", "Prediction", "load_model", "predict_images",
     # 6. shared with train.py
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
     "probability_below_one", "coverage_level", "face_margin", "MAX_FACE_MARGIN", "device_name", "prompt_template",
@@ -365,7 +367,11 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
                    help="split to evaluate (default: test)")
     p.add_argument("--protocol", help="split protocol, e.g. random|subject5fold (default: the run's)")
-    p.add_argument("--fold", type=non_negative_int, help="cross-validation fold (default: the run's)")
+    p.add_argument("--fold", "--split-index", type=non_negative_int, help="cross-validation fold; facebase: the "
+                   "benchmark's split index (default: the run's)")
+    p.add_argument("--database", nargs="+", metavar="FILE.json", help="facebase: the benchmark's database file(s); "
+                   "several, or another database than the run's, with --split all: cross-dataset testing "
+                   "(default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="seed of the split (default: the run's); a seed whose "
                    "test split overlaps the run's training images is refused")
     p.add_argument("--allow-data-change", action="store_true", help="evaluate although the run's dataset "
@@ -385,9 +391,9 @@ def parse_args(argv=None):
                    "split now (a checkpoint from before train.py stored a calibration, or another --interval)")
     p.add_argument("--detect-faces", action="store_true", help="with --images: find the faces in each photo "
                    "(MTCNN, pip install -e \".[faces]\") and predict one age per face")
-    p.add_argument("--face-margin", type=face_margin, default=FACE_MARGIN, help="with --detect-faces: "
-                   f"fraction of the face box added on each side of the square crop, 0 to {MAX_FACE_MARGIN:g} "
-                   "(APPA-REAL's crops: 0.4)")
+    p.add_argument("--face-margin", type=face_margin, default=None, help="with --detect-faces: margin of the "
+                   f"aligned face crop, a fraction of the box on each side, 0 to {MAX_FACE_MARGIN:g}; default: the "
+                   f"run's --crop-margin, else {data.ALIGN_MARGIN} (the benchmark's)")
     p.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flip averages the "
                    "predictions (age and uncertainty) for each image and its mirror image; recorded in metrics.json")
     args = p.parse_args(argv)
@@ -421,11 +427,9 @@ def main(argv=None):
         model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
             ckpt["config"]["train"], Path(args.ckpt)
     model = model.to(device).eval()
-    transform = model_transform(model)
     calibration = ckpt.get("calibration") if ckpt else None
     if args.calibrate_on:
-        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", transform,
-                                            model.clip.visual.input_resolution)
+        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", model)
         result, _ = predict_dataset(model, dataset, args, device, args.zero_shot, args.tta)
         calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
                                 levels=sorted({*CONFORMAL_LEVELS, args.interval}))
@@ -440,7 +444,8 @@ def main(argv=None):
         paths = image_paths(args.images)
         out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows, skipped = predict_files(model, paths, calibration, args.interval, detect, args.face_margin,
+        margin = next(m for m in (args.face_margin, train_config.get("crop_margin"), data.ALIGN_MARGIN) if m is not None)
+        rows, skipped = predict_files(model, paths, calibration, args.interval, detect, margin,
                                       args.batch_size, args.workers, args.zero_shot, args.tta)
         write_csv(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
         if skipped:
@@ -450,8 +455,7 @@ def main(argv=None):
               f"{len(rows)} rows written to {out_dir / 'predictions.csv'}")
         return None
     split = args.split or "test"
-    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, transform,
-                                             model.clip.visual.input_resolution)
+    dataset, name, record = labelled_dataset(args, ckpt, train_config, split, model)
     tag = f"{name}_{split}"
     out_dir = Path(args.out) if args.out else source.parent / (("zeroshot_" if args.zero_shot else "eval_") + tag)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -490,12 +494,19 @@ def main(argv=None):
     return metrics
 
 
-def labelled_dataset(args, ckpt, train_config, split, transform, resolution):
-    """(dataset, name, record) of this evaluation at `split`, with the evaluation transform, once the run's
-    data is found unchanged and without training images; record says what was used, for metrics.json."""
+def labelled_dataset(args, ckpt, train_config, split, model):
+    """(dataset, name, record) of this evaluation at `split`, with the model's evaluation transform, once the
+    run's data is found unchanged and without training images; record says what was used, for metrics.json."""
     name, root, fold, seed, options = dataset_and_split(args, train_config)
+    resolution, transform = model.clip.visual.input_resolution, model_transform(model)
     if name == "synthetic":   # drawn at the size train.py draws them for this input resolution
         options.setdefault("image_size", data.synthetic_image_size(resolution))
+    if name == "facebase":   # the centre of the aligned crop, as train.py evaluates
+        options.setdefault("margin", data.ALIGN_MARGIN)
+        options.setdefault("crop_size", data.aligned_crop_size(resolution, options["margin"]))
+        transform = data.aligned_transform(resolution, False, model.clip.image_mean, model.clip.image_std)
+        if ckpt and split == "all":
+            refuse_training_database(train_config, options["database"])
     try:
         change = check_data_unchanged(ckpt, args, name, root, fold, seed, options) if ckpt else None
         dataset = data.build_dataset(name, root, split=split, fold=fold, seed=seed, drop_unreadable=True,
@@ -525,9 +536,22 @@ def dataset_and_split(args, train_config):
         options["protocol"] = args.protocol
     if args.age_target is not None:
         options["age_target"] = args.age_target
+    if args.database is not None:
+        options["database"] = [os.path.abspath(os.path.expanduser(path)) for path in args.database]
     fold = args.fold if args.fold is not None else train_config.get("fold", 0)
     seed = args.seed if args.seed is not None else train_config.get("seed", 0)
     return name, root, fold, seed, options
+
+
+def refuse_training_database(train_config, databases):
+    """Refuse --split all on a database the run trained on (same file, or the same contents): every entry
+    would include the training images."""
+    trained = train_config.get("database") or []
+    for path in databases:
+        if any(os.path.isfile(t) and os.path.isfile(path) and clip_loader.sha256(t) == clip_loader.sha256(path)
+               for t in trained):
+            raise SystemExit(f"refusing --split all on {path}: the run trained on this database; --split all is "
+                             f"for the other databases (cross-dataset testing), --split test for its own")
 
 
 def split_description(name, fold, seed, options):
@@ -540,7 +564,8 @@ def check_data_unchanged(ckpt, args, name, root, fold, seed, options):
     --allow-data-change let it pass; refuses otherwise."""
     saved, train_config = ckpt["config"].get("data"), ckpt["config"]["train"]
     same_root = args.data_root is None or os.path.abspath(os.path.expanduser(args.data_root)) == train_config.get("data_root")
-    if not saved or name == "synthetic" or name != train_config.get("dataset") or not same_root:
+    same_database = options.get("database") == train_config.get("dataset_options", {}).get("database")
+    if not saved or name == "synthetic" or name != train_config.get("dataset") or not same_root or not same_database:
         return None
     everything = data.build_dataset(name, root, split="all", fold=fold, seed=seed, **options)
     entries = data.index_entries(everything, "all")
@@ -560,7 +585,7 @@ def check_no_training_overlap(ckpt, name, split, dataset, fold, seed, options):
     same relative path and size under a copy of the run's dataset) or, on the run's own dataset, its
     training subjects: a --fold, --protocol, --seed or dataset that does not match the run."""
     train_config, index = ckpt["config"]["train"], ckpt.get("data_index")
-    if split not in ("val", "test") or not index or name == "synthetic":
+    if split not in ("val", "test", *(("all",) if name == "facebase" else ())) or not index or name == "synthetic":
         return
     run_root = ckpt["config"].get("data", {}).get("root") or ""   # the folder (a CSV's folder), not the CSV
     trained = [e for e in index if e[5] == "train"]
@@ -807,48 +832,28 @@ class ImageFiles(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- 5.2 faces in raw photos
 # The model is trained on face crops; a whole photo is not one. --detect-faces finds faces with MTCNN
 # (Zhang et al. 2016; facenet-pytorch's port, MIT licence, its ~2 MB of weights inside the wheel, so it
-# works offline) and crops each one the way the datasets were cropped. Chosen over OpenCV's Haar cascade
+# works offline; data.face_detector) and crops each one the way the benchmark's databases are cropped: the
+# oriented box from its eyes and mouth (data.aligned_box), warped with the run's margin to the model's
+# input enlarged by it, then its centre, as train.py evaluates. MTCNN was chosen over OpenCV's Haar cascade
 # by measurement (bench/README.md#prediction-on-photos): it also finds a face turned aside, and its
 # probability filters the false positives.
 
-FACES_INSTALL = 'pip install "facenet-pytorch>=2.5,<2.6"  (or, in this repository, pip install -e ".[faces]")'
-# Between the scores of the bundled photos' true faces and of their one false positive, a part of the
-# motorcycle (bench/README.md#prediction-on-photos).
-FACE_MIN_PROBABILITY = 0.95
-# APPA-REAL's *_face.jpg crops add 40% of the face box on each side (yu4u/age-gender-estimation #71, the
-# convention IMDB-WIKI crops follow too); a tighter margin than training's costs accuracy.
-FACE_MARGIN = 0.4
-
-
 def face_detector(device="cpu"):
-    """A function PIL image -> [(x0, y0, x1, y1), ...] face boxes in pixels, left to right; a missing
-    facenet-pytorch is a one-line error naming the install command."""
-    try:
-        from facenet_pytorch import MTCNN
-    except ImportError:
-        raise SystemExit(f"--detect-faces needs facenet-pytorch: {FACES_INSTALL}") from None
-    mtcnn = MTCNN(keep_all=True, device=device)
-
-    def detect(image):
-        if min(image.size) < mtcnn.min_face_size:   # 2.5.x crashes on images smaller than its smallest face
-            return []
-        boxes, probs = mtcnn.detect(image)
-        if boxes is None:
-            return []
-        return sorted(tuple(float(v) for v in box) for box, p in zip(boxes, probs) if p >= FACE_MIN_PROBABILITY)
-    return detect
+    """A function PIL image -> [data.Face, ...] (box, landmarks, probability), left to right, keeping faces
+    of probability >= data.FACE_MIN_PROBABILITY; a missing facenet-pytorch is a one-line error naming the
+    install command."""
+    return data.face_detector(device)
 
 
-def face_crop(image, box, margin=FACE_MARGIN):
-    """The square crop around a face box: centred on the box, side = (1 + 2 margin) x its longer side
-    (margin = the fraction of the box added on each side, at most MAX_FACE_MARGIN); beyond the photo's
-    border it is black."""
+def face_crop(image, face, resolution, margin=data.ALIGN_MARGIN):
+    """The model's view of a face (data.Face) in a photo: data.crop_aligned of its aligned box at
+    data.aligned_crop_size(resolution, margin), then the centre resolution x resolution, as train.py
+    evaluates the benchmark's faces. margin: at most MAX_FACE_MARGIN, so the crop stays a bounded multiple
+    of the face."""
     if not 0 <= margin <= MAX_FACE_MARGIN:
         raise ValueError(f"face margin {margin} outside [0, {MAX_FACE_MARGIN:g}]")
-    x0, y0, x1, y1 = box
-    side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
-    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
-    return image.crop((left, top, left + side, top + side))
+    crop = data.crop_aligned(image, face.aligned_box(), data.aligned_crop_size(resolution, margin), margin)
+    return T.CenterCrop(resolution)(crop)
 
 
 # ----------------------------------------------------------------------------- 5.3 predictions.csv of photos
@@ -856,14 +861,15 @@ def face_crop(image, box, margin=FACE_MARGIN):
 PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncertainty", "lower", "upper"]
 
 
-def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MARGIN, batch_size=64, workers=0,
-                  zero_shot=False, tta="none"):
+def predict_files(model, paths, calibration, level, detect=None, margin=data.ALIGN_MARGIN, batch_size=64,
+                  workers=0, zero_shot=False, tta="none"):
     """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
-    With detect (face_detector), one row per face (its box, its face_crop), and one row with face -1 and
-    an empty box for a photo without a face; without, one row per file, the box the whole image. Photos are
-    read one at a time and turned into the model's input tensors at once (their face crops, or the whole
-    image), so memory holds one decoded photo per loading process whatever their size. tta: see predict."""
-    transform = model_transform(model)
+    With detect (face_detector), one row per face (its detector box, its face_crop with `margin`), and one
+    row with face -1 and an empty box for a photo without a face; without, one row per file, the box the
+    whole image. Photos are read one at a time and turned into the model's input tensors at once (their
+    face crops, or the whole image), so memory holds one decoded photo per loading process whatever their
+    size. tta: see predict."""
+    transform, resolution = model_transform(model), model.clip.visual.input_resolution
     loader = torch.utils.data.DataLoader(ImageFiles(paths, None if detect else transform), batch_size=None,
                                          num_workers=workers)
     rows, skipped, faces = [], [], []   # faces: (path, face index, box, input tensor) waiting for a batch
@@ -872,7 +878,8 @@ def predict_files(model, paths, calibration, level, detect=None, margin=FACE_MAR
             skipped.append((path, error))
             continue
         if detect:
-            found = [(path, j, box, transform(face_crop(image, box, margin))) for j, box in enumerate(detect(image))]
+            found = [(path, j, face.box, transform(face_crop(image, face, resolution, margin)))
+                     for j, face in enumerate(detect(image))]
         else:
             found = [(path, 0, (0, 0, *size), image)]
         faces += found or [(path, -1, None, None)]

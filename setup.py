@@ -36,7 +36,9 @@ setup(
         "test": ["pytest>=7", "clip-anytorch==2.6.0", "setuptools<81", "transformers>=4.40,<6",
                  "open_clip_torch>=2.24,<4", "safetensors>=0.4",
                  # the face detector, and the bundled photo (scikit-image's astronaut) it is tested on
-                 "facenet-pytorch>=2.5,<2.6", "scikit-image>=0.19"],
+                 "facenet-pytorch>=2.5,<2.6", "scikit-image>=0.19",
+                 # OpenCV's affine warp: the independent reference of the aligned face crop
+                 "opencv-python-headless>=4.8,<5"],
         "plot": ["matplotlib>=3.5"],
         # eval.py --detect-faces: MTCNN with its weights inside the wheel (2.6 pins an old torch)
         "faces": ["facenet-pytorch>=2.5,<2.6"],

@@ -14,6 +14,8 @@ Run:
     python train.py --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt --out runs/utk
     python train.py --dataset morph2 --data-root /data/MORPH --protocol subject5fold --fold 0 \\
         --clip ViT-B-16.pt --out runs/morph_f0
+    python train.py --dataset facebase --database MORPH_aligned.json --data-root /data --split-index 0 \\
+        --clip ViT-B-16.pt --out runs/morph_split0       # the unified benchmark's split 0, aligned crops
     python train.py --out runs/utk --resume           # continue a stopped run (rerunning into --out does too)
     python train.py --method ce-baseline --dataset utkface --data-root /data/UTKFace --clip ViT-B-16.pt \
         --out runs/utk_ce                             # the plain baseline: linear head, cross-entropy
@@ -107,7 +109,12 @@ def parse_args(argv=None):
     g.add_argument("--data-root", default=None, help="dataset folder or file (not needed for synthetic)")
     g.add_argument("--protocol", default=None, help="split protocol where a dataset has several (morph2: "
                    "subject5fold|random); default: the dataset's own")
-    g.add_argument("--fold", type=non_negative_int, default=0, help="test fold of fold protocols (fgnet, morph2)")
+    g.add_argument("--fold", "--split-index", type=non_negative_int, default=0, help="test fold of fold protocols "
+                   "(fgnet, morph2); facebase: the benchmark's split 0..4 (FG-NET: the held-out folder 1..82)")
+    g.add_argument("--database", nargs="+", default=None, metavar="FILE.json", help="facebase: the benchmark's "
+                   "database file to train on (--data-root: the folder its img_paths are relative to)")
+    g.add_argument("--crop-margin", type=non_negative_float, default=None, help="facebase: margin of the aligned "
+                   f"face crop, a fraction of the box on each side; default: {data.ALIGN_MARGIN} (the benchmark's)")
     g.add_argument("--age-target", default=None, choices=["apparent", "real"], help="appa-real: which age to "
                    "learn; default: apparent")
     g.add_argument("--synthetic-n", type=positive_int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
@@ -240,6 +247,13 @@ def check_option_combinations(args):
         return f"--dataset {args.dataset} needs --data-root"
     if args.method == "ce-baseline" and args.text_tower == "train":
         return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
+    if (args.dataset == "facebase") != (args.database is not None):
+        return "--dataset facebase needs --database FILE.json" if args.database is None else \
+            f"--database is for --dataset facebase, not {args.dataset}"
+    if args.crop_margin is not None and args.dataset != "facebase":
+        return f"--crop-margin is for --dataset facebase, not {args.dataset}"
+    if args.database is not None and len(args.database) > 1:
+        return "--database: a run trains on one database; test on several with eval.py --split all"
     return None
 
 
@@ -272,6 +286,10 @@ def resolve_defaults(args):
     # absolute from here on: config.json and the checkpoints must name the same files from any folder
     absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
     args.data_root, args.out = absolute(args.data_root), absolute(args.out)
+    if args.database is not None:
+        args.database = [absolute(path) for path in args.database]
+    if args.dataset == "facebase" and args.crop_margin is None:
+        args.crop_margin = data.ALIGN_MARGIN
     args.clip = str(DEMO_CLIP_FILE) if args.clip is None else args.clip if args.clip == "random" else absolute(args.clip)
     if args.clip == str(DEMO_CLIP_FILE):   # OpenAI's architecture, said as an OpenAI file's name says it
         args.clip_activation = args.clip_activation or "quick_gelu"
@@ -627,6 +645,9 @@ def dataset_build_options(args, resolution):
         return {"n": dict(zip(("train", "val", "test"), args.synthetic_n)),
                 "image_size": data.synthetic_image_size(resolution)}
     options = {}
+    if args.dataset == "facebase":
+        options.update(database=args.database, margin=args.crop_margin,
+                       crop_size=data.aligned_crop_size(resolution, args.crop_margin))
     if args.protocol is not None:
         options["protocol"] = args.protocol
     if args.age_target is not None:
@@ -682,7 +703,10 @@ def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_lo
     splits = {}
     for split in ("train", "val", "test"):
         augment = split == "train" and args.augment == "on"
-        transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
+        if args.dataset == "facebase":   # augmentation on the aligned crop, never on the photograph
+            transform = data.aligned_transform(resolution, augment, *normalization)
+        else:
+            transform = (data.train_transform if augment else data.eval_transform)(resolution, *normalization)
         try:
             splits[split] = data.build_dataset(args.dataset, args.data_root, split=split, fold=args.fold,
                                                transform=transform, seed=args.seed,

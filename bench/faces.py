@@ -58,7 +58,7 @@ def detectors():
                                                            scaleFactor=1.1, minNeighbors=5, minSize=(24, 24)))
     return {"Haar frontalface_default": haar("haarcascade_frontalface_default.xml"),
             "Haar frontalface_alt2": haar("haarcascade_frontalface_alt2.xml"),
-            f"MTCNN (p >= {ev.FACE_MIN_PROBABILITY})": ev.face_detector("cpu")}
+            f"MTCNN (p >= {ev.data.FACE_MIN_PROBABILITY})": ev.face_detector("cpu")}
 
 
 def compare_detectors():

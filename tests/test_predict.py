@@ -84,19 +84,20 @@ def coordinate_image(width, height):
     return Image.fromarray(np.stack([x, y, np.full_like(x, 7)], -1).astype(np.uint8))
 
 
-def test_face_crop_margin_by_hand():
+def test_face_crop_by_hand():
+    """An upright face: eyes 10 px apart at row 30, mouth 10 px below their midpoint (40, 30): the aligned
+    box is 40 px wide (half side max(2 x 10, 1.8 x 10) = 20) about (40, 31), 1-based corners (21, 12) and
+    (61, 52), 0-based (20, 11) and (60, 51). With margin 0.05 the crop's data.aligned_crop_size(40) = 44
+    pixels span columns 18..62 and rows 9..53, 44/43 px apart, and the model sees the centre 40 from pixel
+    2: columns 18 + 2 * 44/43 = 20.05 .. 18 + 41 * 44/43 = 59.95, rows 11.05 .. 50.95, which PIL's 8-bit
+    bilinear interpolation of the coordinate image truncates."""
     image = coordinate_image(80, 60)
-    # box 20 x 20 centred at (40, 30); margin 0.4 adds 8 px on each side: a 36 px square from (22, 12)
-    crop = ev.face_crop(image, (30, 20, 50, 40), margin=0.4)
-    assert crop.size == (36, 36)
-    assert crop.getpixel((0, 0)) == (22, 12, 7) and crop.getpixel((35, 35)) == (57, 47, 7)
-    # a 10 x 20 box: the square follows the longer side, 20 * (1 + 2 * 0.25) = 30, centred at (25, 30)
-    crop = ev.face_crop(image, (20, 20, 30, 40), margin=0.25)
-    assert crop.size == (30, 30) and crop.getpixel((0, 0)) == (10, 15, 7)
-    # at the border the square keeps its place and size: black beyond the photo
-    crop = ev.face_crop(image, (0, 0, 20, 20), margin=0.5)
-    assert crop.size == (40, 40) and crop.getpixel((0, 0)) == (0, 0, 0) and crop.getpixel((10, 10)) == (0, 0, 7)
-    assert ev.face_crop(image, (30, 20, 50, 40), margin=0).getpixel((0, 0)) == (30, 20, 7)
+    face = data.Face((30, 20, 50, 45), ((35, 30), (45, 30), (40, 35), (36, 40), (44, 40)), 0.99)
+    assert face.aligned_box() == [21, 12, 61, 12, 61, 52, 21, 52]
+    crop = np.asarray(ev.face_crop(image, face, 40, margin=0.05), np.int64)
+    assert crop.shape == (40, 40, 3)
+    assert tuple(crop[0, 0, :2]) == (20, 11) and tuple(crop[39, 39, :2]) == (59, 50)
+    assert tuple(crop[0, 39, :2]) == (59, 11) and tuple(crop[39, 0, :2]) == (20, 50)
 
 
 # --------------------------------------------------------------------------- a trained run
@@ -234,12 +235,18 @@ def test_detect_faces_rows_no_face_and_a_corrupt_file(run, tmp_path, monkeypatch
     (photos / "c_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     crops = []
 
+    def face(x0, y0, x1, y1):   # eyes a third of the way down the box, the mouth's corners at four fifths
+        eyes, mouth = y0 + (y1 - y0) / 3, y0 + (y1 - y0) * 0.8
+        landmarks = ((x0 + (x1 - x0) * 0.3, eyes), (x0 + (x1 - x0) * 0.7, eyes), ((x0 + x1) / 2, (eyes + mouth) / 2),
+                     (x0 + (x1 - x0) * 0.35, mouth), (x0 + (x1 - x0) * 0.65, mouth))
+        return data.Face((x0, y0, x1, y1), landmarks, 0.99)
+
     def detect(image):
-        return [(10.0, 20.0, 30.0, 40.0), (60.0, 10.0, 100.0, 50.0)] if image.size == (120, 90) else []
+        return [face(10.0, 20.0, 30.0, 40.0), face(60.0, 10.0, 100.0, 50.0)] if image.size == (120, 90) else []
     real_crop = ev.face_crop
     monkeypatch.setattr(ev, "face_detector", lambda device: detect)
-    monkeypatch.setattr(ev, "face_crop", lambda image, box, margin: crops.append((box, margin))
-                        or real_crop(image, box, margin))
+    monkeypatch.setattr(ev, "face_crop", lambda image, found, resolution, margin: crops.append((found.box, margin))
+                        or real_crop(image, found, resolution, margin))
     ev.main(["--ckpt", str(ckpt_path), "--images", str(photos), "--detect-faces", "--face-margin", "0.3",
              "--interval", "0.8", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
@@ -253,8 +260,9 @@ def test_detect_faces_rows_no_face_and_a_corrupt_file(run, tmp_path, monkeypatch
     assert crops == [((10.0, 20.0, 30.0, 40.0), 0.3), ((60.0, 10.0, 100.0, 50.0), 0.3)]
     # each face's prediction is the model's on its crop
     model, calibration = ev.load_model(ckpt_path)
-    face = ev.predict_images(model, real_crop(Image.open(photos / "a_two.png"), (60, 10, 100, 50), 0.3))
-    assert face.age[0] == pytest.approx(float(rows[1]["predicted_age"]), abs=1e-3)
+    second = face(60.0, 10.0, 100.0, 50.0)
+    crop = real_crop(Image.open(photos / "a_two.png").convert("RGB"), second, model.clip.visual.input_resolution, 0.3)
+    assert ev.predict_images(model, crop).age[0] == pytest.approx(float(rows[1]["predicted_age"]), abs=1e-3)
     assert "2 image(s), 2 face(s), 1 unreadable skipped" in captured.out
     assert "1 unreadable image(s) left out" in captured.err and "c_broken.jpg" in captured.err
 
@@ -279,7 +287,10 @@ def test_real_detector_on_a_photo_without_and_with_a_face():
     assert detect(Image.new("RGB", (200, 160), (128, 128, 128))) == []
     assert detect(Image.new("RGB", (12, 9))) == []   # smaller than the smallest face MTCNN looks for
     skimage_data = pytest.importorskip("skimage.data")
-    boxes = detect(Image.fromarray(skimage_data.astronaut()))   # Eileen Collins, one face
-    assert len(boxes) == 1
-    x0, y0, x1, y1 = boxes[0]
+    faces = detect(Image.fromarray(skimage_data.astronaut()))   # Eileen Collins, one face
+    assert len(faces) == 1
+    x0, y0, x1, y1 = faces[0].box
     assert 150 < x0 < x1 < 300 and 30 < y0 < y1 < 200   # around her face, not the flag or the helmet
+    (eye_1, eye_2, nose, mouth_1, mouth_2) = faces[0].landmarks   # MTCNN's order: eyes, nose, mouth's corners
+    assert eye_1[0] < nose[0] < eye_2[0] and max(eye_1[1], eye_2[1]) < nose[1] < min(mouth_1[1], mouth_2[1])
+    assert all(x0 < x < x1 and y0 < y < y1 for x, y in faces[0].landmarks)
