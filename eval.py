@@ -1229,15 +1229,18 @@ CALIBRATION_FIELDS = {"source": _of_type(str), "n": _accepts(non_negative_int), 
 
 
 def _index_problem(index):
-    """data_index: one [relative path, size, age, age_std, subject, split] per image (data.index_entries)."""
+    """data_index: one [relative path, size, age, age_std, subject, split] per image, and its face box of 8
+    numbers for the benchmark's databases (data.index_entries)."""
     if not isinstance(index, list):
         return f"must be a list, not {_what(index)}"
     number = (int, float)
     for i, e in enumerate(index):
-        if not (isinstance(e, list) and len(e) == 6 and isinstance(e[0], str) and isinstance(e[1], int)
+        if not (isinstance(e, list) and len(e) in (6, 7) and isinstance(e[0], str) and isinstance(e[1], int)
                 and isinstance(e[2], number) and isinstance(e[3], (*number, type(None)))
-                and isinstance(e[4], (str, type(None))) and e[5] in data.SPLITS):
-            return f"entry {i} is not [path, size, age, age_std, subject, split]"
+                and isinstance(e[4], (str, type(None))) and e[5] in data.SPLITS
+                and (len(e) == 6 or isinstance(e[6], list) and len(e[6]) == 8
+                     and all(isinstance(v, number) for v in e[6]))):
+            return f"entry {i} is not [path, size, age, age_std, subject, split] and an optional box of 8 numbers"
     return None
 
 

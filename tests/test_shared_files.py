@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import clip_loader
+import data
 import eval as ev
 import train
 from model import CILFCIAE, CILFConfig
@@ -353,9 +354,11 @@ def test_face_margin_has_a_range(capsys):
         assert "--face-margin" in err and "Traceback" not in err, err
     assert ev.parse_args(["--ckpt", "x.pt", "--face-margin", "1"]).face_margin == 1.0
     image = Image.new("RGB", (100, 100))
-    error = bounded(lambda: ev.face_crop(image, (40, 40, 60, 60), margin=1000), seconds=1, mib=16)
+    face = data.Face(box=(40, 40, 60, 60), landmarks=((45, 45), (55, 45), (50, 50), (47, 55), (53, 55)),
+                     probability=1.0)
+    error = bounded(lambda: ev.face_crop(image, face, 32, margin=1000), seconds=1, mib=16)
     one_line(error, ValueError, "face margin 1000 outside [0, 1]")
-    assert ev.face_crop(image, (40, 40, 60, 60), margin=1).size == (60, 60)   # 20 x (1 + 2): three times the face
+    assert ev.face_crop(image, face, 32, margin=1).size == (32, 32)   # the largest margin still crops
 
 
 # --------------------------------------------------------------------------- 9. --images memory
