@@ -16,7 +16,7 @@ Sections:
     dataset identity        index_entries, fingerprint, describe_change
     synthetic data          render_synthetic, draw_synthetic, SyntheticAgeDataset (the demo's data)
     captioned drawings      caption, CaptionedDrawings (the demo CLIP's pretraining corpus)
-    loading                 build_loader, set_epoch
+    loading                 GlobalBatchSampler, build_loader, set_epoch
     aligning a folder       align_folder, main (python data.py align --data-root RAW --out ALIGNED)
 """
 import csv
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 import clip_loader
@@ -49,7 +49,7 @@ __all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS"
            "check_images", "random_split", "subject_split", "leave_one_subject_out",
            "subject_kfold", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
            "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
-           "age_phrase", "caption", "CaptionedDrawings", "build_loader", "set_epoch"]
+           "age_phrase", "caption", "CaptionedDrawings", "GlobalBatchSampler", "build_loader"]
 
 SPLITS = ("train", "val", "test", "all")
 FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test share of subjects (or of images where no subjects are known)
@@ -1214,30 +1214,70 @@ def _seed_worker(worker_id: int):
     random.seed(seed)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The batches of one process: the dataset in one random order, cut into global batches of
+    batch_size * world images, of which process `rank` takes the rank-th slice of batch_size. Every process
+    draws the same order (the same seeded generator), so one process with batch B and N processes with
+    B / N each see the same global batches, whatever the launcher. The order is drawn from `generator`
+    when iteration starts, after the DataLoader drew its workers' base seed from it: as DataLoader's own
+    shuffling (RandomSampler) does, so one process draws exactly the batches it drew with shuffle=True.
+    drop_last: leave out the last partial global batch; one process without it keeps it (it cannot be
+    split evenly among several). epoch_seed (epoch -> seed): the order of each epoch (set_epoch) is drawn
+    as a new DataLoader seeded with it would draw, so one loader with persistent workers serves a run."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, epoch_seed: Optional[Callable] = None):
+        if not drop_last and world > 1:
+            raise ValueError("GlobalBatchSampler: several processes need drop_last (equal slices)")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch_seed, self.epoch = epoch_seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        full = self.n // (self.batch_size * self.world)
+        return full if self.drop_last or self.n % self.batch_size == 0 else full + 1
+
+    def __iter__(self):
+        if self.epoch_seed is not None:   # the generator a new DataLoader of this epoch would have: seeded,
+            self.generator.manual_seed(self.epoch_seed(self.epoch))   # and its workers' seed drawn first
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        size = self.batch_size * self.world
+        for start in range(0, len(self) * size, size):
+            yield order[start + self.rank * self.batch_size:start + (self.rank + 1) * self.batch_size]
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                 device="cpu", drop_last: Optional[bool] = None, sampler=None) -> DataLoader:
-    """A DataLoader: shuffled (seeded generator, or the given sampler's order) and dropping the last partial
-    batch for training; workers kept alive between epochs; pinned memory when feeding CUDA. Under
-    torch.distributed the training loader shards with a DistributedSampler; call set_epoch(loader, epoch)
-    every epoch, or a sampler with epochs repeats one order. Evaluation loaders are not sharded, so metrics
-    cover every image exactly once; evaluate on one rank."""
+                 device="cpu", drop_last: Optional[bool] = None,
+                 epoch_seed: Optional[Callable] = None) -> DataLoader:
+    """A DataLoader: for training shuffled by GlobalBatchSampler (seeded; dropping the last partial batch);
+    workers kept alive between epochs; pinned memory when feeding CUDA. batch_size is this process's
+    share: under torch.distributed each process takes its slice of every global batch (batch_size x world
+    size). epoch_seed (epoch -> seed): one loader serves every epoch, set_epoch(loader, epoch) choosing
+    its order; without it, a new loader (or a new seed) each epoch gives a new order. Evaluation loaders are not
+    sharded, so metrics cover every image exactly once; evaluate on one rank."""
     if drop_last is None:
         drop_last = train and len(dataset) > batch_size
     generator = torch.Generator().manual_seed(seed)
-    if train and dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+    if not train:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          persistent_workers=num_workers > 0, pin_memory=torch.device(device).type == "cuda",
+                          drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    sampler = GlobalBatchSampler(len(dataset), batch_size, generator, rank, world, drop_last or world > 1, epoch_seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=num_workers, persistent_workers=num_workers > 0,
-        pin_memory=torch.device(device).type == "cuda", drop_last=drop_last,
-        generator=generator, worker_init_fn=_seed_worker)
+        dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=torch.device(device).type == "cuda", generator=generator, worker_init_fn=_seed_worker)
 
 
 def set_epoch(loader: DataLoader, epoch: int):
-    """Tell the loader's sampler which epoch starts (a DistributedSampler, or any sampler with set_epoch),
-    so each epoch gets its own order (no-op otherwise)."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    """Tell the training loader's GlobalBatchSampler which epoch starts, so each epoch gets its own order
+    (no-op for other loaders)."""
+    if hasattr(loader.batch_sampler, "set_epoch"):
+        loader.batch_sampler.set_epoch(epoch)
 
 
 # --------------------------------------------------------------------------- aligning a folder

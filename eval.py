@@ -68,7 +68,8 @@ __all__ = [
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
     "probability_below_one", "coverage_level", "face_margin", "MAX_FACE_MARGIN", "device_name", "prompt_template",
     "MAX_TEMPLATE_CHARS", "one_line_warnings",
-    "atomic_write", "write_text", "write_json", "select_device", "autocast_dtype", "autocast", "move_to",
+    "atomic_write", "write_text", "write_json", "select_device", "AMP_DTYPES", "configure_device",
+    "amp_option_dtype", "autocast_dtype", "autocast", "move_to",
     "load_checkpoint", "checkpoint_problem", "exit_on_checkpoint_error", "model_from_checkpoint",
     "add_clip_options", "load_clip", "clip_record",
 ]
@@ -320,11 +321,12 @@ def predict(model, loader, device, amp_dtype=None, zero_shot=False, tta="none"):
 
 def predict_dataset(model, dataset, args, device, zero_shot=False, tta="none"):
     """(predict's arrays, samples) of a drop_unreadable dataset: unreadable images are left out and
-    counted, exactly as in train.py's evaluation (data.AgeDataset)."""
+    counted, exactly as in train.py's evaluation (data.AgeDataset). Under args.amp's autocast."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          collate_fn=data.collate_readable)
-    result, samples = predict(model, loader, device, autocast_dtype(device), zero_shot, tta), dataset.samples
+    amp_dtype = amp_option_dtype(args.amp, device)
+    result, samples = predict(model, loader, device, amp_dtype, zero_shot, tta), dataset.samples
     skipped = set(dataset.skipped)
     if skipped:
         warn_unreadable(sorted(skipped))
@@ -384,6 +386,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--amp", default=None, choices=["auto", *AMP_DTYPES], help="autocast dtype; default: the "
+                   "run's own --amp (auto for --zero-shot: bf16 on GPUs that have it, fp16 on older ones, off "
+                   "on the CPU)")
     p.add_argument("--plot", action="store_true", help="also write cs_curve.png and scatter.png (matplotlib)")
     p.add_argument("--interval", type=coverage_level, default=0.9, help="coverage level of the conformal age "
                    "interval (lower, upper); train.py calibrates 0.8, 0.9 and 0.95")
@@ -414,6 +419,7 @@ def main(argv=None):
     if args.plot:
         import_pyplot()   # a missing matplotlib is reported before any work
     device = select_device(args.device)
+    configure_device(device)
     detect = face_detector(device) if args.detect_faces else None   # so is a missing detector
     if args.zero_shot:
         clip_model = load_clip(args)
@@ -426,6 +432,7 @@ def main(argv=None):
         ckpt = exit_on_checkpoint_error(load_checkpoint, args.ckpt)
         model, train_config, source = exit_on_checkpoint_error(model_from_checkpoint, ckpt, args.ckpt), \
             ckpt["config"]["train"], Path(args.ckpt)
+    args.amp = args.amp or train_config.get("amp", "auto")   # evaluated as it was trained, unless told
     model = model.to(device).eval()
     calibration = ckpt.get("calibration") if ckpt else None
     if args.calibrate_on:
@@ -446,7 +453,7 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         margin = next(m for m in (args.face_margin, train_config.get("crop_margin"), data.ALIGN_MARGIN) if m is not None)
         rows, skipped = predict_files(model, paths, calibration, args.interval, detect, margin,
-                                      args.batch_size, args.workers, args.zero_shot, args.tta)
+                                      args.batch_size, args.workers, args.zero_shot, args.tta, args.amp)
         write_csv(out_dir / "predictions.csv", PHOTO_COLUMNS, rows)
         if skipped:
             warn_unreadable([path for path, _ in skipped], [reason for _, reason in skipped])
@@ -862,13 +869,13 @@ PHOTO_COLUMNS = ["path", "face", "x0", "y0", "x1", "y1", "predicted_age", "uncer
 
 
 def predict_files(model, paths, calibration, level, detect=None, margin=data.ALIGN_MARGIN, batch_size=64,
-                  workers=0, zero_shot=False, tta="none"):
+                  workers=0, zero_shot=False, tta="none", amp="auto"):
     """predictions.csv rows (PHOTO_COLUMNS) for image files, and the [(path, reason)] that did not decode.
     With detect (face_detector), one row per face (its detector box, its face_crop with `margin`), and one
     row with face -1 and an empty box for a photo without a face; without, one row per file, the box the
     whole image. Photos are read one at a time and turned into the model's input tensors at once (their
     face crops, or the whole image), so memory holds one decoded photo per loading process whatever their
-    size. tta: see predict."""
+    size. tta: see predict; amp: an --amp value."""
     transform, resolution = model_transform(model), model.clip.visual.input_resolution
     loader = torch.utils.data.DataLoader(ImageFiles(paths, None if detect else transform), batch_size=None,
                                          num_workers=workers)
@@ -884,15 +891,16 @@ def predict_files(model, paths, calibration, level, detect=None, margin=data.ALI
             found = [(path, 0, (0, 0, *size), image)]
         faces += found or [(path, -1, None, None)]
         if sum(face[3] is not None for face in faces) >= batch_size:
-            rows += face_rows(model, faces, calibration, level, batch_size, zero_shot, tta)
+            rows += face_rows(model, faces, calibration, level, batch_size, zero_shot, tta, amp)
             faces = []
-    return rows + face_rows(model, faces, calibration, level, batch_size, zero_shot, tta), skipped
+    return rows + face_rows(model, faces, calibration, level, batch_size, zero_shot, tta, amp), skipped
 
 
-def face_rows(model, faces, calibration, level, batch_size, zero_shot, tta):
+def face_rows(model, faces, calibration, level, batch_size, zero_shot, tta, amp):
     """predictions.csv rows of (path, face index, box, input tensor or None for a photo without a face)."""
     inputs = [face[3] for face in faces if face[3] is not None]
-    pred = prediction(model, inputs, lambda x: x, calibration, level, batch_size, zero_shot, tta) if inputs else None
+    pred = (prediction(model, inputs, lambda x: x, calibration, level, batch_size, zero_shot, tta, amp)
+            if inputs else None)
     values = zip(pred.age, pred.uncertainty, pred.lower, pred.upper) if inputs else iter(())
     return [[path, -1] + [""] * (len(PHOTO_COLUMNS) - 2) if x is None else
             [path, j, *(f"{v:.1f}" for v in box), *map(csv_cell, next(values))] for path, j, box, x in faces]
@@ -919,13 +927,14 @@ def load_model(path, device="cpu"):
     return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt.get("calibration")
 
 
-def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False, tta="none"):
+def predict_images(model, images, calibration=None, level=0.9, batch_size=64, zero_shot=False, tta="none",
+                   amp="auto"):
     """Ages for PIL images (a list, or one image): the model's evaluation preprocessing (resize, centre
-    crop, CLIP normalisation), batched on the model's device. `calibration` (from load_model) gives the
-    conformal interval at `level`; give face crops (face_crop), as the model was trained on faces. tta:
-    "flip" averages each image's and its mirror's predictions (predict). An image beyond the datasets' size
-    guard (data.check_image_size: aspect ratio, pixels), or a level the calibration does not hold, is a
-    ValueError before any work."""
+    crop, CLIP normalisation), batched on the model's device, under the autocast of `amp` (an --amp value).
+    `calibration` (from load_model) gives the conformal interval at `level`; give face crops (face_crop),
+    as the model was trained on faces. tta: "flip" averages each image's and its mirror's predictions
+    (predict). An image beyond the datasets' size guard (data.check_image_size: aspect ratio, pixels), or a
+    level the calibration does not hold, is a ValueError before any work."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     for i, image in enumerate(images):
         try:
@@ -934,15 +943,15 @@ def predict_images(model, images, calibration=None, level=0.9, batch_size=64, ze
             raise ValueError(f"image {i} of the {len(images)} given: {e}") from None
     if calibration is not None:
         level_quantiles(calibration, level)
-    return prediction(model, images, model_transform(model), calibration, level, batch_size, zero_shot, tta)
+    return prediction(model, images, model_transform(model), calibration, level, batch_size, zero_shot, tta, amp)
 
 
-def prediction(model, items, prepare, calibration, level, batch_size, zero_shot, tta="none"):
+def prediction(model, items, prepare, calibration, level, batch_size, zero_shot, tta="none", amp="auto"):
     """The Prediction for items, each turned into the model's input tensor by prepare as its batch is formed."""
     device = next(model.parameters()).device
     batches = ((torch.stack([prepare(x) for x in chunk]), torch.full((len(chunk),), float("nan")))
                for chunk in (items[i:i + batch_size] for i in range(0, len(items), batch_size)))
-    result = predict(model, batches, device, autocast_dtype(device), zero_shot, tta)
+    result = predict(model, batches, device, amp_option_dtype(amp, device), zero_shot, tta)
     if calibration is None:
         lower = upper = np.full(len(items), np.nan)
     else:
@@ -1077,6 +1086,25 @@ def select_device(name="auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
     return device
+
+
+# --amp of train.py and eval.py: the autocast dtype by name ("auto": autocast_dtype's choice for the device).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def configure_device(device):
+    """The numerics both train.py and eval.py set on a GPU, so that a model is evaluated as it was trained:
+    TF32 matmuls (Ampere and later: near-free speed; the age prompts are encoded in full float32
+    regardless, model.CILFCIAE.text_embeddings) and cuDNN's autotuning (the input size is fixed). The CPU is
+    left as it is."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_option_dtype(amp, device):
+    """The autocast dtype of an --amp value on device: "auto" is autocast_dtype's choice, the others name one."""
+    return autocast_dtype(device) if amp == "auto" else AMP_DTYPES[amp]
 
 
 def autocast_dtype(device):

@@ -33,6 +33,7 @@ W_out starts at zero, so an untrained model is CLIP's prompt classifier (with CL
 to rounding) followed by a feedback loop that changes nothing; everything switched off (depth 0,
 feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -280,6 +281,18 @@ def weight_decayed(name, param):
     return param.ndim >= 2 and "embedding" not in name and not name.endswith("complex_weight")
 
 
+@contextlib.contextmanager
+def full_float32_matmuls():
+    """float32 matmuls in full precision inside (no TF32, whatever torch.set_float32_matmul_precision says
+    outside); the setting outside is restored after."""
+    outside = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(outside)
+
+
 def _base_grid(visual):
     """Token grid (h, w) of the visual tower at its built resolution (OpenAI's module names)."""
     res = visual.input_resolution
@@ -406,9 +419,10 @@ class CILFCIAE(CLIPAgeModel):
 
     # ---- age prompts -------------------------------------------------------------------------
     def _encode_prompts(self):
-        # float32 whatever the caller's autocast: adjacent age prompts differ by ~1e-4 per coordinate,
-        # which bf16 (8 significant bits) rounds away, making neighbouring ages identical.
-        with torch.autocast(device_type=self.prompt_tokens.device.type, enabled=False):
+        # float32 whatever the caller's autocast, and full float32 matmuls whatever the TF32 setting:
+        # adjacent age prompts differ by ~1e-4 per coordinate, which bf16 (8 significant bits) rounds away,
+        # making neighbouring ages identical, and which TF32's 11 bits come close to.
+        with torch.autocast(device_type=self.prompt_tokens.device.type, enabled=False), full_float32_matmuls():
             return F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)  # (K, E)
 
     def text_embeddings(self):
@@ -474,11 +488,15 @@ class CILFCIAE(CLIPAgeModel):
                          text_embeddings=text, rated_per_step=fb.rated)
 
     # ---- training ----------------------------------------------------------------------------
-    def loss(self, out: AgeOutput, target):
+    def loss(self, out: AgeOutput, target, gather=None):
         """(total, parts) for true ages target (B,): the weighted sum and each unweighted named part.
 
         Parts: distribution (KL), l1 (on y0), contrastive, feedback, uncertainty; a part whose weight is
-        zero (or whose module is off) is neither computed nor listed.
+        zero (or whose module is off) is neither computed nor listed. gather: None, or a function that maps
+        this process's (B, ...) tensor to the (N B, ...) tensor of all N processes, keeping the gradient of
+        the local part (train.GatherFromProcesses.apply): the contrastive loss then compares every image of the
+        global batch with every text, as one process with the whole batch does; the other parts are means
+        over images, which DDP's mean of the gradients makes global.
         """
         c = self.config
         weights = {"distribution": c.distribution_weight, "l1": c.l1_weight, "contrastive": c.contrastive_weight,
@@ -492,7 +510,8 @@ class CILFCIAE(CLIPAgeModel):
             if weights["l1"]:
                 parts["l1"] = (out.ages_per_step[:, 0] - y).abs().mean()
             if weights["contrastive"]:
-                parts["contrastive"] = contrastive_loss(out.embedding, out.text_embeddings, self.ages, y,
+                embedding, ages = (out.embedding, y) if gather is None else (gather(out.embedding), gather(y))
+                parts["contrastive"] = contrastive_loss(embedding, out.text_embeddings, self.ages, ages,
                                                         self.temperature(), c.contrastive_sigma)
             fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step, out.rated_per_step), y,
                                c.uncertainty_loss)

@@ -31,6 +31,7 @@ Sections:
     1. options          parse_args, resolve_defaults
     2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_validation
     3. builders         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
+                        (setup_distributed, GatherFromProcesses, freeze_untrained)
     4. the demo CLIP    pretrain_clip (--objective clip), demo_clip (built on first use), clip_loss
     5. the run folder   claim_run_folder (the lock), resume_checkpoint, resume_state, checkpoints, log.jsonl
 """
@@ -68,9 +69,9 @@ from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import (add_clip_options, atomic_write, autocast, autocast_dtype, calibrate, clip_record, device_name,
-                  exit_on_checkpoint_error, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
-                  non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
+from eval import (AMP_DTYPES, add_clip_options, amp_option_dtype, atomic_write, autocast, calibrate, clip_record,
+                  configure_device, device_name, exit_on_checkpoint_error, fraction, load_checkpoint, load_clip,
+                  move_to, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
 from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, weight_decayed
 
@@ -86,7 +87,6 @@ DEMO_MODEL = dict(width=64, heads=4)
 # is in the config.json of runs started by earlier versions of train.py, where it was a testing aid.
 RUNTIME_OPTIONS = {"out", "resume", "device", "amp", "workers", "compile", "grad_checkpoint", "check_images",
                    "world_size", "allow_data_change", "nan_at_step"}
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -315,7 +315,7 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.close()   # releases the run folder
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -328,9 +328,8 @@ def run(args, rank, world, device, argv_of_run=()):
                          f"({world} x {args.accum_steps})")
     out = Path(args.out)
     ckpt = resume_checkpoint(args, out)   # None for a new run; read and checked before anything is built
-    if device.type == "cuda":   # TF32 matmuls: ~free speed on Ampere+, the loss of precision does not matter here
-        torch.set_float32_matmul_precision("high")
-    amp_dtype = autocast_dtype(device) if args.amp == "auto" else AMP_DTYPES[args.amp]
+    configure_device(device)   # TF32 and cuDNN autotuning on a GPU, as eval.py does
+    amp_dtype = amp_option_dtype(args.amp, device)
 
     if args.clip == str(DEMO_CLIP_FILE):
         demo_clip()   # built here, if need be, before the run's seeding: a first run equals a later one
@@ -357,16 +356,23 @@ def run(args, rank, world, device, argv_of_run=()):
 
     loader = build_train_loader(train_set, args, world, device)
     steps_per_epoch = math.ceil(len(loader) / args.accum_steps)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training split ({len(train_set)} images) is smaller than one micro-batch of all "
+                         f"{world} processes ({args.batch_size // args.accum_steps} images); lower --batch-size")
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup * steps_per_epoch)
     schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
     optimizer = build_optimizer(raw_model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler)
+    state = resume_state(ckpt, out, run_config, data_index, args, rank, device, raw_model, optimizer, scaler)
     model = raw_model
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
+    if dist.is_initialized():   # under torchrun, one process included: the same code path as on many
+        frozen = freeze_untrained(raw_model, device)
+        if frozen and rank == 0:
+            print(f"{len(frozen)} parameter tensor(s) no loss term reaches under these options are frozen "
+                  f"for DDP (e.g. {frozen[0]})")
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:   # after DDP, as torch recommends: DDP's buckets then split the compiled graph
+        model = torch.compile(model)
 
     if rank == 0:
         write_json(out / "config.json", run_config)
@@ -380,8 +386,9 @@ def run(args, rank, world, device, argv_of_run=()):
 
     while state["epoch"] < args.epochs:
         epoch_start = time.time()
-        # every source of randomness restarts from (seed, epoch): the order (same on every process, which
-        # DistributedSampler shards), each image's augmentation (EpochSeeded) and, per process, dropout
+        # every source of randomness restarts from (seed, epoch): the order (same on every process, each
+        # taking its slice of every global batch), each image's augmentation (EpochSeeded) and, per
+        # process, dropout
         seed_all(mix_seed(args.seed, state["epoch"], rank))
         data.set_epoch(loader, state["epoch"])
         train_set.epoch.fill_(state["epoch"])
@@ -402,7 +409,8 @@ def run(args, rank, world, device, argv_of_run=()):
         seconds = time.time() - epoch_start
         record = {"type": "epoch", "epoch": state["epoch"], "step": state["step"], "train_loss": train_loss,
                   "train_mae": train_mae, "val_mae": val_mae, "best_val_mae": state["best_val_mae"],
-                  "seconds": seconds, "train_images_per_s": len(loader) * loader.batch_size * world / train_seconds}
+                  "seconds": seconds,
+                  "train_images_per_s": len(loader) * args.batch_size // args.accum_steps / train_seconds}
         state["history"].append(record)
         log(record)
         if rank == 0:
@@ -412,11 +420,11 @@ def run(args, rank, world, device, argv_of_run=()):
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),   # {} unless fp16
                     "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
-                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(),
+                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(device),
                     "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
                     "log_offset": state["log_offset"], "data_index": data_index}
             save_epoch_checkpoints(out, ckpt, improved)
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()   # nobody starts the next epoch (or the test) before the checkpoint exists
 
     del loader   # ends its workers
@@ -431,11 +439,18 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
     """One epoch of optimizer steps. state holds 'step' (global optimizer step), updated in place. scaler: a
     torch.amp.GradScaler, enabled on the fp16 path only (small gradients would underflow to zero in fp16;
     a step whose scaled gradients overflow is skipped and the scale lowered). Returns (mean loss, mean
-    absolute error) over the epoch, averaged over processes."""
+    absolute error) over the epoch, averaged over processes.
+
+    The loss parts and the errors are summed on the device and read once per optimizer step, when the step
+    is logged: the one host sync of a step (a GPU runs ahead of Python between them). A non-finite loss is
+    caught there, after the step it happened in, which it names; the run then stops without saving."""
     model.train()
     n_batches = len(loader)
-    totals = np.zeros(3)   # loss * n, |error| sum, n (this process)
-    group_values = 0.0     # loss parts summed over the micro-batches of the current optimizer step
+    distributed = dist.is_initialized()
+    gather = GatherFromProcesses.apply if world > 1 else None   # the contrastive loss over the global batch
+    group_values = 0.0   # loss and its parts summed over the micro-batches of the current step (device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)   # loss * n, |error| sum (this process)
+    count = 0            # images (this process)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
                disable=state["rank"] != 0 or not sys.stderr.isatty())
     for i, (images, ages) in enumerate(bar):
@@ -444,27 +459,20 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
         last_in_group = i == group_start + group_size - 1
         images, ages = move_to(images, device), move_to(ages.float(), device)
         # DDP all-reduces gradients on every backward unless told not to: only on a group's last micro-batch
-        sync = model.no_sync() if (world > 1 and not last_in_group) else contextlib.nullcontext()
+        sync = model.no_sync() if (distributed and not last_in_group) else contextlib.nullcontext()
         with sync:
             with autocast(device, amp_dtype):
                 out = model(images)
-                loss, parts = raw_model.loss(out, ages)
+                loss, parts = raw_model.loss(out, ages, gather)
             scaler.scale(loss / group_size).backward()
         names = sorted(parts)
         values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
-        if world > 1:
-            dist.all_reduce(values)
-        values = (values / world).tolist()   # also the one host sync of the step
-        if not all(math.isfinite(v) for v in values):
-            raise NonFiniteLoss(f"non-finite loss at step {state['step']} (epoch {state['epoch'] + 1}, batch "
-                                f"{i}): loss={values[0]} " + " ".join(f"{k}={v}" for k, v in zip(names, values[1:])))
+        group_values = group_values + values
         err = (out.age.detach().float() - ages).abs()
-        totals += [values[0] * len(ages), float(err.sum()), len(ages)]
-        group_values = group_values + np.array(values)
-        bar.set_postfix(loss=f"{values[0]:.3f}", mae=f"{totals[1] / totals[2]:.2f}")
+        totals += torch.stack([values[0] * len(ages), err.sum().double()])
+        count += len(ages)
         if not last_in_group:
             continue
-        values, group_values = (group_values / group_size).tolist(), 0.0
         factor = schedule(state["step"])
         set_learning_rates(optimizer, factor)
         scaler.unscale_(optimizer)   # true gradients for the clipping (a no-op unless fp16)
@@ -474,11 +482,21 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
         scaler.update()
         raw_model.clamp_logit_scale()   # the temperature's cap, after the step (not a clamp in forward)
         optimizer.zero_grad(set_to_none=True)
+        values = group_values / group_size
+        if world > 1:
+            dist.all_reduce(values)
+        values, group_values = (values / world).tolist(), 0.0   # the one host sync of the step
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLoss(f"non-finite loss at step {state['step']} (epoch {state['epoch'] + 1}, batches "
+                                f"{group_start}-{i}): loss={values[0]} "
+                                + " ".join(f"{k}={v}" for k, v in zip(names, values[1:])))
+        bar.set_postfix(loss=f"{values[0]:.3f}")
         log({"type": "step", "epoch": state["epoch"] + 1, "step": state["step"], "lr_factor": factor,
              "loss": values[0], **dict(zip(names, values[1:])),
              **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
         state["step"] += 1
-    loss_sum, err_sum, n = all_reduce_sum(totals.tolist(), device, world)
+    loss_sum, err_sum = totals.tolist()
+    loss_sum, err_sum, n = all_reduce_sum([loss_sum, err_sum, count], device, world)
     return loss_sum / n, err_sum / n
 
 
@@ -518,7 +536,7 @@ def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log
               f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
         best["calibration"] = calibrate_on_validation(raw_model, splits["val"], args, device)
         save_checkpoint(out / "best.pt", best)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()   # best.pt is complete before any process returns
     log(result)
     return result
@@ -674,28 +692,6 @@ class EpochSeeded(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
-class EpochShuffle(torch.utils.data.Sampler):
-    """The training order of a single process: epoch e is a permutation drawn from a generator seeded with
-    mix_seed(seed, e), so a resumed run draws what the uninterrupted one drew, and one loader (with persistent
-    workers) serves every epoch (set_epoch). Before the permutation one number is drawn and dropped: a fresh
-    DataLoader per epoch once drew its workers' seed from that generator first, and every seed keeps the
-    order it had then."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        torch.empty((), dtype=torch.int64).random_(generator=generator)   # the dropped draw
-        return iter(torch.randperm(self.n, generator=generator).tolist())
-
-
 def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_loader.CLIP_STD)):
     """train (augmented, EpochSeeded), val and test datasets, and the dataset options used.
     normalization: the CLIP's (mean, std)."""
@@ -717,12 +713,13 @@ def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_lo
 
 
 def build_train_loader(train_set, args, world, device):
-    """The training loader of the whole run (this process's share of each batch): its workers start once and
-    serve every epoch; data.set_epoch(loader, epoch) sets each epoch's order (EpochShuffle alone,
-    DistributedSampler under torch.distributed), a function of (seed, epoch) that needs no saved state."""
-    order = None if dist.is_available() and dist.is_initialized() else EpochShuffle(len(train_set), args.seed)
+    """The training loader of the whole run (this process's share of each global batch): its workers start
+    once and serve every epoch; data.set_epoch(loader, epoch) sets each epoch's order, a permutation seeded
+    with mix_seed(seed, epoch) (data.GlobalBatchSampler), so it needs no saved state and every launcher
+    draws the same global batches."""
     return data.build_loader(train_set, args.batch_size // (world * args.accum_steps), train=True,
-                             num_workers=args.workers, device=str(device), seed=args.seed, sampler=order)
+                             num_workers=args.workers, device=str(device), seed=args.seed,
+                             epoch_seed=lambda epoch: mix_seed(args.seed, epoch))
 
 
 def refuse_unreadable_images(splits):
@@ -760,6 +757,54 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+class GatherFromProcesses(torch.autograd.Function):
+    """(b, ...) on each of N processes -> (N b, ...), the processes' parts in rank order, on every process:
+    what the contrastive loss compares over the global batch. The gradient reaches each process's own part:
+    backward sums over the processes what each process's copy of the loss sends to the whole, and keeps
+    the local part's slice. Every process computes the same global contrastive loss, so its part receives
+    N times the gradient of one loss, which DDP's mean over the N processes brings back to exactly one: the
+    gradients equal those of one process with the whole batch."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def freeze_untrained(raw_model, device):
+    """Freeze (requires_grad False) every parameter that no loss term of this run reaches, and return their
+    names: e.g. the rating head with --uncertainty-weight 0, most of the feedback with --feedback-weight 0.
+    DDP expects a gradient for every parameter that requires one and stops at the second step without it;
+    in one process these get none either, so they never change (AdamW skips a parameter without a
+    gradient) and freezing them changes nothing else: the run builds for DDP only what it trains. Chosen
+    over DDP's find_unused_parameters, which looks only at which parameters the forward pass reached
+    (these are reached: their outputs are computed, then left out of the loss), and static_graph, which
+    breaks with no_sync (gradient accumulation). Found by one backward pass on two blank images, in eval
+    mode (no BatchNorm statistics move) with the RNG states restored, so the run draws what it would have
+    drawn without it; one pass is enough since every step builds the same graph."""
+    resolution = raw_model.clip.visual.input_resolution
+    images = torch.zeros(2, 3, resolution, resolution, device=device)
+    ages = raw_model.ages[[0, -1]]
+    trainable = [(name, p) for name, p in raw_model.named_parameters() if p.requires_grad]
+    training = raw_model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        raw_model.eval()
+        loss, _ = raw_model.loss(raw_model(images), ages)
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    raw_model.train(training)
+    frozen = [(name, p) for (name, p), g in zip(trainable, grads) if g is None]
+    for _, p in frozen:
+        p.requires_grad_(False)
+    return [name for name, _ in frozen]
 
 
 def all_reduce_sum(values, device, world):
@@ -1042,7 +1087,7 @@ def check_resumable(ckpt, path):
                          f"move it away to start the run again, or choose another --out")
 
 
-def resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler):
+def resume_state(ckpt, out, run_config, data_index, args, rank, device, raw_model, optimizer, scaler):
     """The run state to start from: step, epoch, best_val_mae, history, log_offset (and rank). A new run
     (ckpt None) starts at zero, once a best.pt left in the folder is known to be this run's. A run that
     continues from last.pt (ckpt) is refused if its options or its data changed; otherwise the model, the
@@ -1059,7 +1104,7 @@ def resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optim
     restore_or_exit(path, "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
     if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
         restore_or_exit(path, "scaler", scaler.load_state_dict, ckpt["scaler"])
-    restore_or_exit(path, "rng", set_rng_state, ckpt["rng"])
+    restore_or_exit(path, "rng", set_rng_state, ckpt["rng"], device)
     state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
                  history=ckpt["history"], log_offset=ckpt["log_offset"])
     return state
@@ -1132,26 +1177,32 @@ def save_epoch_checkpoints(out, ckpt, improved):
                          f"from the last checkpoint written.") from None
 
 
-def rng_state():
+def rng_state(device):
     """Every global RNG state as plain data (tensors, ints, tuples) that torch.load(weights_only=True)
-    accepts. (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
+    accepts: CUDA's of the process's own device only, so a checkpoint resumes on a machine with fewer GPUs.
+    (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
-    """Restore every global RNG state saved by rng_state."""
+def set_rng_state(state, device):
+    """Restore every global RNG state saved by rng_state; CUDA's on the process's device only. Checkpoints of
+    earlier versions hold a list, one state per GPU of the machine that wrote them: the device's own entry
+    is used where there is one."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):   # an earlier version's: one per GPU it saw
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def open_log(out, offset, rank):

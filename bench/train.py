@@ -4,6 +4,7 @@ filled when run with --devices cpu cuda on a CUDA machine).
     python bench/train.py                      # the README table: about 3-5 minutes on 2 CPU cores
     python bench/train.py --devices cpu cuda   # on a GPU machine: fills the GPU columns (bf16 autocast)
     python bench/train.py --devices cuda --backbones ViT-B/16 --gpu-batch 64   # the GPU check's figure
+    python bench/train.py --host-syncs         # ViT-B/16 step with the loss read once per step vs per micro-batch
 
 What is timed: exactly train.py's step (forward under autocast on CUDA / fp32 on the CPU, model.loss
 with every part on, backward, gradient clipping, AdamW) on random images, for two backbones, both random
@@ -19,6 +20,12 @@ warm-up step) minus the resident size before it: activations, gradients, AdamW s
 inputs excluded). Where the reset is not allowed, ru_maxrss is used and the output says so. GPU:
 torch.cuda.max_memory_allocated over the same steps, minus what was allocated before.
 Each (backbone, mixer, device) runs in a fresh subprocess with torch.set_num_threads(2).
+
+--host-syncs: the ViT-B/16 step (linear mixer) as train.py runs it, its loss parts and summed error
+read on the host once per optimizer step ("per step"), against the reading earlier versions did after
+every micro-batch, the loss parts' .tolist() and float(error sum) ("per micro-batch"; one micro-batch per
+step here, so two reads against one). On a CPU a read costs no waiting (nothing runs ahead); on a GPU each
+read stalls the queue of kernels. Cases alternate, each in a fresh subprocess, ROUNDS times.
 """
 import argparse
 import json
@@ -40,22 +47,25 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
                transformer_layers=12)
 # backbone -> (batch, timed steps on CPU, timed steps on GPU)
 BACKBONES = {"demo": (64, 5, 20), "ViT-B/16": (8, 2, 20)}
+# --host-syncs: when a step reads its loss parts and error on the host ("none": not at all, the table above)
+HOST_SYNCS = ("none", "per step", "per micro-batch")
+ROUNDS = 3
 
 
-def worker(backbone, mixer, device_name, batch):
-    """One (backbone, mixer, device, batch) case in this process; prints a JSON line."""
+def worker(backbone, mixer, device_name, batch, syncs="none"):
+    """One (backbone, mixer, device, batch) case in this process, the host reading its loss as `syncs`
+    says (HOST_SYNCS); prints a JSON line."""
     import torch
 
     import clip_loader
     import train
-    from eval import autocast, autocast_dtype
+    from eval import autocast, autocast_dtype, configure_device
     from model import CILFCIAE
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    configure_device(device)   # TF32 and cuDNN autotuning on a GPU, as train.py
     batch, (_, cpu_steps, gpu_steps) = int(batch), BACKBONES[backbone]
     if backbone == "demo":   # exactly the demo's model: its CLIP and train.py's demo defaults
         options = train.parse_args(["--mixer", mixer])
@@ -74,12 +84,20 @@ def worker(backbone, mixer, device_name, batch):
 
     def step():
         with autocast(device, amp_dtype):
-            loss, _ = model.loss(model(images), ages)
+            out = model(images)
+            loss, parts = model.loss(out, ages)
         loss.backward()
+        if syncs != "none":   # train.train_epoch's bookkeeping: the loss parts and the summed error
+            values = torch.stack([loss.detach()] + [parts[k].detach() for k in sorted(parts)]).double()
+            error = (out.age.detach().float() - ages).abs().sum().double()
+            if syncs == "per micro-batch":
+                values.tolist(), float(error)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         model.clamp_logit_scale()
         optimizer.zero_grad(set_to_none=True)
+        if syncs == "per step":
+            torch.cat([values, error.view(1)]).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -99,13 +117,13 @@ def worker(backbone, mixer, device_name, batch):
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     else:
         peak_mb = peak_rss.rise_kib(begun) / 1024
-    print(json.dumps({"backbone": backbone, "mixer": mixer, "device": device.type, "batch": batch,
+    print(json.dumps({"backbone": backbone, "mixer": mixer, "device": device.type, "batch": batch, "syncs": syncs,
                       "images_per_s": batch / statistics.median(times), "peak_mb": peak_mb, "exact": exact}))
 
 
-def run_case(backbone, mixer, device, batch):
+def run_case(backbone, mixer, device, batch, syncs="none"):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", backbone, mixer, device,
-                          str(batch)], capture_output=True, text=True)
+                          str(batch), syncs], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{backbone} / {mixer} / {device} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,10 +137,14 @@ def main(argv=None):
     p.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
     p.add_argument("--gpu-batch", type=int, default=None, help="batch on CUDA for every backbone (default: the "
                    "CPU's, demo 64 and ViT-B/16 8)")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)   # internal: one case per subprocess
+    p.add_argument("--host-syncs", action="store_true", help="time the ViT-B/16 step with the loss read on the "
+                   "host once per step against once per micro-batch (instead of the table)")
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)   # internal: one case per subprocess
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.host_syncs:
+        return compare_host_syncs(args.devices)
     start = time.time()
     results = {}
     for backbone in args.backbones:
@@ -143,6 +165,21 @@ def main(argv=None):
     print(f"full training step (forward, loss, backward, clip, AdamW), {THREADS} CPU threads, float32 on the CPU, "
           f"bf16 autocast on CUDA; peak = {'VmHWM - VmRSS' if exact else 'ru_maxrss increase (upper bound)'} "
           f"on the CPU, max_memory_allocated on CUDA; '-' = not run. {time.time() - start:.0f} s")
+
+
+def compare_host_syncs(devices):
+    """The --host-syncs table: median images/s of the ViT-B/16 step over ROUNDS alternating runs per case."""
+    start, rates = time.time(), {}
+    for _ in range(ROUNDS):
+        for device in devices:
+            for syncs in HOST_SYNCS[1:]:
+                result = run_case("ViT-B/16", "linear", device, BACKBONES["ViT-B/16"][0], syncs)
+                rates.setdefault((device, syncs), []).append(result["images_per_s"])
+    print(f"{'device':<8}{'loss read on the host':<24}{'img/s (median)':>16}{'runs':>24}")
+    for (device, syncs), values in rates.items():
+        print(f"{device:<8}{syncs:<24}{statistics.median(values):>16.2f}{' '.join(f'{v:.2f}' for v in values):>24}")
+    print(f"ViT-B/16 shape, linear mixer, batch {BACKBONES['ViT-B/16'][0]}, {THREADS} threads, {ROUNDS} alternating "
+          f"rounds of a fresh process each. {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

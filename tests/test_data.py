@@ -473,20 +473,37 @@ def test_loader_batches_shuffles_by_seed(workers):
     assert evaluation.tolist() == ages  # every image once, in order
 
 
-def test_loader_uses_a_distributed_sampler_under_torch_distributed(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_one_process_draws_the_batches_of_a_shuffling_dataloader(workers):
+    """The training loader of one process draws exactly the batches torch's own shuffling draws (RandomSampler
+    on the loader's seeded generator), as build_loader did before it had GlobalBatchSampler: a run is the
+    same run. Partial last batch: kept only when the dataset holds less than one batch."""
+    for n, batch in ((100, 8), (7, 8)):
+        dataset = torch.utils.data.TensorDataset(torch.arange(n))
+        shuffled = torch.utils.data.DataLoader(dataset, batch, shuffle=True, num_workers=workers,
+                                               drop_last=n > batch, generator=torch.Generator().manual_seed(5))
+        ours = data.build_loader(dataset, batch, train=True, num_workers=workers, seed=5)
+        assert [b[0].tolist() for b in ours] == [b[0].tolist() for b in shuffled] and len(ours) == len(shuffled)
+
+
+def test_processes_take_their_slice_of_every_global_batch():
+    """Two processes with batch 3 see, batch by batch, the global batches of one process with batch 6."""
+    one = list(data.GlobalBatchSampler(20, 6, torch.Generator().manual_seed(3)))
+    two = [list(data.GlobalBatchSampler(20, 3, torch.Generator().manual_seed(3), rank, 2)) for rank in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3   # the last 2 images: no full global batch
+    assert [a + b for a, b in zip(*two)] == one
+    assert sum(one, []) != list(range(18))   # shuffled, no image twice:
+    assert len(set(sum(one, []))) == 18
+
+
+def test_loader_takes_its_slice_under_torch_distributed(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
                                          rank=0, world_size=1)
     try:
         dataset = data.build_dataset("synthetic", split="val", n=16, image_size=8)
-        loader = data.build_loader(dataset, 4, train=True, seed=2)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-        first = list(loader.sampler)
-        data.set_epoch(loader, 0)
-        assert list(loader.sampler) == first  # same epoch, same order
-        data.set_epoch(loader, 1)
-        assert list(loader.sampler) != first and sorted(loader.sampler) == list(range(16))
-        assert not isinstance(data.build_loader(dataset, 4, train=False).sampler,
-                              torch.utils.data.DistributedSampler)
+        sampler = data.build_loader(dataset, 4, train=True, seed=2).batch_sampler
+        assert isinstance(sampler, data.GlobalBatchSampler) and (sampler.rank, sampler.world) == (0, 1)
+        assert data.build_loader(dataset, 4, train=False).batch_sampler.sampler.__class__.__name__ == "SequentialSampler"
     finally:
         torch.distributed.destroy_process_group()
 

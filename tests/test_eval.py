@@ -95,6 +95,16 @@ def test_device_helpers_degrade_cleanly_on_cpu(monkeypatch):
     assert ev.select_device("auto") == torch.device("cuda")
     with ev.autocast(cpu, torch.bfloat16):   # the autocast context itself works on the CPU too
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
+    # train.py and eval.py set the same numerics on a GPU (TF32, cuDNN autotuning), the CPU's are left alone
+    precision, benchmark = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    ev.configure_device(cpu)
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == (precision, benchmark)
+    try:
+        ev.configure_device(torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 # --------------------------------------------------------------------------- the command line
@@ -151,6 +161,22 @@ def test_eval_of_a_train_checkpoint_writes_table_json_csv(trained_run, fixture_d
     errors = [abs(float(r["predicted_age"]) - float(r["age"])) for r in rows]
     assert np.mean(errors) == pytest.approx(metrics["mae"], abs=1e-3)
     assert all(float(r["uncertainty"]) >= 0 for r in rows)
+
+
+def test_eval_uses_the_runs_autocast_unless_told(trained_run, tmp_path, monkeypatch):
+    """A run trained with --amp bf16 is evaluated under bf16 autocast (on this CPU too); --amp off overrides
+    it; a run with --amp auto gets autocast_dtype's choice (none on the CPU)."""
+    run, _ = trained_run
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["config"]["train"]["amp"] = "bf16"
+    torch.save(ckpt, tmp_path / "bf16.pt")
+    seen, predict = [], ev.predict
+    monkeypatch.setattr(ev, "predict", lambda model, loader, device, amp_dtype=None, zero_shot=False: (
+        seen.append(amp_dtype), predict(model, loader, device, amp_dtype, zero_shot))[1])
+    ev.main(["--ckpt", str(tmp_path / "bf16.pt"), "--out", str(tmp_path / "a")])
+    ev.main(["--ckpt", str(tmp_path / "bf16.pt"), "--amp", "off", "--out", str(tmp_path / "b")])
+    ev.main(["--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "c")])
+    assert seen == [torch.bfloat16, None, None]
 
 
 def test_eval_other_split_and_dataset_options(trained_run, tmp_path):

@@ -285,6 +285,23 @@ def test_frozen_text_tower_encodes_the_prompts_once(monkeypatch):
     torch.testing.assert_close(T, hand_text_embeddings(clip, model.ages).detach())
 
 
+def test_prompts_are_encoded_in_full_float32_whatever_the_tf32_setting(monkeypatch):
+    """eval.configure_device turns TF32 on for GPUs; the age prompts, whose neighbours differ by ~1e-4 per
+    coordinate, are encoded with full float32 matmuls all the same, and the setting outside is kept."""
+    clip = tiny_clip("vit")
+    model = build(clip)
+    seen, encode = [], clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda tokens: (seen.append(torch.get_float32_matmul_precision()),
+                                                             encode(tokens))[1])
+    outside = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        model.text_embeddings()
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(outside)
+
+
 def test_trained_text_tower_is_encoded_every_step_and_learns(monkeypatch):
     clip = tiny_clip("vit")
     model = build(clip, freeze_text_tower=False)

@@ -1,0 +1,209 @@
+"""Distributed training on the CPU (gloo): DDP survives every ablation; the contrastive loss and the gradients
+of two processes with batch 4 equal one process with batch 8; `python train.py`, torchrun with one process and
+two torchrun launches joined as two nodes (c10d rendezvous on 127.0.0.1) train on the same batches and end with
+the same weights; a checkpoint holding more CUDA RNG states than the machine has GPUs resumes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import clip_loader
+import train
+from model import CILFCIAE
+from test_train import comparable
+
+ROOT = Path(__file__).resolve().parents[1]
+# tests/test_train.py's tiny model (every module on, the demo CLIP's architecture with random weights, so the
+# text tower trains too), with 32 training images: 2 steps of 16
+TINY = ["--synthetic-n", "32", "16", "16", "--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32",
+        "--batch-size", "16", "--clip", "random", "--epochs", "1", "--device", "cpu"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(rank, world, port):
+    """The environment torchrun gives a process, and (for code that does not call train.main) the group."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def log_lines(out, kind):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["type"] == kind]
+
+
+# --------------------------------------------------------------------------- DDP survives every option
+
+# --l1-weight 0 beside --feedback-weight 0: y0's L1 alone reaches the feedback's parameters, with zeros,
+# through the stack of all steps' estimates (see the next test)
+ABLATIONS = [["--uncertainty-weight", "0"], ["--feedback-weight", "0", "--l1-weight", "0"],
+             ["--contrastive-weight", "0"], ["--feedback-steps", "0"]]
+
+
+def train_ablations(rank, ports, out):
+    for ablation, port in zip(ABLATIONS, ports):
+        join_process_group(rank, 2, port)
+        train.main([*TINY, *ablation, "--workers", "0", "--out", str(out / ablation[0])])
+
+
+def test_two_processes_train_every_ablation(tmp_path, monkeypatch):
+    """The first two leave parameters without a gradient (the rating head, most of the feedback): DDP
+    stopped at the second step with "Expected to have finished reduction"; the others change the graph."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # read when the spawned processes import torch
+    mp.spawn(train_ablations, args=([free_port() for _ in ABLATIONS], tmp_path), nprocs=2)
+    parts = {}
+    for ablation in ABLATIONS:
+        steps = log_lines(tmp_path / ablation[0], "step")
+        assert [s["step"] for s in steps] == [0, 1], ablation
+        assert json.loads((tmp_path / ablation[0] / "config.json").read_text())["train"]["world_size"] == 2
+        parts[ablation[0]] = set(steps[0]) - {"type", "epoch", "step", "lr_factor", "loss"}
+    assert parts == {"--uncertainty-weight": {"distribution", "l1", "contrastive", "feedback"},
+                     "--feedback-weight": {"distribution", "contrastive", "uncertainty"},
+                     "--contrastive-weight": {"distribution", "l1", "feedback", "uncertainty"},
+                     "--feedback-steps": {"distribution", "l1", "contrastive"}}
+
+
+def test_freeze_untrained_finds_exactly_the_parameters_without_gradient():
+    """Hand count: with --uncertainty-weight 0 only the rating head of HypothesisFeedback gets no gradient.
+    With --feedback-weight 0 the L1 on y0 still reaches every feedback part, with a gradient of zeros (it
+    reads column 0 of the stacked estimates y0..yR, whose backward sends zeros to the others), as DDP's
+    hooks would see it; with --l1-weight 0 too, every part but the rating head (its input is detached)."""
+    def frozen(*options):
+        torch.manual_seed(0)
+        args = train.parse_args([*TINY, *options])
+        model = CILFCIAE(train.build_clip(args), train.build_config(args))
+        names = train.freeze_untrained(model, torch.device("cpu"))
+        assert all(not p.requires_grad for n, p in model.named_parameters() if n in names)
+        return {n.split(".")[1] for n in names}, names
+    assert frozen() == (set(), [])
+    assert frozen("--uncertainty-weight", "0")[0] == {"rating"}
+    assert frozen("--feedback-weight", "0") == (set(), [])
+    assert frozen("--feedback-weight", "0", "--l1-weight", "0")[0] == {"query", "step_embedding", "token_norm",
+                                                                       "key", "value", "correction"}
+
+
+# --------------------------------------------------------------------------- one loss over the global batch
+
+def batch_of_eight():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=generator), torch.tensor([3., 17, 17, 40, 41, 66, 90, 3])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    args = train.parse_args([*TINY, "--feedback-noise", "0"])
+    return CILFCIAE(clip_loader.CLIP(**train.DEMO_CLIP), train.build_config(args)).train()
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ddp_contrastive_gradients(rank, port, out):
+    join_process_group(rank, 2, port)
+    dist.init_process_group("gloo")
+    model = tiny_model()
+    images, ages = batch_of_eight()
+    share = slice(4 * rank, 4 * rank + 4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    loss, parts = model.loss(ddp(images[share]), ages[share], train.GatherFromProcesses.apply)
+    loss.backward()
+    if rank == 0:
+        torch.save({"contrastive": parts["contrastive"].detach(), "grads": gradients(model)}, out)
+    dist.destroy_process_group()
+
+
+def test_contrastive_loss_and_gradients_of_two_processes_equal_one_with_their_batch(tmp_path):
+    mp.spawn(ddp_contrastive_gradients, args=(free_port(), tmp_path / "ddp.pt"), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    model = tiny_model()
+    images, ages = batch_of_eight()
+    loss, parts = model.loss(model(images), ages)
+    loss.backward()   # the other parts are means over the images: DDP's mean of two halves is this mean
+    one = gradients(model)
+    torch.testing.assert_close(ddp["contrastive"], parts["contrastive"].detach(), rtol=1e-6, atol=0)
+    assert ddp["grads"].keys() == one.keys() and any(k.startswith("clip.transformer") for k in one)   # text tower
+    for k in one:
+        torch.testing.assert_close(ddp["grads"][k], one[k], rtol=1e-4, atol=1e-5 * float(one[k].abs().max()),
+                                   msg=lambda m: f"{k}: {m}")   # atol: rounding in sums of another order
+
+
+# --------------------------------------------------------------------------- one run whatever the launcher
+
+def run_script(args):
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_python_torchrun_and_two_nodes_train_the_same_run(tmp_path):
+    """One process as `python train.py` (train.main, here in the test's process: the same code path), one
+    under torchrun, and two torchrun launches that join as two nodes of one process each through a c10d
+    rendezvous on 127.0.0.1, sharing the run folder: the same batches (every step's loss parts, the
+    contrastive loss over the global batch included) and the same weights. The feedback's perturbation of
+    hypotheses is off: each process draws its own."""
+    common = [*TINY, "--feedback-noise", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    port = free_port()
+    nodes = [run_script([*torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", "--local-addr", "127.0.0.1",
+                         "train.py", *common, "--out", str(tmp_path / "nodes")]) for _ in range(2)]
+    single = run_script([*torchrun, "--standalone", "--nproc_per_node", "1", "train.py", *common,
+                         "--out", str(tmp_path / "torchrun")])
+    train.main([*common, "--out", str(tmp_path / "python")])
+    for proc in [*nodes, single]:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "nodes" / "config.json").read_text())["train"]["world_size"] == 2
+    reference = log_lines(tmp_path / "python", "step")
+    assert len(reference) == 2 and "contrastive" in reference[0]
+    for run in ("torchrun", "nodes"):
+        steps = log_lines(tmp_path / run, "step")
+        assert [s.keys() for s in steps] == [s.keys() for s in reference]
+        for got, want in zip(steps, reference):
+            assert {k: pytest.approx(v, rel=1e-5) for k, v in want.items() if k != "type"} == \
+                   {k: v for k, v in got.items() if k != "type"}, run
+        a = comparable(torch.load(tmp_path / "python" / "last.pt", weights_only=True)["model"])
+        b = comparable(torch.load(tmp_path / run / "last.pt", weights_only=True)["model"])
+        for k in a:
+            # atol: a tenth of one AdamW step (lr 1e-3), which an element whose gradient is near zero takes in
+            # a direction that rounding (sums of another order) decides
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{run}: {k}: {m}")
+
+
+# --------------------------------------------------------------------------- resume on another machine
+
+def test_a_checkpoint_with_more_cuda_rng_states_than_gpus_resumes(tmp_path, monkeypatch, capsys):
+    """Earlier versions saved one CUDA RNG state per GPU of the machine (8 on an 8-GPU node) and restored
+    them all, which fails on a machine with fewer. Now each process saves and restores its own device's."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", states)))
+    eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    state = {**train.rng_state(torch.device("cpu")), "cuda": eight}
+    train.set_rng_state(state, torch.device("cuda", 1))   # process 1 of a 2-GPU machine: entry 1 only
+    assert len(restored) == 1 and torch.equal(restored[0][0], eight[1]) and restored[0][1] == torch.device("cuda", 1)
+    train.set_rng_state(state, torch.device("cpu"))       # a CPU run: none
+    assert len(restored) == 1
+    monkeypatch.undo()
+
+    # the whole resume on this machine: a finished run rerun into its folder continues from its last.pt
+    # (restoring every state in it, the RNG's included) and reports its result again
+    common = [*TINY, "--out", str(tmp_path)]
+    train.main(common)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["rng"]["cuda"] = eight
+    train.save_checkpoint(tmp_path / "last.pt", ckpt)
+    assert train.main(common)["best_epoch"] == 1
+    assert capsys.readouterr().out.count("resumed after epoch 1") == 1
