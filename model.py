@@ -577,9 +577,10 @@ class LinearAgeBaseline(CLIPAgeModel):
                          embedding=F.normalize(g.float(), dim=-1), uncertainty_per_step=spread.unsqueeze(1),
                          text_embeddings=None)
 
-    def loss(self, out: AgeOutput, target):
+    def loss(self, out: AgeOutput, target, gather=None):
         """(total, {"cross_entropy": total}): the mean over the batch of -sum_k q_k log p_k, with q the
-        targets of age_class_targets (one-hot for whole ages)."""
+        targets of age_class_targets (one-hot for whole ages). gather: unused (no loss compares images
+        across the batch; CILFCIAE.loss's contrastive part does)."""
         y = target.to(device=out.logits.device, dtype=torch.float32)
         with torch.autocast(device_type=y.device.type, enabled=False):
             q = age_class_targets(y, self.ages)

@@ -171,8 +171,8 @@ def test_eval_uses_the_runs_autocast_unless_told(trained_run, tmp_path, monkeypa
     ckpt["config"]["train"]["amp"] = "bf16"
     torch.save(ckpt, tmp_path / "bf16.pt")
     seen, predict = [], ev.predict
-    monkeypatch.setattr(ev, "predict", lambda model, loader, device, amp_dtype=None, zero_shot=False: (
-        seen.append(amp_dtype), predict(model, loader, device, amp_dtype, zero_shot))[1])
+    monkeypatch.setattr(ev, "predict", lambda model, loader, device, amp_dtype=None, zero_shot=False, tta="none": (
+        seen.append(amp_dtype), predict(model, loader, device, amp_dtype, zero_shot, tta))[1])
     ev.main(["--ckpt", str(tmp_path / "bf16.pt"), "--out", str(tmp_path / "a")])
     ev.main(["--ckpt", str(tmp_path / "bf16.pt"), "--amp", "off", "--out", str(tmp_path / "b")])
     ev.main(["--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "c")])
