@@ -28,9 +28,10 @@ per optimizer step, whatever the number of processes and --accum-steps), so resu
 hardware. Defaults written "demo: X / real: Y" depend on whether the data is the synthetic demo data.
 
 Sections:
-    1. options          parse_args, resolve_defaults
+    1. options          parse_args
     2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_validation
-    3. builders         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
+    3. builders         the options resolved (check_option_combinations, resolve_defaults, default_workers),
+                        the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
                         (setup_distributed, GatherFromProcesses, freeze_untrained)
     4. the demo CLIP    pretrain_clip (--objective clip), demo_clip (built on first use), clip_loss
     5. the run folder   claim_run_folder (the lock), resume_checkpoint, resume_state, checkpoints, log.jsonl
@@ -224,77 +225,6 @@ def parse_args(argv=None):
     problem = None if args.objective == "clip" else check_option_combinations(args)
     if problem:
         p.error(problem)
-    return args
-
-
-def default_workers():
-    """Data-loading processes per training process: the CPU cores this process may use (its affinity mask, as
-    a container or taskset sets it) shared by the training processes torchrun starts on this machine, at
-    least 1 (decoding then overlaps the training step), at most 8 (each holds its own copy of the dataset and
-    its prefetched batches); whether they keep up with a model: bench/README.md#data-loading."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_option_combinations(args):
-    """The first inconsistency between options as a message, or None."""
-    max_age = data.AGE_RANGE[1] if args.max_age is None else args.max_age
-    if not 0 <= args.min_age < max_age <= data.AGE_RANGE[1]:
-        return f"need 0 <= --min-age < --max-age <= {data.AGE_RANGE[1]:g}, got {args.min_age:g} and {max_age:g}"
-    if args.width % args.heads:
-        return f"--width {args.width} must be divisible by --heads {args.heads}"
-    if args.dataset != "synthetic" and args.data_root is None:
-        return f"--dataset {args.dataset} needs --data-root"
-    if args.method == "ce-baseline" and args.text_tower == "train":
-        return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
-    if (args.dataset == "facebase") != (args.database is not None):
-        return "--dataset facebase needs --database FILE.json" if args.database is None else \
-            f"--database is for --dataset facebase, not {args.dataset}"
-    if args.crop_margin is not None and args.dataset != "facebase":
-        return f"--crop-margin is for --dataset facebase, not {args.dataset}"
-    if args.database is not None and len(args.database) > 1:
-        return "--database: a run trains on one database; test on several with eval.py --split all"
-    return None
-
-
-def resolve_defaults(args):
-    """Fill the mode-dependent defaults. The demo (synthetic data) trains a tiny model fast; a pretrained
-    CLIP should move little (small --clip-lr, README.md#training-and-evaluation-practice), the tiny demo
-    CLIP a bit more; a random CLIP must learn everything; the pretraining of the demo CLIP has its own
-    settings (PRETRAIN)."""
-    m = CILFConfig()
-    args.workers = default_workers() if args.workers is None else args.workers
-    if args.objective == "clip":
-        for name, value in PRETRAIN.items():
-            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-        args.out = os.path.abspath(os.path.expanduser(args.out or str(DEMO_CLIP_FILE.parent)))
-        return args
-    demo, random_clip = args.dataset == "synthetic", args.clip == "random"
-    pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
-    args.epochs = pick(args.epochs, 20, 30)
-    # The drawings vary in position, size, tilt, colours and noise already, and their proportions carry age
-    # (a child's rounder head): the crop's aspect jitter would blur that cue (README, Training).
-    args.augment = pick(args.augment, "off", "on")
-    args.batch_size = pick(args.batch_size, 64, 64)
-    args.lr = pick(args.lr, 1e-3, 1e-4)
-    args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)
-    args.text_tower = args.text_tower or ("train" if random_clip and args.method == "cilf-ciae" else "freeze")
-    args.width = pick(args.width, DEMO_MODEL["width"], m.width)
-    args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
-    args.weight_decay = pick(args.weight_decay, 0.05, 0.05)
-    args.out = pick(args.out, "runs/demo", f"runs/{args.dataset}")
-    # absolute from here on: config.json and the checkpoints must name the same files from any folder
-    absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
-    args.data_root, args.out = absolute(args.data_root), absolute(args.out)
-    if args.database is not None:
-        args.database = [absolute(path) for path in args.database]
-    if args.dataset == "facebase" and args.crop_margin is None:
-        args.crop_margin = data.ALIGN_MARGIN
-    args.clip = str(DEMO_CLIP_FILE) if args.clip is None else args.clip if args.clip == "random" else absolute(args.clip)
-    if args.clip == str(DEMO_CLIP_FILE):   # OpenAI's architecture, said as an OpenAI file's name says it
-        args.clip_activation = args.clip_activation or "quick_gelu"
-        args.clip_vision_head_width = args.clip_vision_head_width or 64
-        args.clip_text_head_width = args.clip_text_head_width or 64
     return args
 
 
@@ -555,6 +485,81 @@ def calibrate_on_validation(model, val_set, args, device):
 
 
 # ----------------------------------------------------------------------------- 3. builders
+
+# options resolved: what parse_args checks and fills in after parsing
+
+def default_workers():
+    """Data-loading processes per training process: the CPU cores this process may use (its affinity mask, as
+    a container or taskset sets it) shared by the training processes torchrun starts on this machine, at
+    least 1 (decoding then overlaps the training step), at most 8 (each holds its own copy of the dataset and
+    its prefetched batches); whether they keep up with a model: bench/README.md#data-loading."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_option_combinations(args):
+    """The first inconsistency between options as a message, or None."""
+    max_age = data.AGE_RANGE[1] if args.max_age is None else args.max_age
+    if not 0 <= args.min_age < max_age <= data.AGE_RANGE[1]:
+        return f"need 0 <= --min-age < --max-age <= {data.AGE_RANGE[1]:g}, got {args.min_age:g} and {max_age:g}"
+    if args.width % args.heads:
+        return f"--width {args.width} must be divisible by --heads {args.heads}"
+    if args.dataset != "synthetic" and args.data_root is None:
+        return f"--dataset {args.dataset} needs --data-root"
+    if args.method == "ce-baseline" and args.text_tower == "train":
+        return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
+    if (args.dataset == "facebase") != (args.database is not None):
+        return "--dataset facebase needs --database FILE.json" if args.database is None else \
+            f"--database is for --dataset facebase, not {args.dataset}"
+    if args.crop_margin is not None and args.dataset != "facebase":
+        return f"--crop-margin is for --dataset facebase, not {args.dataset}"
+    if args.database is not None and len(args.database) > 1:
+        return "--database: a run trains on one database; test on several with eval.py --split all"
+    return None
+
+
+def resolve_defaults(args):
+    """Fill the mode-dependent defaults. The demo (synthetic data) trains a tiny model fast; a pretrained
+    CLIP should move little (small --clip-lr, README.md#training-and-evaluation-practice), the tiny demo
+    CLIP a bit more; a random CLIP must learn everything; the pretraining of the demo CLIP has its own
+    settings (PRETRAIN)."""
+    m = CILFConfig()
+    args.workers = default_workers() if args.workers is None else args.workers
+    if args.objective == "clip":
+        for name, value in PRETRAIN.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        args.out = os.path.abspath(os.path.expanduser(args.out or str(DEMO_CLIP_FILE.parent)))
+        return args
+    demo, random_clip = args.dataset == "synthetic", args.clip == "random"
+    pick = lambda value, if_demo, if_real: value if value is not None else (if_demo if demo else if_real)
+    args.epochs = pick(args.epochs, 20, 30)
+    # The drawings vary in position, size, tilt, colours and noise already, and their proportions carry age
+    # (a child's rounder head): the crop's aspect jitter would blur that cue (README, Training).
+    args.augment = pick(args.augment, "off", "on")
+    args.batch_size = pick(args.batch_size, 64, 64)
+    args.lr = pick(args.lr, 1e-3, 1e-4)
+    args.clip_lr = pick(args.clip_lr, args.lr if random_clip else DEMO_CLIP_LR, 1e-6)
+    args.text_tower = args.text_tower or ("train" if random_clip and args.method == "cilf-ciae" else "freeze")
+    args.width = pick(args.width, DEMO_MODEL["width"], m.width)
+    args.heads = pick(args.heads, DEMO_MODEL["heads"], m.heads)
+    args.weight_decay = pick(args.weight_decay, 0.05, 0.05)
+    args.out = pick(args.out, "runs/demo", f"runs/{args.dataset}")
+    # absolute from here on: config.json and the checkpoints must name the same files from any folder
+    absolute = lambda path: path if path is None else os.path.abspath(os.path.expanduser(path))
+    args.data_root, args.out = absolute(args.data_root), absolute(args.out)
+    if args.database is not None:
+        args.database = [absolute(path) for path in args.database]
+    if args.dataset == "facebase" and args.crop_margin is None:
+        args.crop_margin = data.ALIGN_MARGIN
+    args.clip = str(DEMO_CLIP_FILE) if args.clip is None else args.clip if args.clip == "random" else absolute(args.clip)
+    if args.clip == str(DEMO_CLIP_FILE):   # OpenAI's architecture, said as an OpenAI file's name says it
+        args.clip_activation = args.clip_activation or "quick_gelu"
+        args.clip_vision_head_width = args.clip_vision_head_width or 64
+        args.clip_text_head_width = args.clip_text_head_width or 64
+    return args
+
+
+# the model
 
 def build_clip(args):
     """The CLIP of --clip: a checkpoint file (by default the demo CLIP, see demo_clip) or the demo's
