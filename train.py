@@ -862,8 +862,8 @@ def demo_clip():
     record = DEMO_CLIP_FILE.with_suffix(".json")
     if not DEMO_CLIP_FILE.exists() or not record.exists():
         if "RANK" in os.environ:
-            raise SystemExit(f"the demo CLIP is not built yet; build it first with one process: "
-                             f"python train.py --objective clip")
+            raise SystemExit("the demo CLIP is not built yet; build it first with one process: "
+                             "python train.py --objective clip")
         print(f"the demo CLIP is not built yet: pretraining it once (python train.py --objective clip) "
               f"-> {DEMO_CLIP_FILE}", flush=True)
         pretrain_clip(parse_args(["--objective", "clip"]))

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,8 +303,8 @@ def main(argv=None):
                 print(tail)
 
     print()
-    print(f"| slip | from | file | killed | seconds |")
-    print(f"|---|---|---|---|---|")
+    print("| slip | from | file | killed | seconds |")
+    print("|---|---|---|---|---|")
     for s, outcome, seconds in rows:
         killed = {"killed": "yes", "timeout": "yes (timeout)", "survived": "no",
                   "error": "yes (pytest error)"}.get(outcome, outcome)
