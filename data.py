@@ -10,7 +10,7 @@ Sections:
                             train_transform, eval_transform
     aligned faces           aligned_box, crop_aligned, aligned_crop_size, aligned_transform, Face, face_detector
     the dataset             AgeDataset, AlignedFaces (the benchmark's faces, cropped), collate_readable, check_images
-    splits                  random_split, subject_split, leave_one_subject_out, subject_kfold
+    splits                  random_split, subject_split, leave_one_subject_out, subject_kfold, split_validation
     parsing the layouts     one reader per dataset (the unified benchmark's databases: BENCHMARK_SPLITS),
                             check_split_integrity, build_dataset
     dataset identity        index_entries, fingerprint, describe_change
@@ -47,11 +47,12 @@ __all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS"
            "ALIGN_MARGIN", "BENCHMARK_SPLITS", "aligned_box", "crop_aligned", "aligned_crop_size",
            "aligned_transform", "Face", "face_detector", "AgeDataset", "AlignedFaces", "collate_readable",
            "check_images", "random_split", "subject_split", "leave_one_subject_out",
-           "subject_kfold", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
+           "subject_kfold", "split_validation", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
            "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
            "age_phrase", "caption", "CaptionedDrawings", "GlobalBatchSampler", "build_loader"]
 
-SPLITS = ("train", "val", "test", "all")
+# val and calibration are the two halves of the protocol's validation subjects (split_validation)
+SPLITS = ("train", "val", "calibration", "test", "all")
 FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test share of subjects (or of images where no subjects are known)
 VAL_FRACTION = 0.1  # of the non-test subjects, for the fold protocols (FG-NET LOPO, MORPH II 5-fold)
 MORPH_FOLDS = 5
@@ -501,6 +502,20 @@ def subject_kfold(samples: list, split: str, fold: int, seed: int, k: int = MORP
     return _fold_split(samples, split, test, fold, seed)
 
 
+def split_validation(samples: list, part: str, seed: int) -> list:
+    """One half of a protocol's validation split, seeded and subject-exclusive (a sample without subject
+    is its own subject): part "val", the images train.py selects its checkpoint on, or "calibration", the
+    images its uncertainty and conformal intervals are calibrated on. A calibration on the very images
+    the checkpoint was chosen on would be optimistic (README.md#age-intervals). With
+    one validation subject the calibration part is empty."""
+    if part not in ("val", "calibration"):
+        raise ValueError(f"part must be val or calibration, got {part!r}")
+    keys = sorted({_subject_key(s) for s in samples})
+    order = np.random.default_rng([seed, len(keys), 2]).permutation(len(keys))
+    calibration = {keys[j] for rank, j in enumerate(order) if rank < len(keys) // 2}
+    return [s for s in samples if (_subject_key(s) in calibration) == (part == "calibration")]
+
+
 # --------------------------------------------------------------------------- parsing the layouts
 
 def _check_root(name: str, root: Path):
@@ -930,9 +945,11 @@ def build_dataset(name: str, root=None, split: str = "train", fold: int = 0,
             samples, ignored, select, exclusive = {"utkface": _utkface, "cacd": _cacd, "agedb": _agedb,
                                                    "csv": _csv}[name](root, seed)
     parts = {part: select(part) for part in ("train", "val", "test")}
+    parts["calibration"] = split_validation(parts["val"], "calibration", seed)
+    parts["val"] = split_validation(parts["val"], "val", seed)
     check_split_integrity(name, parts, exclusive)
     chosen = samples if split == "all" else parts[split]
-    if not chosen:
+    if not chosen and split != "calibration":   # an empty calibration part: train.py says so, calibrates nothing
         raise DatasetError(f"{name}: the {split} split under {root} is empty")
     if name == "facebase":
         dataset = AlignedFaces(chosen, transform, options.get("margin", ALIGN_MARGIN), options["crop_size"],
@@ -1088,7 +1105,7 @@ class SyntheticAgeDataset(AgeDataset):
     """The demo data: render_synthetic images, generated on the fly, deterministic from (seed, split,
     index). Integer ages uniform on [min_age, max_age]. n: this split's size, or a dict per split."""
 
-    SIZES = {"train": 2000, "val": 300, "test": 300}
+    SIZES = {"train": 2000, "val": 600, "test": 300}   # val: drawn, then halved (split_validation)
     _CODES = {"train": 0, "val": 1, "test": 2}
 
     def __init__(self, split: str = "train", seed: int = 0, transform: Optional[Callable] = None,
@@ -1102,12 +1119,15 @@ class SyntheticAgeDataset(AgeDataset):
             raise ValueError(f"synthetic: need 0 <= min_age <= max_age <= 120, got {min_age}, {max_age}")
         self.seed, self.image_size = seed, image_size
         self._keys, samples = [], []
-        for name in (["train", "val", "test"] if split == "all" else [split]):
-            code = self._CODES[name]
-            ages = np.random.default_rng([seed, code, 1 << 20]).integers(min_age, max_age + 1, sizes[name])
-            for i, age in enumerate(ages):
-                self._keys.append((code, i))
-                samples.append(Sample(f"synthetic:{name}/{i}", float(age)))
+        for name in (["train", "val", "calibration", "test"] if split == "all" else [split]):
+            drawn = "val" if name == "calibration" else name   # val and calibration: halves of the drawn val
+            code = self._CODES[drawn]
+            ages = np.random.default_rng([seed, code, 1 << 20]).integers(min_age, max_age + 1, sizes[drawn])
+            part = [Sample(f"synthetic:{drawn}/{i}", float(age)) for i, age in enumerate(ages)]
+            if drawn == "val":
+                part = split_validation(part, name, seed)
+            self._keys += [(code, int(s.path.rsplit("/", 1)[1])) for s in part]
+            samples += part
         super().__init__(samples, transform, drop_unreadable=drop_unreadable)
 
     def image(self, index: int) -> Image.Image:

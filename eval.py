@@ -8,16 +8,18 @@ Run:
     python eval.py --ckpt RUN/best.pt --dataset utkface --data-root /data/UTKFace --split test
     python eval.py --zero-shot --clip ViT-B-16.pt --dataset utkface --data-root /data/UTKFace
     python eval.py --ckpt RUN/best.pt --images photos/ face.jpg  # no labels: writes predictions.csv
-    python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve.png, scatter.png (matplotlib)
+    python eval.py --ckpt RUN/best.pt --plot                     # plus cs_curve, scatter, reliability .png (matplotlib)
     python eval.py --ckpt RUN/best.pt --images photos/ --detect-faces   # one row per face (the [faces] extra)
     python eval.py --ckpt RUN/best.pt --database FG-Net_aligned.json --split all   # facebase: cross-dataset
-    python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on val: old runs
+    python eval.py --ckpt RUN/best.pt --interval 0.95            # the 95% interval; --calibrate-on calibration: old runs
     python eval.py --ckpt RUN/best.pt --tta flip                 # each image's and its mirror's predictions averaged
     python eval.py --summarize runs/morph_split*/eval_test       # mean +- std over splits, per test set
 
 Sections:
-    1. metrics                 mae, cumulative_score, epsilon_error, mae_per_decade, spearman, compute_metrics
-    2. conformal intervals     calibrate, level_quantiles, conformal_interval, interval_metrics
+    1. metrics                 mae, cumulative_score, epsilon_error, mae_per_decade, spearman,
+                               uncertainty_calibration, compute_metrics
+    2. calibration             calibrate (u in years, then conformal intervals), uncertainty_in_years,
+                               level_quantiles, conformal_interval, interval_metrics
     3. prediction              predict (with test-time flip averaging), predict_dataset
     4. command line            parse_args, main, the checks against the run, the output files, --summarize
     5. photos                  image files (read one at a time), faces, the predict API (load_model, predict_images)
@@ -57,7 +59,8 @@ from model import MODELS, CILFCIAE, CILFConfig, check_prompts_fit, weight_shapes
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
     "mae", "cumulative_score", "epsilon_error", "mae_per_decade", "spearman", "prompt_age_order",
-    "compute_metrics", "format_table", "CONFORMAL_LEVELS", "conformal_quantile", "conformal_scores", "calibrate",
+    "uncertainty_calibration", "compute_metrics", "format_table", "CONFORMAL_LEVELS", "MIN_CALIBRATION_SUBJECTS",
+    "conformal_quantile", "conformal_scores", "calibrate", "uncertainty_in_years",
     "level_quantiles", "conformal_interval", "interval_metrics", "model_transform", "TTA_MODES", "predict",
     "predict_dataset",
     # 4. command line, 5. photos
@@ -148,6 +151,18 @@ def prompt_age_order(text_emb, ages):
     return spearman((t[i] * t[j]).sum(-1).numpy(), -(a[i] - a[j]).abs().numpy())
 
 
+def uncertainty_calibration(uncertainty, pred, true, bins=5):
+    """Whether u says the error in years: mean(u) / MAE over all images (1 for a u in calibrated years) and
+    a reliability table, the images in `bins` equal-count bins of u (quintiles), each bin's mean u beside
+    its mean |error| (equal where u is calibrated image by image, not only on average)."""
+    u = np.maximum(np.asarray(uncertainty, dtype=np.float64), 0.0)
+    error = np.abs(np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64))
+    groups = [g for g in np.array_split(np.argsort(u, kind="stable"), bins) if len(g)]
+    return {"mean_uncertainty_over_mae": float(u.mean() / error.mean()) if error.mean() > 0 else None,
+            "bins": [{"n": int(len(g)), "mean_uncertainty": float(u[g].mean()),
+                      "mean_abs_error": float(error[g].mean())} for g in groups]}
+
+
 def compute_metrics(pred, true, ages_per_step=None, uncertainty=None, age_std=None):
     """Every metric of README.md#training-and-evaluation-practice as one JSON-able dict.
 
@@ -162,6 +177,7 @@ def compute_metrics(pred, true, ages_per_step=None, uncertainty=None, age_std=No
         metrics["mae_per_feedback_step"] = [mae(steps[:, r], true) for r in range(steps.shape[1])]
     if uncertainty is not None and np.any(np.asarray(uncertainty) != 0):
         metrics["spearman_uncertainty_error"] = spearman(uncertainty, np.abs(pred - true))
+        metrics["uncertainty_calibration"] = uncertainty_calibration(uncertainty, pred, true)
     if age_std is not None:
         std = np.asarray(age_std, dtype=np.float64)
         known = np.isfinite(std) & (std > 0)
@@ -180,6 +196,12 @@ def format_table(metrics, title=""):
         lines.append(f"{'epsilon-error':<28}{metrics['epsilon_error']:>10.4f}")
     if "spearman_uncertainty_error" in metrics:
         lines.append(f"{'Spearman(uncertainty,|err|)':<28}{metrics['spearman_uncertainty_error']:>10.3f}")
+    if "uncertainty_calibration" in metrics:
+        calibration = metrics["uncertainty_calibration"]
+        ratio = calibration["mean_uncertainty_over_mae"]
+        lines.append(f"{'mean uncertainty / MAE':<28}{'-' if ratio is None else f'{ratio:.3f}':>10}")
+        lines.append("  quintiles of u: mean u / mean |error| (years): " + ", ".join(
+            f"{b['mean_uncertainty']:.1f}/{b['mean_abs_error']:.1f}" for b in calibration["bins"]))
     if "interval" in metrics:
         iv = metrics["interval"]
         width = lambda w: "inf" if w is None else f"{w:.2f}"
@@ -200,10 +222,10 @@ def format_table(metrics, title=""):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- 2. conformal intervals
+# ----------------------------------------------------------------------------- 2. calibration
 # Split conformal prediction (Vovk et al. 2005; Lei et al. 2018), normalised by the model's own uncertainty
-# u (the error feedback's predicted |error|, abstract claim 4). On n calibration images with scores
-# s_i = |y_i - y_hat_i| / (u_i + delta), q = the ceil((n + 1)(1 - alpha))-th smallest s_i, the interval
+# u (the error feedback's predicted |error|, abstract claim 4), first scaled to years on the same images
+# (calibrate). On n calibration images with scores s_i = |y_i - y_hat_i| / (u_i + delta), q = the ceil((n + 1)(1 - alpha))-th smallest s_i, the interval
 # y_hat +- q (u + delta) holds the true age of a new image with probability >= 1 - alpha, whatever the
 # model, provided the calibration and test images are exchangeable (same dataset, same protocol). The plain
 # interval (u ignored, score |y - y_hat|) has the same guarantee and a constant width; the normalised one
@@ -213,6 +235,8 @@ CONFORMAL_LEVELS = (0.8, 0.9, 0.95)   # stored in best.pt by train.py
 # Years added to u: a model sure of itself (u -> 0) would otherwise get a zero-width interval from any
 # small score, and a model without feedback (u = 0 everywhere) gets the plain interval scaled by 1/delta.
 CONFORMAL_DELTA = 1.0
+# Fewer calibration subjects than this: train.py warns (the coverage then varies widely from draw to draw).
+MIN_CALIBRATION_SUBJECTS = 30
 
 
 def level_key(level):
@@ -236,14 +260,25 @@ def conformal_scores(pred, target, uncertainty, delta=CONFORMAL_DELTA):
 
 
 def calibrate(pred, target, uncertainty, source, levels=CONFORMAL_LEVELS, delta=CONFORMAL_DELTA):
-    """Split conformal calibration on labelled images the model was not trained or selected on (the
-    validation split): per level, the quantile of the normalised score and of the plain |error|.
-    Plain data (str, float), as stored in a checkpoint."""
-    scores = conformal_scores(pred, target, uncertainty, delta)
+    """Calibration on labelled images the model was neither trained nor selected on (the calibration part
+    of the validation split), from the model's own u: first u's scale in years, uncertainty_scale =
+    mean |error| / mean u (u is trained on training images, whose errors are smaller than a new image's),
+    then split conformal on the scaled u, per level the quantile of the normalised score and of the plain
+    |error|. Plain data (str, float), as stored in a checkpoint."""
     abs_error = np.abs(np.asarray(target, dtype=np.float64) - np.asarray(pred, dtype=np.float64))
-    return {"source": source, "n": int(len(scores)), "delta": float(delta),
+    u = np.maximum(np.asarray(uncertainty, dtype=np.float64), 0.0)
+    scale = float(abs_error.mean() / u.mean()) if u.mean() > 0 else 1.0   # u = 0: a model without feedback
+    scores = conformal_scores(pred, target, scale * u, delta)
+    return {"source": source, "n": int(len(scores)), "delta": float(delta), "uncertainty_scale": scale,
             "quantiles": {level_key(level): {"normalised": conformal_quantile(scores, level),
                                              "plain": conformal_quantile(abs_error, level)} for level in levels}}
+
+
+def uncertainty_in_years(uncertainty, calibration):
+    """The model's u (numpy) in calibrated years: times the calibration's uncertainty_scale (a calibration
+    from before the scale existed: u as the model gives it). What intervals, predictions.csv and the
+    predict API use."""
+    return np.asarray(uncertainty, dtype=np.float64) * calibration.get("uncertainty_scale", 1.0)
 
 
 def level_quantiles(calibration, level):
@@ -256,7 +291,7 @@ def level_quantiles(calibration, level):
 
 
 def conformal_interval(pred, uncertainty, calibration, level, plain=False):
-    """(lower, upper) numpy arrays: y_hat -+ q (u + delta), or y_hat -+ q_plain with plain=True."""
+    """(lower, upper) numpy arrays for u in years (uncertainty_in_years): y_hat -+ q (u + delta), or y_hat -+ q_plain with plain=True."""
     pred = np.asarray(pred, dtype=np.float64)
     q = level_quantiles(calibration, level)
     if plain:
@@ -366,8 +401,8 @@ def parse_args(argv=None):
     add_clip_options(p)
     p.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset (default: the run's)")
     p.add_argument("--data-root", help="dataset folder (default: the run's)")
-    p.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
-                   help="split to evaluate (default: test)")
+    p.add_argument("--split", default=None, choices=data.SPLITS, help="split to evaluate (default: test; val: the "
+                   "half of the validation subjects the checkpoint was chosen on, calibration: the other half)")
     p.add_argument("--protocol", help="split protocol, e.g. random|subject5fold (default: the run's)")
     p.add_argument("--fold", "--split-index", type=non_negative_int, help="cross-validation fold; facebase: the "
                    "benchmark's split index (default: the run's)")
@@ -392,8 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", action="store_true", help="also write cs_curve.png and scatter.png (matplotlib)")
     p.add_argument("--interval", type=coverage_level, default=0.9, help="coverage level of the conformal age "
                    "interval (lower, upper); train.py calibrates 0.8, 0.9 and 0.95")
-    p.add_argument("--calibrate-on", choices=["val"], help="calibrate the interval on the run's validation "
-                   "split now (a checkpoint from before train.py stored a calibration, or another --interval)")
+    p.add_argument("--calibrate-on", choices=["calibration"], help="calibrate u and the interval on the run's "
+                   "calibration split (half of its validation subjects, never selected on) now: a checkpoint from "
+                   "before train.py stored a calibration, another --interval, or --tta")
     p.add_argument("--detect-faces", action="store_true", help="with --images: find the faces in each photo "
                    "(MTCNN, pip install -e \".[faces]\") and predict one age per face")
     p.add_argument("--face-margin", type=face_margin, default=None, help="with --detect-faces: margin of the "
@@ -436,17 +472,19 @@ def main(argv=None):
     model = model.to(device).eval()
     calibration = ckpt.get("calibration") if ckpt else None
     if args.calibrate_on:
-        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "val", model)
+        dataset, name, _ = labelled_dataset(args, ckpt, train_config, "calibration", model)
         result, _ = predict_dataset(model, dataset, args, device, args.zero_shot, args.tta)
-        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} val",
+        if not len(result["age"]):
+            raise SystemExit(f"--calibrate-on calibration: the calibration split of {name} holds no readable image")
+        calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{name} calibration",
                                 levels=sorted({*CONFORMAL_LEVELS, args.interval}))
     calibration = calibration_for(args.interval, calibration, "--calibrate-on" if args.calibrate_on else source)
     if calibration is None:
-        print(f"note: no age interval: {source} holds no conformal calibration; add --calibrate-on val",
-              file=sys.stderr)
+        print(f"note: no age interval, u not in calibrated years: {source} holds no calibration; add "
+              f"--calibrate-on calibration", file=sys.stderr)
     elif args.tta != "none" and not args.calibrate_on:
-        print(f"note: the interval was calibrated without --tta {args.tta}; add --calibrate-on val to calibrate it "
-              f"with", file=sys.stderr)
+        print(f"note: the interval was calibrated without --tta {args.tta}; add --calibrate-on calibration to "
+              f"calibrate it with", file=sys.stderr)
     if args.images:
         paths = image_paths(args.images)
         out_dir = Path(args.out) if args.out else source.parent / ("zeroshot_" if args.zero_shot else "eval_images")
@@ -471,6 +509,7 @@ def main(argv=None):
         raise SystemExit(f"none of the {len(dataset)} images of {tag} could be read")
     interval = None
     if calibration is not None:
+        result["uncertainty"] = uncertainty_in_years(result["uncertainty"], calibration)
         interval = conformal_interval(result["age"], result["uncertainty"], calibration, args.interval)
     write_predictions(out_dir / "predictions.csv", [s.path for s in samples], result, interval)
     std = [s.age_std if s.age_std is not None else float("nan") for s in samples]
@@ -478,17 +517,17 @@ def main(argv=None):
                               std)
     metrics.update(checkpoint=str(source), dataset=name, split=split,
                    mode="zero-shot" if args.zero_shot else "trained", tta=args.tta, unreadable=len(dataset.skipped),
-                   **record)
+                   uncertainty_scale=calibration.get("uncertainty_scale") if calibration else None, **record)
     if isinstance(model, CILFCIAE):   # a model with age prompts (not the ce-baseline)
         with torch.no_grad():
             metrics["prompt_age_order"] = prompt_age_order(model.text_embeddings(), model.ages)
     if calibration is not None:
         metrics["interval"] = interval_metrics(result["age"], result["target"], result["uncertainty"],
                                                calibration, args.interval)
-        if calibration["source"] == f"{name} val" and split == "val":
+        if calibration["source"] == f"{name} {split}":
             print(f"warning: the interval was calibrated on {calibration['source']}, these very images: its "
                   f"coverage on them is not a measurement of it (evaluate on test for that)", file=sys.stderr)
-        elif calibration["source"] != f"{name} val":
+        elif calibration["source"] not in (f"{name} calibration", f"{name} val"):   # val: runs before the split
             print(f"warning: the interval was calibrated on {calibration['source']}; its coverage on {tag} is "
                   f"guaranteed only for images exchangeable with those (and not measured on them)",
                   file=sys.stderr)
@@ -497,7 +536,8 @@ def main(argv=None):
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
     if args.plot:
         plot(metrics, result, out_dir)
-        print(f"wrote {out_dir / 'cs_curve.png'} and {out_dir / 'scatter.png'}")
+        print(f"wrote {out_dir / 'cs_curve.png'}, {out_dir / 'scatter.png'}"
+              + (f" and {out_dir / 'reliability.png'}" if "uncertainty_calibration" in metrics else ""))
     return metrics
 
 
@@ -617,7 +657,7 @@ def calibration_for(level, calibration, where):
     """The checkpoint's (or --calibrate-on's) calibration if it holds `level`, else a clear error."""
     if calibration is not None and level_key(level) not in calibration["quantiles"]:
         raise SystemExit(f"--interval {level:g}: {where} is calibrated for levels "
-                         f"{', '.join(calibration['quantiles'])} only; add --calibrate-on val for another")
+                         f"{', '.join(calibration['quantiles'])} only; add --calibrate-on calibration for another")
     return calibration
 
 
@@ -762,7 +802,8 @@ def import_pyplot():
 
 
 def plot(metrics, result, out_dir):
-    """cs_curve.png (CS(theta) against theta) and scatter.png (predicted against true age)."""
+    """cs_curve.png (CS(theta) against theta), scatter.png (predicted against true age) and, for a model with
+    an uncertainty, reliability.png (mean |error| against mean u in quintiles of u)."""
     plt = import_pyplot()
     thetas = sorted(metrics["cs"])
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
@@ -781,6 +822,19 @@ def plot(metrics, result, out_dir):
     fig.tight_layout()
     fig.savefig(out_dir / "scatter.png", dpi=120)
     plt.close(fig)
+    if "uncertainty_calibration" in metrics:
+        bins = metrics["uncertainty_calibration"]["bins"]
+        u, error = [b["mean_uncertainty"] for b in bins], [b["mean_abs_error"] for b in bins]
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(u, error, marker="o")
+        top = max(u + error)
+        ax.plot([0, top], [0, top], color="k", linewidth=1)   # a calibrated u lies on the diagonal
+        ax.set(xlabel="mean uncertainty u (years)", ylabel="mean |error| (years)",
+               title=f"reliability, quintiles of u; mean u / MAE "
+                     f"{metrics['uncertainty_calibration']['mean_uncertainty_over_mae']:.2f}")
+        fig.tight_layout()
+        fig.savefig(out_dir / "reliability.png", dpi=120)
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- 5. photos
@@ -911,7 +965,13 @@ def face_rows(model, faces, calibration, level, batch_size, zero_shot, tta, amp)
 @dataclass
 class Prediction:
     """What predict_images says about N images, as numpy arrays of shape (N,): the age, the model's own
-    uncertainty (its predicted |error|, years) and the conformal interval (nan without a calibration)."""
+    uncertainty (its predicted |error| in years, calibrated on held-out images when a calibration is
+    given) and the conformal interval (nan without a calibration).
+
+    u rates the error on images like the training data (faces, aligned and sized as in training). It is no
+    detector of what is not such an image: a picture of noise or of no face gets an age and a u like a
+    face's, often a confident one (bench/README.md#uncertainty). Give face crops, or let eval.py
+    --images --detect-faces find the faces (photos without one are left out)."""
     age: np.ndarray
     uncertainty: np.ndarray
     lower: np.ndarray
@@ -955,6 +1015,7 @@ def prediction(model, items, prepare, calibration, level, batch_size, zero_shot,
     if calibration is None:
         lower = upper = np.full(len(items), np.nan)
     else:
+        result["uncertainty"] = uncertainty_in_years(result["uncertainty"], calibration)
         lower, upper = conformal_interval(result["age"], result["uncertainty"], calibration, level)
     return Prediction(age=result["age"], uncertainty=result["uncertainty"], lower=lower, upper=upper)
 
@@ -1253,7 +1314,7 @@ def _quantiles_problem(quantiles):
 
 
 CALIBRATION_FIELDS = {"source": _of_type(str), "n": _accepts(non_negative_int), "delta": _accepts(positive_float),
-                      "quantiles": _quantiles_problem}
+                      "uncertainty_scale": _accepts(positive_float), "quantiles": _quantiles_problem}
 
 
 def _index_problem(index):

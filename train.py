@@ -29,7 +29,7 @@ hardware. Defaults written "demo: X / real: Y" depend on whether the data is the
 
 Sections:
     1. options          parse_args
-    2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_validation
+    2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_held_out
     3. builders         the options resolved (check_option_combinations, resolve_defaults, default_workers),
                         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
                         (setup_distributed, GatherFromProcesses, freeze_untrained)
@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import (AMP_DTYPES, add_clip_options, amp_option_dtype, atomic_write, autocast, calibrate, clip_record,
+from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_option_dtype, atomic_write, autocast, calibrate, clip_record,
                   configure_device, device_name, exit_on_checkpoint_error, fraction, load_checkpoint, load_clip,
                   move_to, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
@@ -118,8 +118,8 @@ def parse_args(argv=None):
                    f"face crop, a fraction of the box on each side; default: {data.ALIGN_MARGIN} (the benchmark's)")
     g.add_argument("--age-target", default=None, choices=["apparent", "real"], help="appa-real: which age to "
                    "learn; default: apparent")
-    g.add_argument("--synthetic-n", type=positive_int, nargs=3, default=[2000, 300, 300], metavar=("TRAIN", "VAL", "TEST"),
-                   help="synthetic dataset: images per split")
+    g.add_argument("--synthetic-n", type=positive_int, nargs=3, default=[2000, 600, 300], metavar=("TRAIN", "VAL", "TEST"),
+                   help="synthetic dataset: images per split (VAL is halved into val and calibration)")
     g.add_argument("--augment", default=None, choices=["on", "off"], help="on: random resized crop, flip and "
                    "colour jitter (data.train_transform); off: the evaluation transform; demo: off / real: on")
     g.add_argument("--check-images", action="store_true", help="decode every image once before training and "
@@ -310,7 +310,7 @@ def run(args, rank, world, device, argv_of_run=()):
     if rank == 0:
         where = f"resumed after epoch {state['epoch']}" if ckpt else "new run"
         print(f"{where}: {args.dataset} ({len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+              f"{len(splits['calibration'])} calibration / {len(splits['test'])} test), {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
               f"parameters, {world} process(es) on {device}, {args.epochs} epochs of {steps_per_epoch} steps "
               f"-> {out}")
 
@@ -464,21 +464,33 @@ def final_test(raw_model, splits, args, out, device, amp_dtype, rank, world, log
     if rank == 0:
         print(f"test MAE {test_mae:.3f} (best.pt: epoch {best['epoch']}, val MAE {best['best_val_mae']:.3f}); "
               f"always predicting the training mean {train_mean:.2f}: test MAE {baseline:.3f}")
-        best["calibration"] = calibrate_on_validation(raw_model, splits["val"], args, device)
-        save_checkpoint(out / "best.pt", best)
+        if len(splits["calibration"]):
+            best["calibration"] = calibrate_on_held_out(raw_model, splits["calibration"], args, device)
+            save_checkpoint(out / "best.pt", best)
+        else:
+            print("warning: the calibration part of the validation split is empty (one validation subject): no "
+                  "uncertainty scale and no age intervals in best.pt", file=sys.stderr)
     if dist.is_initialized():
         dist.barrier()   # best.pt is complete before any process returns
     log(result)
     return result
 
 
-def calibrate_on_validation(model, val_set, args, device):
-    """Split conformal calibration of the model (best.pt's weights) on the validation split: the
-    quantiles behind eval.py's age intervals (eval.calibrate), printed in years for a typical image."""
-    result, _ = predict_dataset(model, val_set, args, device)
-    calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} val")
-    typical = float(np.median(np.maximum(result["uncertainty"], 0.0))) + calibration["delta"]
-    print(f"conformal intervals calibrated on {calibration['n']} validation images, stored in best.pt: "
+def calibrate_on_held_out(model, calibration_set, args, device):
+    """Calibration of the model (best.pt's weights) on the calibration part of the validation split, which
+    chose nothing: u's scale in years and the quantiles behind eval.py's age intervals (eval.calibrate),
+    printed in years for a typical image. Warns when it holds fewer than MIN_CALIBRATION_SUBJECTS subjects."""
+    result, samples = predict_dataset(model, calibration_set, args, device)
+    calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} calibration")
+    subjects = len({s.subject if s.subject is not None else s.path for s in samples})
+    if subjects < MIN_CALIBRATION_SUBJECTS:
+        print(f"warning: the calibration part holds {subjects} subject(s) (fewer than {MIN_CALIBRATION_SUBJECTS}): "
+              f"the intervals' coverage holds on average over such draws of subjects, and one run's may be far "
+              f"from its level (README.md#age-intervals)", file=sys.stderr)
+    typical = calibration["uncertainty_scale"] * float(np.median(np.maximum(result["uncertainty"], 0.0))) \
+        + calibration["delta"]
+    print(f"u calibrated on {calibration['n']} held-out images (x {calibration['uncertainty_scale']:.3f} to years); "
+          f"conformal intervals stored in best.pt: "
           + ", ".join(f"{100 * float(level):g}% +-{q['normalised'] * typical:.1f} y at the median uncertainty "
                       f"(plain +-{q['plain']:.1f} y)" for level, q in calibration["quantiles"].items()))
     return calibration
@@ -702,7 +714,7 @@ def build_splits(args, resolution, normalization=(clip_loader.CLIP_MEAN, clip_lo
     normalization: the CLIP's (mean, std)."""
     options = dataset_build_options(args, resolution)
     splits = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "calibration", "test"):
         augment = split == "train" and args.augment == "on"
         if args.dataset == "facebase":   # augmentation on the aligned crop, never on the photograph
             transform = data.aligned_transform(resolution, augment, *normalization)
@@ -986,8 +998,9 @@ def render_corpus(args):
 # checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
 # unless --allow-data-change, which is recorded), LOCK_FILE keeps a second train.py out of a running
 # folder, a folder holding files train.py did not write is refused, and best.pt is never replaced by a run
-# with other options. At the end, best.pt is calibrated on the validation split for eval.py's conformal age
-# intervals (calibration: quantiles for the levels 0.8, 0.9, 0.95; eval.calibrate) and rewritten atomically.
+# with other options. At the end, best.pt is calibrated on the calibration part of the validation split (it
+# chose nothing): u's scale in years and eval.py's conformal age intervals (calibration: the scale and
+# quantiles for the levels 0.8, 0.9, 0.95; eval.calibrate), and rewritten atomically.
 
 # The lock a running train.py holds in its run folder (see claim_run_folder).
 LOCK_FILE = ".lock"

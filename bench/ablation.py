@@ -8,7 +8,8 @@ best.pt (chosen on validation) on the validation and test splits with eval.py, a
 table: the validation MAE, feedback change and Spearman (where the demo's defaults were chosen), the test MAE
 mean and std over seeds and its ratio to the mean predictor's (worst seed too), MAE after each feedback
 step, the change the feedback makes (last step minus step 0, mean and worst seed), Spearman rank
-correlation between the predicted uncertainty and the actual error, wall time and trainable parameters.
+correlation between the predicted uncertainty and the actual error, wall time and trainable parameters;
+then, by seed, how well u states the error in years (mean u / MAE) and the 90% interval's coverage.
 
     python bench/ablation.py                          # 11 variants x 3 seeds, 2 runs at a time
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
@@ -83,7 +84,10 @@ def run(variant, seed, args):
             "val_mae_per_step": steps(metrics["val"]),
             "val_spearman": metrics["val"].get("spearman_uncertainty_error"),
             "spearman": metrics["test"].get("spearman_uncertainty_error"), "wall_s": wall,
-            "params": trainable_parameters(out / "best.pt")}
+            "params": trainable_parameters(out / "best.pt"),
+            # u in calibrated years (eval.uncertainty_calibration) and the 90% interval, on test
+            "u_over_mae": metrics["test"].get("uncertainty_calibration", {}).get("mean_uncertainty_over_mae"),
+            "coverage_90": metrics["test"].get("interval", {}).get("coverage")}
 
 
 def zero_shot(seed, args):
@@ -150,7 +154,9 @@ def summarise(rows):
                       "val_spearman": float(np.mean(val_rho)) if val_rho else None,
                       "spearman": float(np.mean(rho)) if rho else None,
                       "spearman_min": float(np.min(rho)) if rho else None,
-                      "wall_s": float(np.mean([r["wall_s"] for r in mine])), "params": mine[0]["params"]})
+                      "wall_s": float(np.mean([r["wall_s"] for r in mine])), "params": mine[0]["params"],
+                      "by_seed": {key: [r.get(key) for r in mine] for key in ("seed", "u_over_mae", "coverage_90",
+                                                                              "spearman")}})
     return table
 
 
@@ -180,6 +186,13 @@ def markdown(table, zero):
                      f"{t['mae_mean']:.2f} ± {t['mae_std']:.2f} | "
                      f"{t['ratio_mean']:.2f} ({t['ratio_max']:.2f}) | {steps} | {change} | {rho} | "
                      f"{t['wall_s']:.0f} | {t['params'] / 1e6:.2f}M |")
+    lines += ["", "| variant | seeds | mean u / MAE on test, by seed | 90% interval coverage on test, by seed | "
+              "Spearman(u, abs err) on test, by seed |", "|---|---|---|---|---|"]
+    by_seed = lambda values: ", ".join("-" if v is None else f"{v:.2f}" for v in values)
+    for t in table:
+        b = t["by_seed"]
+        lines.append(f"| {t['variant']} | {', '.join(map(str, b['seed']))} | {by_seed(b['u_over_mae'])} | "
+                     f"{by_seed(b['coverage_90'])} | {by_seed(b['spearman'])} |")
     return "\n".join(lines)
 
 

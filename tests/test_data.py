@@ -32,10 +32,10 @@ def _subjects(dataset):
 
 
 def _check_partition(name, root, expected_total, **kwargs):
-    """train/val/test are disjoint, cover 'all', and are identical when rebuilt with the same seed."""
+    """train/val/calibration/test are disjoint, cover 'all', and are identical when rebuilt with the same seed."""
     parts = {split: data.build_dataset(name, root, split=split, **kwargs) for split in data.SPLITS}
     union = set()
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "calibration", "test"):
         assert not union & _paths(parts[split])
         union |= _paths(parts[split])
         again = data.build_dataset(name, root, split=split, **kwargs)
@@ -46,7 +46,7 @@ def _check_partition(name, root, expected_total, **kwargs):
 
 def _check_subject_exclusive(parts):
     seen = set()
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "calibration", "test"):
         subjects = _subjects(parts[split])
         assert None not in subjects and not seen & subjects
         seen |= subjects
@@ -85,7 +85,7 @@ def test_utkface_parses_ages_skips_unusable_names_and_splits_images(tmp_path):
         warnings.simplefilter("ignore")
         parts = _check_partition("utkface", tmp_path, total)
         other = data.build_dataset("utkface", tmp_path, split="test", seed=1)
-    assert [len(parts[s]) for s in ("train", "val", "test")] == [16, 2, 2]  # 80/10/10 of 20
+    assert [len(parts[s]) for s in ("train", "val", "calibration", "test")] == [16, 1, 1, 2]  # 80/10/10 of 20
     assert _paths(other) != _paths(parts["test"])
 
 
@@ -138,13 +138,13 @@ def test_morph2_protocols(tmp_path):
     first = [s for s in everything.samples if s.path.endswith("100000_00M20.JPG")]
     assert len(everything) == total and first[0].subject == "100000" and first[0].age == 20
     parts = _check_partition("morph2", tmp_path, total, protocol="random")
-    assert [len(parts[s]) for s in ("train", "val", "test")] == [total - 8, 4, 4]  # 80/10/10 of 39 images
+    assert [len(parts[s]) for s in ("train", "val", "calibration", "test")] == [total - 8, 2, 2, 4]  # 80/10/10 of 39
     test_subjects = []
     for fold in range(data.MORPH_FOLDS):
         parts = _check_partition("morph2", tmp_path, total, fold=fold)
         _check_subject_exclusive(parts)
         assert len(_subjects(parts["test"])) == 4  # 20 subjects in 5 folds
-        assert len(_subjects(parts["val"])) == 2  # 10% of the 16 others
+        assert len(_subjects(parts["val"])) == len(_subjects(parts["calibration"])) == 1  # 10% of the 16 others, halved
         test_subjects += _subjects(parts["test"])
     assert sorted(test_subjects) == sorted(_subjects(everything))  # the folds partition the subjects
     with pytest.raises(ValueError, match="5 folds"):
@@ -172,7 +172,8 @@ def test_cacd_names_and_subject_exclusive_split(tmp_path):
     assert cent == [31.0] * 3  # the leading 50 of the name is not the age
     parts = _check_partition("cacd", tmp_path, 24)
     _check_subject_exclusive(parts)
-    assert [len(_subjects(parts[s])) for s in ("train", "val", "test")] == [8, 1, 1]  # 80/10/10 of people
+    # 80/10/10 of people; one validation subject: the calibration part is empty
+    assert [len(_subjects(parts[s])) for s in ("train", "val", "calibration", "test")] == [8, 1, 0, 1]
 
 
 def test_agedb_names_with_trailing_space_are_one_subject(tmp_path):
@@ -206,10 +207,11 @@ def _appa(root, rows_per_split=3):
 
 def test_appa_real_official_splits_face_crops_and_age_targets(tmp_path):
     _appa(tmp_path)
-    val = data.build_dataset("appa-real", tmp_path, split="val")
-    assert [s.path.rsplit("/", 2)[1:] for s in val.samples] == [
+    val = data.build_dataset("appa-real", tmp_path, split="val").samples   # the official valid split, halved
+    val = sorted(val + data.build_dataset("appa-real", tmp_path, split="calibration").samples, key=lambda s: s.path)
+    assert [s.path.rsplit("/", 2)[1:] for s in val] == [
         ["valid", "000100.jpg"], ["valid", "000101.jpg_face.jpg"], ["valid", "000102.jpg_face.jpg"]]
-    assert [(s.age, s.age_std) for s in val.samples] == [(30.5, 3.25), (31.5, 4.25), (32.5, 5.25)]
+    assert [(s.age, s.age_std) for s in val] == [(30.5, 3.25), (31.5, 4.25), (32.5, 5.25)]
     real = data.build_dataset("appa-real", tmp_path, split="test", age_target="real")
     assert [(s.age, s.age_std) for s in real.samples] == [(42.0, None), (43.0, None), (44.0, None)]
     assert len(data.build_dataset("appa-real", tmp_path, split="all")) == 9
@@ -426,7 +428,7 @@ def test_transforms():
 
 def test_synthetic_is_deterministic_and_sized():
     train = data.build_dataset("synthetic", split="train", seed=3)
-    assert len(train) == 2000 and len(data.build_dataset("synthetic", split="all")) == 2600
+    assert len(train) == 2000 and len(data.build_dataset("synthetic", split="all")) == 2900
     again = data.build_dataset("synthetic", split="train", seed=3)
     assert [s.age for s in train.samples] == [s.age for s in again.samples]
     assert np.array_equal(np.asarray(train.image(7)), np.asarray(again.image(7)))
@@ -437,7 +439,7 @@ def test_synthetic_is_deterministic_and_sized():
     assert {s.age for s in test.samples} <= set(range(10, 21)) and len({s.age for s in test.samples}) > 5
     ages = np.array([s.age for s in train.samples])
     assert ages.min() == 0 and ages.max() == 100 and abs(ages.mean() - 50) < 3  # uniform-ish
-    image, age = data.build_dataset("synthetic", n={"val": 4}, split="val", transform=data.eval_transform(32))[3]
+    image, age = data.build_dataset("synthetic", n={"val": 4}, split="val", transform=data.eval_transform(32))[1]
     assert image.shape == (3, 32, 32) and age.dtype == torch.float32
     assert data.check_images(train) == []
 
@@ -459,7 +461,7 @@ def test_synthetic_age_is_in_the_face_not_in_a_pixel():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_loader_batches_shuffles_by_seed(workers):
-    dataset = data.build_dataset("synthetic", split="val", n=10, image_size=16, transform=data.eval_transform(16))
+    dataset = data.build_dataset("synthetic", split="test", n=10, image_size=16, transform=data.eval_transform(16))
     loader = data.build_loader(dataset, 4, train=True, num_workers=workers, seed=1)
     batches = list(loader)
     assert [tuple(b[0].shape) for b in batches] == [(4, 3, 16, 16)] * 2  # last partial batch dropped
@@ -518,3 +520,27 @@ def test_three_subjects_are_one_per_split():
         assert sorted(s.subject for p in parts for s in p) == ["s0", "s1", "s2"]
     two = [data.subject_split(samples[:2], split, 0) for split in ("train", "val", "test")]
     assert [len(p) for p in two] == [2, 0, 0]
+
+
+def test_validation_is_halved_by_subject_into_val_and_calibration():
+    """split_validation: the two parts are disjoint, subject-exclusive, cover the validation split, hold
+    half of its subjects each (the calibration part the smaller half), and are fixed by the seed."""
+    samples = [data.Sample(f"img/{i}.png", 20.0 + i, subject=f"s{i % 7}") for i in range(30)]
+    for seed in (0, 1):
+        val, calibration = (data.split_validation(samples, part, seed) for part in ("val", "calibration"))
+        assert len(val) + len(calibration) == 30 and not {s.path for s in val} & {s.path for s in calibration}
+        assert not _subjects_of(val) & _subjects_of(calibration)
+        assert (len(_subjects_of(val)), len(_subjects_of(calibration))) == (4, 3)
+        assert [s.path for s in data.split_validation(samples, "val", seed)] == [s.path for s in val]
+    assert _subjects_of(data.split_validation(samples, "calibration", 0)) != \
+        _subjects_of(data.split_validation(samples, "calibration", 1))
+    # one subject: nothing to calibrate on; images without subjects are their own subjects
+    assert data.split_validation(samples[:1], "calibration", 0) == []
+    unknown = [data.Sample(f"img/{i}.png", 30.0) for i in range(10)]
+    assert len(data.split_validation(unknown, "calibration", 0)) == 5
+    with pytest.raises(ValueError, match="val or calibration"):
+        data.split_validation(samples, "test", 0)
+
+
+def _subjects_of(samples):
+    return {s.subject for s in samples}

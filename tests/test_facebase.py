@@ -191,11 +191,12 @@ def test_five_splits_subject_exclusive_published_folders_and_left_out_entries(tm
     folder_of = {str(tmp_path / e["img_path"]): e["folder"] for e in entries}
     tested = []
     for index, (train, val, test) in enumerate(PUBLISHED):
-        parts = {split: build(tmp_path, database, split, index)[0] for split in ("train", "val", "test")}
-        assert [sorted(folders_of(parts[s], folder_of)) for s in ("train", "val", "test")] == \
-            [sorted(train), sorted(val), sorted(test)]
-        subjects = [{s.subject for s in parts[split].samples} for split in ("train", "val", "test")]
-        assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+        parts = {split: build(tmp_path, database, split, index)[0] for split in ("train", "val", "calibration", "test")}
+        # the published val folders, their subjects halved into val and calibration (data.split_validation)
+        assert [sorted(folders_of(parts[s], folder_of)) for s in ("train", "test")] == [sorted(train), sorted(test)]
+        assert sorted(folders_of(parts["val"], folder_of) | folders_of(parts["calibration"], folder_of)) == sorted(val)
+        subjects = [{s.subject for s in parts[split].samples} for split in ("train", "val", "calibration", "test")]
+        assert sum(map(len, subjects)) == len(set().union(*subjects))   # no subject in two splits
         assert sum(len(p) for p in parts.values()) == 80
         tested += test
     # as published, folders 3 and 4 are tested twice and 6 and 7 never: the benchmark's own table
@@ -256,11 +257,11 @@ def test_leave_one_folder_out_and_whole_database_testing(tmp_path):
     database = write_database(tmp_path, entries)
     folder_of = {str(tmp_path / e["img_path"]): e["folder"] for e in entries}
     for held_out in (1, 7, 20):
-        parts = [folders_of(build(tmp_path, database, s, held_out)[0], folder_of) for s in ("train", "val", "test")]
-        assert parts[2] == {held_out} and len(parts[1]) == 2 and len(parts[0]) == 17
-        assert parts[0] | parts[1] | parts[2] == set(range(1, 21)) and not parts[0] & parts[1]
-        assert parts == [folders_of(build(tmp_path, database, s, held_out)[0], folder_of)
-                         for s in ("train", "val", "test")]   # seeded
+        splits = ("train", "val", "calibration", "test")
+        parts = [folders_of(build(tmp_path, database, s, held_out)[0], folder_of) for s in splits]
+        assert parts[3] == {held_out} and len(parts[1]) == len(parts[2]) == 1 and len(parts[0]) == 17
+        assert set().union(*parts) == set(range(1, 21)) and sum(map(len, parts)) == 20
+        assert parts == [folders_of(build(tmp_path, database, s, held_out)[0], folder_of) for s in splits]   # seeded
     with pytest.raises(ValueError, match="must name a folder, not 0"):
         build(tmp_path, database, "test", 0)
     assert len(build(tmp_path, database, "all", 0)[0]) == 60

@@ -3,6 +3,7 @@ correction, ties) and their coverage on synthetic exchangeable data within binom
 calibration stored in best.pt and used by eval.py; the predict API against the command line; face crops
 with the margin computed by hand; --images with --detect-faces (one row per face, face -1 without one, a
 counted skip for a corrupt file) and the one-line error without the [faces] extra."""
+import argparse
 import csv
 import math
 import sys
@@ -33,10 +34,11 @@ def test_conformal_quantile_by_hand_with_ties_and_the_finite_sample_correction()
 
 
 def test_calibrate_and_interval_by_hand():
-    pred, target, unc = [10.0, 20.0, 30.0, 40.0], [12.0, 14.0, 30.5, 40.0], [1.0, 2.0, -0.5, 3.0]
-    # normalised scores |y - y_hat| / (max(u, 0) + 1): 2/2, 6/3, 0.5/1, 0/4 -> sorted 0, 0.5, 1, 2
+    pred, target, unc = [10.0, 20.0, 30.0, 40.0], [12.0, 14.0, 30.5, 40.0], [1.0, 2.0, -0.5, 5.5]
+    # u's scale: mean |err| / mean max(u, 0) = (2 + 6 + 0.5 + 0) / (1 + 2 + 0 + 5.5) = 1, so the normalised
+    # scores |y - y_hat| / (max(u, 0) + 1) are 2/2, 6/3, 0.5/1, 0/6.5 -> sorted 0, 0.5, 1, 2
     cal = ev.calibrate(pred, target, unc, "toy val", levels=(0.6, 0.8))
-    assert cal["n"] == 4 and cal["delta"] == 1.0 and cal["source"] == "toy val"
+    assert cal["n"] == 4 and cal["delta"] == 1.0 and cal["source"] == "toy val" and cal["uncertainty_scale"] == 1.0
     assert cal["quantiles"]["0.6"] == {"normalised": 1.0, "plain": 2.0}   # ceil(3.0) = 3rd; |err| 0, .5, 2, 6
     assert cal["quantiles"]["0.8"] == {"normalised": 2.0, "plain": 6.0}   # ceil(4.0) = 4th
     lower, upper = ev.conformal_interval([50.0, 60.0], [4.0, 0.0], cal, 0.6)
@@ -46,8 +48,34 @@ def test_calibrate_and_interval_by_hand():
     metrics = ev.interval_metrics([50.0, 60.0], [54.0, 62.0], [4.0, 0.0], cal, 0.6)
     assert metrics["coverage"] == 0.5 and metrics["mean_width"] == 6.0   # 54 in [45, 55]; 62 not in [59, 61]
     assert metrics["plain_coverage"] == 0.5 and metrics["plain_mean_width"] == 4.0
-    with pytest.raises(SystemExit, match="levels 0.6, 0.8 only; add --calibrate-on val"):
+    with pytest.raises(SystemExit, match="levels 0.6, 0.8 only; add --calibrate-on calibration"):
         ev.calibration_for(0.9, cal, "toy.pt")
+
+
+def test_uncertainty_scale_by_hand():
+    """u in years: scaled by mean |error| / mean u of the calibration images, before the conformal scores."""
+    pred, target, unc = [10.0, 20.0, 30.0, 40.0], [12.0, 14.0, 30.5, 40.0], [1.0, 2.0, -0.5, 3.0]
+    cal = ev.calibrate(pred, target, unc, "toy calibration", levels=(0.6,))
+    scale = (2 + 6 + 0.5 + 0) / (1 + 2 + 0 + 3)
+    assert cal["uncertainty_scale"] == pytest.approx(scale, rel=1e-12)
+    # scores 2 / (scale + 1), 6 / (2 scale + 1), 0.5 / 1, 0: the 3rd smallest (ceil(5 * 0.6)) is 2 / (scale + 1)
+    assert cal["quantiles"]["0.6"]["normalised"] == pytest.approx(2 / (scale + 1), rel=1e-12)
+    assert ev.uncertainty_in_years([2.0, 0.0], cal).tolist() == pytest.approx([2 * scale, 0.0], rel=1e-12)
+    assert ev.uncertainty_in_years([2.0], {"quantiles": {}}).tolist() == [2.0]   # a calibration before the scale
+    # a model without feedback (u = 0): scale 1, the plain interval scaled by 1 / delta
+    assert ev.calibrate(pred, target, [0.0] * 4, "toy", levels=(0.6,))["uncertainty_scale"] == 1.0
+
+
+def test_uncertainty_calibration_by_hand():
+    """mean u / MAE and the reliability table over equal-count bins of u, by hand."""
+    u = [4.0, 1.0, 3.0, 2.0, 5.0, 6.0]
+    pred, true = [0.0] * 6, [3.0, 1.0, 1.0, 2.0, 9.0, 2.0]   # |error| 3, 1, 1, 2, 9, 2 -> MAE 3
+    got = ev.uncertainty_calibration(u, pred, true, bins=3)
+    assert got["mean_uncertainty_over_mae"] == pytest.approx(3.5 / 3)
+    # sorted by u: (1, err 1), (2, err 2) | (3, err 1), (4, err 3) | (5, err 9), (6, err 2)
+    assert got["bins"] == [{"n": 2, "mean_uncertainty": 1.5, "mean_abs_error": 1.5},
+                           {"n": 2, "mean_uncertainty": 3.5, "mean_abs_error": 2.0},
+                           {"n": 2, "mean_uncertainty": 5.5, "mean_abs_error": 5.5}]
 
 
 def test_coverage_on_exchangeable_data_within_binomial_tolerance():
@@ -66,7 +94,7 @@ def test_coverage_on_exchangeable_data_within_binomial_tolerance():
             pred = np.full(n + 1, 40.0)
             unc = scale if informative else rng.uniform(0.5, 10.0, n + 1)
             cal = ev.calibrate(pred[:n], target[:n], unc[:n], "synthetic", levels=(level,))
-            m = ev.interval_metrics(pred[n:], target[n:], unc[n:], cal, level)
+            m = ev.interval_metrics(pred[n:], target[n:], ev.uncertainty_in_years(unc[n:], cal), cal, level)
             hits += m["coverage"]
             widths.append(m["mean_width"])
             plain_widths.append(m["plain_mean_width"])
@@ -102,15 +130,15 @@ def test_face_crop_by_hand():
 
 # --------------------------------------------------------------------------- a trained run
 
-AGES = [3, 9, 15, 22, 28, 35, 41, 47, 55, 62, 70, 78, 84, 90, 30, 60, 20, 50, 75, 5]
-SPLITS = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
+AGES = [3, 9, 15, 22, 28, 35, 41, 47, 55, 62, 70, 78, 84, 90, 30, 60, 12, 66, 38, 81, 20, 50, 75, 5]
+SPLITS = ["train"] * 12 + ["val"] * 8 + ["test"] * 4   # val: halved into val 4 and calibration 4
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",
         "--epochs", "1", "--clip", "random"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A CSV dataset of 20 synthetic drawings (train 12 / val 4 / test 4) and a tiny run trained on it."""
+    """A CSV dataset of 24 synthetic drawings (train 12 / val 4 / calibration 4 / test 4) and a tiny run."""
     root = tmp_path_factory.mktemp("faces_data")
     (root / "img").mkdir()
     rows = []
@@ -133,16 +161,18 @@ def test_train_stores_a_calibration_that_eval_reproduces(run, tmp_path, capsys):
     ckpt_path, root = run
     ckpt = torch.load(ckpt_path, weights_only=True)
     cal = ckpt["calibration"]
-    assert cal["n"] == 4 and cal["source"] == "csv val" and list(cal["quantiles"]) == ["0.8", "0.9", "0.95"]
+    assert cal["n"] == 4 and cal["source"] == "csv calibration" and list(cal["quantiles"]) == ["0.8", "0.9", "0.95"]
     assert cal["quantiles"]["0.9"]["normalised"] == math.inf   # 4 images are too few for 90%
-    # the same quantiles from eval's own predictions on val, by hand: the 4th smallest of 4 (ceil(5 * 0.8))
-    ev.main(["--ckpt", str(ckpt_path), "--split", "val", "--interval", "0.8", "--out", str(tmp_path / "val")])
-    rows = read_csv(tmp_path / "val" / "predictions.csv")
+    # the same from eval's own predictions on the calibration split, by hand: u in years has the mean |error|
+    # there, and the quantile is the 4th smallest of 4 (ceil(5 * 0.8)) of |error| / (u + 1)
+    ev.main(["--ckpt", str(ckpt_path), "--split", "calibration", "--interval", "0.8", "--out", str(tmp_path / "cal")])
+    rows = read_csv(tmp_path / "cal" / "predictions.csv")
     err = [abs(float(r["predicted_age"]) - float(r["age"])) for r in rows]
+    assert np.mean([float(r["uncertainty"]) for r in rows]) == pytest.approx(np.mean(err), abs=1e-3)
     scores = [e / (max(float(r["uncertainty"]), 0) + 1.0) for e, r in zip(err, rows)]
-    assert cal["quantiles"]["0.8"]["normalised"] == pytest.approx(max(scores), rel=1e-4)
+    assert cal["quantiles"]["0.8"]["normalised"] == pytest.approx(max(scores), rel=1e-3)
     assert cal["quantiles"]["0.8"]["plain"] == pytest.approx(max(err), rel=1e-4)
-    assert "calibrated on csv val, these very images" in capsys.readouterr().err   # said, as it is
+    assert "calibrated on csv calibration, these very images" in capsys.readouterr().err   # said, as it is
     # on test: coverage and width in metrics.json agree with the per-image intervals written
     metrics = ev.main(["--ckpt", str(ckpt_path), "--interval", "0.8", "--out", str(tmp_path / "test")])
     rows = read_csv(tmp_path / "test" / "predictions.csv")
@@ -155,23 +185,36 @@ def test_train_stores_a_calibration_that_eval_reproduces(run, tmp_path, capsys):
         ev.main(["--ckpt", str(ckpt_path), "--interval", "0.85", "--out", str(tmp_path / "x")])
 
 
-def test_calibrate_on_val_for_a_checkpoint_without_calibration(run, tmp_path, capsys):
+def test_few_calibration_subjects_are_warned_of(run, capsys):
+    """The run's calibration part holds 4 images (4 subjects): fewer than MIN_CALIBRATION_SUBJECTS, said."""
+    ckpt_path, root = run
+    model, _ = ev.load_model(ckpt_path)
+    part = data.build_dataset("csv", root / "labels.csv", split="calibration", transform=ev.model_transform(model),
+                              drop_unreadable=True)
+    args = argparse.Namespace(dataset="csv", batch_size=4, workers=0, amp="off")
+    calibration = train.calibrate_on_held_out(model, part, args, torch.device("cpu"))
+    assert calibration["n"] == 4 and calibration["source"] == "csv calibration"
+    assert "the calibration part holds 4 subject(s) (fewer than 30)" in capsys.readouterr().err
+
+
+def test_calibrate_on_calibration_for_a_checkpoint_without_calibration(run, tmp_path, capsys):
     ckpt_path, _ = run
     ckpt = torch.load(ckpt_path, weights_only=True)
     stored = ckpt.pop("calibration")
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
     metrics = ev.main(["--ckpt", str(old), "--out", str(tmp_path / "a")])
-    assert "interval" not in metrics and "no conformal calibration; add --calibrate-on val" in capsys.readouterr().err
+    assert "interval" not in metrics and "holds no calibration; add --calibrate-on calibration" in capsys.readouterr().err
     assert read_csv(tmp_path / "a" / "predictions.csv")[0]["lower"] == ""
-    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "val", "--interval", "0.8", "--out", str(tmp_path / "b")])
+    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "calibration", "--interval", "0.8",
+                       "--out", str(tmp_path / "b")])
     assert metrics["interval"]["calibration_n"] == 4
     expected = ev.interval_metrics(  # the stored calibration gives the same intervals
         *[np.array([float(r[k]) for r in read_csv(tmp_path / "b" / "predictions.csv")])
           for k in ("predicted_age", "age", "uncertainty")], stored, 0.8)
     assert metrics["interval"]["coverage"] == expected["coverage"]
     assert metrics["interval"]["mean_width"] == pytest.approx(expected["mean_width"], rel=1e-4)
-    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "val", "--interval", "0.75", "--out", str(tmp_path / "c")])
+    metrics = ev.main(["--ckpt", str(old), "--calibrate-on", "calibration", "--interval", "0.75", "--out", str(tmp_path / "c")])
     assert metrics["interval"]["level"] == 0.75   # any level, when calibrating now
 
 

@@ -192,7 +192,7 @@ def test_ce_baseline_trains_on_the_demo_and_eval_rebuilds_it(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["method"] == "ce-baseline" and "mixer" not in config["model"]
     model, calibration = ev.load_model(tmp_path / "best.pt")
-    assert isinstance(model, LinearAgeBaseline) and calibration["n"] == 32
+    assert isinstance(model, LinearAgeBaseline) and calibration["n"] == 16   # the 32 val images, halved
     metrics = ev.main(["--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "eval")])
     assert metrics["mae"] == pytest.approx(result["test_mae"], abs=1e-4) and "prompt_age_order" not in metrics
     with pytest.raises(SystemExit):   # its text tower is never read: training it is refused
