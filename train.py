@@ -787,10 +787,12 @@ class GatherFromProcesses(torch.autograd.Function):
 
 def freeze_untrained(raw_model, device):
     """Freeze (requires_grad False) every parameter that no loss term of this run reaches, and return their
-    names: e.g. the rating head with --uncertainty-weight 0, most of the feedback with --feedback-weight 0.
-    DDP expects a gradient for every parameter that requires one and stops at the second step without it;
-    in one process these get none either, so they never change (AdamW skips a parameter without a
-    gradient) and freezing them changes nothing else: the run builds for DDP only what it trains. Chosen
+    names: e.g. the rating head with --uncertainty-weight 0, most of the feedback with --feedback-weight 0
+    and --l1-weight 0 (with --feedback-weight 0 alone, y0's L1 still reaches all of the feedback, with zeros,
+    through the stack of every step's estimate that y0 is read from: nothing is frozen). DDP expects a
+    gradient for every parameter that requires one and stops at the second step without it; in one process
+    these get none either, so they never change (AdamW skips a parameter without a gradient) and freezing
+    them changes nothing else: the run builds for DDP only what it trains. Chosen
     over DDP's find_unused_parameters, which looks only at which parameters the forward pass reached
     (these are reached: their outputs are computed, then left out of the loss), and static_graph, which
     breaks with no_sync (gradient accumulation). Found by one backward pass on two blank images, in eval

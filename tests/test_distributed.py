@@ -46,33 +46,38 @@ def log_lines(out, kind):
 
 # --------------------------------------------------------------------------- DDP survives every option
 
-# --l1-weight 0 beside --feedback-weight 0: y0's L1 alone reaches the feedback's parameters, with zeros,
-# through the stack of all steps' estimates (see the next test)
-ABLATIONS = [["--uncertainty-weight", "0"], ["--feedback-weight", "0", "--l1-weight", "0"],
+# --feedback-weight 0 alone: y0's L1 still reaches the feedback's parameters, with zeros, through the stack of
+# all steps' estimates (see the next test); with --l1-weight 0 beside it, most of them get no gradient at all
+ABLATIONS = [["--uncertainty-weight", "0"], ["--feedback-weight", "0"], ["--feedback-weight", "0", "--l1-weight", "0"],
              ["--contrastive-weight", "0"], ["--feedback-steps", "0"]]
+
+
+def folder(ablation):
+    return "".join(ablation).replace("--", "_")
 
 
 def train_ablations(rank, ports, out):
     for ablation, port in zip(ABLATIONS, ports):
         join_process_group(rank, 2, port)
-        train.main([*TINY, *ablation, "--workers", "0", "--out", str(out / ablation[0])])
+        train.main([*TINY, *ablation, "--workers", "0", "--out", str(out / folder(ablation))])
 
 
 def test_two_processes_train_every_ablation(tmp_path, monkeypatch):
-    """The first two leave parameters without a gradient (the rating head, most of the feedback): DDP
-    stopped at the second step with "Expected to have finished reduction"; the others change the graph."""
+    """The first and the third leave parameters without a gradient (the rating head, most of the feedback):
+    DDP stopped at the second step with "Expected to have finished reduction"; the others change the graph."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # read when the spawned processes import torch
     mp.spawn(train_ablations, args=([free_port() for _ in ABLATIONS], tmp_path), nprocs=2)
     parts = {}
     for ablation in ABLATIONS:
-        steps = log_lines(tmp_path / ablation[0], "step")
+        steps = log_lines(tmp_path / folder(ablation), "step")
         assert [s["step"] for s in steps] == [0, 1], ablation
-        assert json.loads((tmp_path / ablation[0] / "config.json").read_text())["train"]["world_size"] == 2
-        parts[ablation[0]] = set(steps[0]) - {"type", "epoch", "step", "lr_factor", "loss"}
-    assert parts == {"--uncertainty-weight": {"distribution", "l1", "contrastive", "feedback"},
-                     "--feedback-weight": {"distribution", "contrastive", "uncertainty"},
-                     "--contrastive-weight": {"distribution", "l1", "feedback", "uncertainty"},
-                     "--feedback-steps": {"distribution", "l1", "contrastive"}}
+        assert json.loads((tmp_path / folder(ablation) / "config.json").read_text())["train"]["world_size"] == 2
+        parts[" ".join(ablation)] = set(steps[0]) - {"type", "epoch", "step", "lr_factor", "loss"}
+    assert parts == {"--uncertainty-weight 0": {"distribution", "l1", "contrastive", "feedback"},
+                     "--feedback-weight 0": {"distribution", "l1", "contrastive", "uncertainty"},
+                     "--feedback-weight 0 --l1-weight 0": {"distribution", "contrastive", "uncertainty"},
+                     "--contrastive-weight 0": {"distribution", "l1", "feedback", "uncertainty"},
+                     "--feedback-steps 0": {"distribution", "l1", "contrastive"}}
 
 
 def test_freeze_untrained_finds_exactly_the_parameters_without_gradient():
