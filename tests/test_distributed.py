@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import clip_loader
 import train
 from model import CILFCIAE
-from test_train import comparable
+from test_train import comparable, stop_in_epoch_2
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/test_train.py's tiny model (every module on, the demo CLIP's architecture with random weights, so the
@@ -197,17 +197,7 @@ def test_a_checkpoint_with_more_cuda_rng_states_than_gpus_resumes(tmp_path, monk
     weights of a run never stopped, and the checkpoints written now hold no RNG state."""
     common = [*TINY, "--epochs", "2"]
     train.main([*common, "--out", str(tmp_path / "straight")])
-    real_epoch, calls = train.train_epoch, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt   # as a kill would, after epoch 1's checkpoint
-        return real_epoch(*args, **kwargs)
-    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    stop_in_epoch_2(monkeypatch, [*common, "--out", str(tmp_path / "stopped")])
     ckpt = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and "rng" not in ckpt
     eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]

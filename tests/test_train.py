@@ -54,6 +54,21 @@ def log_lines(out, kind):
     return [line for line in lines if line["type"] == kind]
 
 
+def stop_in_epoch_2(monkeypatch, argv):
+    """train.main(argv) stopped at the start of its second epoch, as a kill would: last.pt holds epoch 1."""
+    real_epoch, calls = train.train_epoch, []
+
+    def epoch_or_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train, "train_epoch", epoch_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+
+
 # --------------------------------------------------------------------------- helpers
 
 def test_lr_factor_warmup_then_cosine():
@@ -302,17 +317,7 @@ def test_fp16_path_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     assert straight["scaler"]["scale"] == scales[-1]
 
-    real_epoch, calls = train.train_epoch, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt   # as a kill would, after epoch 1's checkpoint
-        return real_epoch(*args, **kwargs)
-    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    stop_in_epoch_2(monkeypatch, [*common, "--out", str(tmp_path / "stopped")])
     train.main([*common, "--out", str(tmp_path / "stopped")])
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert resumed["scaler"] == straight["scaler"]
