@@ -1000,7 +1000,8 @@ fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
 probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
 coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
 # --feedback-steps: each step is one more pass of the feedback per image (model.MAX_FEEDBACK_STEPS)
-feedback_step_count = _bounded(int, lambda v: 0 <= v <= MAX_FEEDBACK_STEPS, f"be an integer from 0 to {MAX_FEEDBACK_STEPS}")
+feedback_step_count = _bounded(int, lambda v: 0 <= v <= MAX_FEEDBACK_STEPS,
+                               f"be an integer from 0 to {MAX_FEEDBACK_STEPS}")
 # The crop around a face is (1 + 2 margin) times its side: a bounded multiple of the face, whatever the photo.
 MAX_FACE_MARGIN = 1.0
 face_margin = _bounded(float, lambda v: 0 <= v <= MAX_FACE_MARGIN, f"lie in [0, {MAX_FACE_MARGIN:g}]")

@@ -28,7 +28,7 @@ per optimizer step, whatever the number of processes and --accum-steps), so resu
 hardware. Defaults written "demo: X / real: Y" depend on whether the data is the synthetic demo data.
 
 Sections:
-    1. options          parse_args
+    1. options          option_parser, parse_args
     2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_validation
     3. builders         the options resolved (check_option_combinations, resolve_defaults, default_workers),
                         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
@@ -358,7 +358,8 @@ def run(args, rank, world, device, argv_of_run=()):
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),   # {} unless fp16
                     "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
-                    "step": state["step"], "epoch": state["epoch"], "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
+                    "step": state["step"], "epoch": state["epoch"], "config": run_config,
+                    "best_val_mae": state["best_val_mae"], "history": state["history"],
                     "log_offset": state["log_offset"], "data_index": data_index}
             save_epoch_checkpoints(out, ckpt, improved)
         if dist.is_initialized():
