@@ -24,7 +24,7 @@ Sections:
     4. command line            parse_args, main, the checks against the run, the output files, --summarize
     5. photos                  image files (read one at a time), faces, the predict API (load_model, predict_images)
     6. shared with train.py    option types, atomic files, devices, checkpoints (every field checked on load:
-                               checkpoint_problem), CLIP options
+                               checkpoint_problem; a saved option: saved_option_problem), CLIP options
 """
 import os
 
@@ -42,7 +42,7 @@ import re
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ import clip_loader
 import data
 from feedback import UNCERTAINTY_LOSSES
 from linear_attention import MIXERS
-from model import MODELS, CILFCIAE, CILFConfig, check_prompts_fit, weight_shapes
+from model import MAX_FEEDBACK_STEPS, MODELS, CILFCIAE, CILFConfig, check_prompts_fit, config_problem, weight_shapes
 
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
@@ -69,11 +69,13 @@ __all__ = [
     "predict_files", "face_detector", "face_crop", "Prediction", "load_model", "predict_images",
     # 6. shared with train.py
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction",
-    "probability_below_one", "coverage_level", "face_margin", "MAX_FACE_MARGIN", "device_name", "prompt_template",
+    "probability_below_one", "coverage_level", "feedback_step_count", "face_margin", "MAX_FACE_MARGIN", "device_name",
+    "prompt_template",
     "MAX_TEMPLATE_CHARS", "one_line_warnings",
     "atomic_write", "write_text", "write_json", "select_device", "AMP_DTYPES", "configure_device",
     "amp_option_dtype", "autocast_dtype", "autocast", "move_to",
-    "load_checkpoint", "checkpoint_problem", "exit_on_checkpoint_error", "model_from_checkpoint",
+    "load_checkpoint", "checkpoint_problem", "saved_option_problem", "exit_on_checkpoint_error",
+    "model_from_checkpoint",
     "add_clip_options", "load_clip", "clip_record",
 ]
 
@@ -1058,6 +1060,9 @@ non_negative_float = _bounded(float, lambda v: v >= 0, "be a finite number >= 0"
 fraction = _bounded(float, lambda v: 0 <= v <= 1, "lie in [0, 1]")
 probability_below_one = _bounded(float, lambda v: 0 <= v < 1, "lie in [0, 1)")
 coverage_level = _bounded(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1")
+# --feedback-steps: each step is one more pass of the feedback per image (model.MAX_FEEDBACK_STEPS)
+feedback_step_count = _bounded(int, lambda v: 0 <= v <= MAX_FEEDBACK_STEPS,
+                               f"be an integer from 0 to {MAX_FEEDBACK_STEPS}")
 # The crop around a face is (1 + 2 margin) times its side: a bounded multiple of the face, whatever the photo.
 MAX_FACE_MARGIN = 1.0
 face_margin = _bounded(float, lambda v: 0 <= v <= MAX_FACE_MARGIN, f"lie in [0, {MAX_FACE_MARGIN:g}]")
@@ -1067,6 +1072,9 @@ def device_name(text):
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return text
+
+
+device_name.kind = str
 
 
 # A CLIP reads 77 tokens, a few hundred characters; a longer template cannot fit any context, and one prompt
@@ -1245,6 +1253,28 @@ def _accepts(option_type):
     return rule
 
 
+def saved_option_problem(action, value):
+    """Why value cannot be what the argparse action of an option stored, or None (train.py checks every saved
+    option of a run it continues with this): a flag holds one of its two values; None only where the
+    option's default is None (a default resolved later is a value again); otherwise the option's number of
+    values (nargs: a list), each of its type (6.1; text where it has none) and among its choices."""
+    if action.nargs == 0:   # store_true, store_const
+        return None if any(value is v for v in (action.default, action.const)) else \
+            f"must be {action.const!r} or {action.default!r}, not {_what(value)}"
+    if value is None:
+        return None if action.default is None else "must be a value, not None"
+    rule = _accepts(action.type) if action.type else _of_type(str)
+    one = lambda v: rule(v) or (None if action.choices is None or v in action.choices else
+                                f"must be one of {', '.join(map(str, action.choices))}, not {_what(v)}")
+    if action.nargs is None or action.nargs == "?":
+        return one(value)
+    if not isinstance(value, list) or (len(value) != action.nargs if isinstance(action.nargs, int)
+                                       else action.nargs == "+" and not value):
+        count = action.nargs if isinstance(action.nargs, int) else "one or more"
+        return f"must be a list of {count} values, not {len(value) if isinstance(value, list) else _what(value)}"
+    return next(filter(None, map(one, value)), None)
+
+
 def _one_of(*choices):
     return lambda value: None if isinstance(value, str) and value in choices else \
         f"must be one of {', '.join(choices)}, not {_what(value)}"
@@ -1279,7 +1309,7 @@ MODEL_FIELDS = {
     "mixer": _one_of(*MIXERS, "none"), "depth": _accepts(non_negative_int), "width": _accepts(positive_int),
     "heads": _accepts(positive_int), "mlp_ratio": _accepts(positive_float),
     "dropout": _accepts(probability_below_one), "cross_attention": _boolean,
-    "feedback_steps": _accepts(non_negative_int), "feedback_hidden": _accepts(positive_int),
+    "feedback_steps": _accepts(feedback_step_count), "feedback_hidden": _accepts(positive_int),
     "feedback_design": _one_of("reread", "residual"), "feedback_noise": _accepts(non_negative_float),
     "detach_inverse": _boolean, "uncertainty_loss": _one_of(*UNCERTAINTY_LOSSES),
     "freeze_image_tower": _boolean, "freeze_text_tower": _boolean, "clip_bn": _one_of("frozen", "train"),
@@ -1354,10 +1384,11 @@ def _fields_problem(where, fields, rules, others=None, required=()):
 
 def checkpoint_problem(ckpt):
     """(field, why) for the first value of a train.py checkpoint (load_checkpoint's structure) that
-    train.py cannot have written, or None. Every field's type and range (the tables above); the age classes
-    and widths the model config states against the weights' shapes (model.weight_shapes) and its prompts
-    against the CLIP's context, so no model is built from sizes the weights do not have; the CLIP record's
-    settings against the CLIP weights (clip_loader.infer_config) and its mean and std."""
+    train.py cannot have written, or None. Every field's type and range (the tables above) and the rules
+    across the model config's fields that train.py applies to its options (model.config_problem); the age
+    classes and widths the model config states against the weights' shapes (model.weight_shapes) and its
+    prompts against the CLIP's context, so no model is built from sizes the weights do not have; the CLIP
+    record's settings against the CLIP weights (clip_loader.infer_config) and its mean and std."""
     state, config = ckpt["model"], ckpt["config"]
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return "model", "must map weight names to tensors"
@@ -1378,12 +1409,14 @@ def checkpoint_problem(ckpt):
     problem = _index_problem(ckpt.get("data_index", []))
     if problem:
         return "data_index", problem
-    model = config["model"]
-    max_age = model.get("max_age", CILFConfig.max_age)
-    if not model.get("min_age", CILFConfig.min_age) < max_age <= data.AGE_RANGE[1]:
-        return "config.model.max_age", f"must lie above min_age and at most {data.AGE_RANGE[1]:g}, not {max_age:g}"
-    if model.get("width", CILFConfig.width) % model.get("heads", CILFConfig.heads):
-        return "config.model.heads", "must divide width"
+    model, config_class = config["model"], MODELS[config["train"].get("method", "cilf-ciae")][1]
+    foreign = [name for name in model if name not in {f.name for f in dataclass_fields(config_class)}]
+    if foreign:   # a ce-baseline's config holds the age classes and the towers' settings only
+        return f"config.model.{foreign[0]}", f"is not a field of {config_class.__name__} (the run's --method)"
+    method_config = config_from_dict(model, config_class)
+    problem = config_problem(method_config, data.AGE_RANGE[1])
+    if problem:
+        return f"config.model.{problem[0]}", problem[1]
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
     if clip_state.get("text_projection", torch.empty(0)).ndim != 2 or "positional_embedding" not in clip_state:
         return None   # not a CLIP's weights: model_from_checkpoint refuses them before building anything
@@ -1393,7 +1426,6 @@ def checkpoint_problem(ckpt):
                                         record.get("image_std", clip_loader.CLIP_STD))
     except (TypeError, ValueError) as e:
         return "config.clip", str(e)
-    method_config = config_from_dict(model, MODELS[config["train"].get("method", "cilf-ciae")][1])
     try:
         shapes = weight_shapes(method_config, clip_state["text_projection"].shape[1])
     except ValueError as e:

@@ -49,11 +49,14 @@ from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
 __all__ = ["AgeClasses", "CILFConfig", "CLIPAgeModel", "CILFCIAE", "LinearBaselineConfig", "LinearAgeBaseline",
            "MODELS", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit", "weight_shapes",
-           "MAX_AGE_CLASSES",
+           "config_problem", "MAX_AGE_CLASSES", "MAX_FEEDBACK_STEPS",
            "soft_contrastive_targets", "gaussian_label_distribution", "weight_decayed"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
 MAX_AGE_CLASSES = 1201  # a class every 0.1 year from 0 to 120
+# Far more correction steps than any useful run (the method's default is 2); each is one more pass of the
+# feedback per image at every prediction, and a step count read from a shared file must not loop for hours.
+MAX_FEEDBACK_STEPS = 64
 
 
 @dataclass
@@ -140,6 +143,19 @@ def check_prompts_fit(config: CILFConfig, context_length: int):
     if lengths[longest] > context_length:
         raise ValueError(f"the prompt {prompts[longest][:60]!r}{'...' if len(prompts[longest]) > 60 else ''} is "
                          f"{lengths[longest]} tokens long, more than the CLIP's context of {context_length} tokens")
+
+
+def config_problem(config: AgeClasses, age_limit: float):
+    """(field, why) for the first rule across a model config's fields that config breaks, or None: the age
+    classes lie in [0, age_limit] with min_age < max_age, and a CILFConfig's fusion width splits evenly into
+    its heads. The one statement of these rules: train.py applies it to its options, eval.py to the model
+    config in a checkpoint (before anything is built from it)."""
+    if not 0 <= config.min_age < config.max_age <= age_limit:
+        return "max_age", (f"need 0 <= min_age < max_age <= {age_limit:g}, not min_age {config.min_age:g} and "
+                           f"max_age {config.max_age:g}")
+    if isinstance(config, CILFConfig) and config.width % config.heads:
+        return "heads", f"must divide the fusion width {config.width}, not {config.heads}"
+    return None
 
 
 def weight_shapes(config: AgeClasses, embed_dim: int) -> dict:

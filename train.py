@@ -28,13 +28,14 @@ per optimizer step, whatever the number of processes and --accum-steps), so resu
 hardware. Defaults written "demo: X / real: Y" depend on whether the data is the synthetic demo data.
 
 Sections:
-    1. options          parse_args
+    1. options          option_parser, parse_args
     2. training         main, run, train_epoch; evaluate_mae, final_test, calibrate_on_held_out
     3. builders         the options resolved (check_option_combinations, resolve_defaults, default_workers),
                         the CLIP and the model config, the optimizer and lr_factor, the data, seeds, processes
                         (setup_distributed, GatherFromProcesses, freeze_untrained)
     4. the demo CLIP    pretrain_clip (--objective clip), demo_clip (built on first use), clip_loss
-    5. the run folder   claim_run_folder (the lock), resume_checkpoint, resume_state, checkpoints, log.jsonl
+    5. the run folder   claim_run_folder (the lock), resume_checkpoint (check_saved_options), resume_state,
+                        check_same_run, checkpoints, log.jsonl
 """
 import os
 
@@ -70,11 +71,13 @@ from tqdm import tqdm
 
 import clip_loader
 import data
-from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_option_dtype, atomic_write, autocast, calibrate, clip_record,
-                  configure_device, device_name, exit_on_checkpoint_error, fraction, load_checkpoint, load_clip,
-                  move_to, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
-                  probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
-from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, weight_decayed
+from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_option_dtype, atomic_write,
+                  autocast, calibrate, clip_record, configure_device, device_name, exit_on_checkpoint_error,
+                  feedback_step_count, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
+                  non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
+                  probability_below_one, prompt_age_order, prompt_template, saved_option_problem, select_device,
+                  write_json)
+from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, config_problem, weight_decayed
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -99,7 +102,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv=None):
+def option_parser():
+    """train.py's options (parse_args reads them; a continued run's saved options are checked against them)."""
     m = CILFConfig()   # the model's defaults, shown in --help
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--objective", default="age", choices=["age", "clip"], help="age: train CILF-CIAE; clip: "
@@ -153,8 +157,8 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=probability_below_one, default=m.dropout, help="dropout on the fusion's residual branches")
     g.add_argument("--no-cross-attention", action="store_true", help="image tokens do not attend to the "
                    "age-text embeddings")
-    g.add_argument("--feedback-steps", type=non_negative_int, default=m.feedback_steps, help="error-feedback corrections "
-                   "(claim 4; 0: off)")
+    g.add_argument("--feedback-steps", type=feedback_step_count, default=m.feedback_steps, help="error-feedback "
+                   "corrections (claim 4; 0: off)")
     g.add_argument("--feedback-hidden", type=positive_int, default=m.feedback_hidden, help="width of the error head")
     g.add_argument("--feedback-design", default=m.feedback_design, choices=["reread", "residual"],
                    help="reread: each step re-reads the fused image tokens at its hypothesis, trained on "
@@ -221,6 +225,11 @@ def parse_args(argv=None):
                    "(bench/README.md#memory) and one more forward pass of the towers")
     g.add_argument("--allow-data-change", action="store_true", help="continue a run although its dataset "
                    "changed (its fingerprint differs); the change is recorded in config.json and the checkpoints")
+    return p
+
+
+def parse_args(argv=None):
+    p = option_parser()
     args = resolve_defaults(p.parse_args(argv))
     problem = None if args.objective == "clip" else check_option_combinations(args)
     if problem:
@@ -293,7 +302,7 @@ def run(args, rank, world, device, argv_of_run=()):
     schedule = lambda step: lr_factor(step, total_steps, warmup_steps, args.min_lr_ratio)
     optimizer = build_optimizer(raw_model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = resume_state(ckpt, out, run_config, data_index, args, rank, device, raw_model, optimizer, scaler)
+    state = resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler)
     model = raw_model
     if dist.is_initialized():   # under torchrun, one process included: the same code path as on many
         frozen = freeze_untrained(raw_model, device)
@@ -350,8 +359,8 @@ def run(args, rank, world, device, argv_of_run=()):
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),   # {} unless fp16
                     "scheduler": {"step": state["step"], "total_steps": total_steps, "warmup_steps": warmup_steps},
-                    "step": state["step"], "epoch": state["epoch"], "rng": rng_state(device),
-                    "config": run_config, "best_val_mae": state["best_val_mae"], "history": state["history"],
+                    "step": state["step"], "epoch": state["epoch"], "config": run_config,
+                    "best_val_mae": state["best_val_mae"], "history": state["history"],
                     "log_offset": state["log_offset"], "data_index": data_index}
             save_epoch_checkpoints(out, ckpt, improved)
         if dist.is_initialized():
@@ -510,12 +519,13 @@ def default_workers():
 
 
 def check_option_combinations(args):
-    """The first inconsistency between options as a message, or None."""
-    max_age = data.AGE_RANGE[1] if args.max_age is None else args.max_age
-    if not 0 <= args.min_age < max_age <= data.AGE_RANGE[1]:
-        return f"need 0 <= --min-age < --max-age <= {data.AGE_RANGE[1]:g}, got {args.min_age:g} and {max_age:g}"
-    if args.width % args.heads:
-        return f"--width {args.width} must be divisible by --heads {args.heads}"
+    """The first inconsistency between options as a message, or None. The model config's rules are
+    model.config_problem's (eval.py applies them to a checkpoint too); --max-age left out is resolved from the
+    training split later, at most data.AGE_RANGE's end."""
+    ages = dict(max_age=data.AGE_RANGE[1]) if args.max_age is None else {}
+    problem = config_problem(dataclasses.replace(build_config(args), **ages), data.AGE_RANGE[1])
+    if problem:
+        return f"--{problem[0].replace('_', '-')}: {problem[1]}"
     if args.dataset != "synthetic" and args.data_root is None:
         return f"--dataset {args.dataset} needs --data-root"
     if args.method == "ce-baseline" and args.text_tower == "train":
@@ -799,10 +809,12 @@ class GatherFromProcesses(torch.autograd.Function):
 
 def freeze_untrained(raw_model, device):
     """Freeze (requires_grad False) every parameter that no loss term of this run reaches, and return their
-    names: e.g. the rating head with --uncertainty-weight 0, most of the feedback with --feedback-weight 0.
-    DDP expects a gradient for every parameter that requires one and stops at the second step without it;
-    in one process these get none either, so they never change (AdamW skips a parameter without a
-    gradient) and freezing them changes nothing else: the run builds for DDP only what it trains. Chosen
+    names: e.g. the rating head with --uncertainty-weight 0, most of the feedback with --feedback-weight 0
+    and --l1-weight 0 (with --feedback-weight 0 alone, y0's L1 still reaches all of the feedback, with zeros,
+    through the stack of every step's estimate that y0 is read from: nothing is frozen). DDP expects a
+    gradient for every parameter that requires one and stops at the second step without it; in one process
+    these get none either, so they never change (AdamW skips a parameter without a gradient) and freezing
+    them changes nothing else: the run builds for DDP only what it trains. Chosen
     over DDP's find_unused_parameters, which looks only at which parameters the forward pass reached
     (these are reached: their outputs are computed, then left out of the loss), and static_graph, which
     breaks with no_sync (gradient accumulation). Found by one backward pass on two blank images, in eval
@@ -991,10 +1003,11 @@ def render_corpus(args):
 # The run folder (--out): config.json (resolved options and model config), log.jsonl (one line per optimizer
 # step with the loss parts, one per epoch with the metrics, one with the final test result), last.pt and
 # best.pt (by validation MAE). Both checkpoints hold model, optimizer, scaler (the fp16 GradScaler's state),
-# scheduler, step, epoch, RNG states, config (plain data), best_val_mae and history; they are written
-# atomically, so a run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends
-# with the same weights as a run never stopped: each epoch's shuffle, augmentation and dropout are
-# functions of (seed, epoch, rank) alone. Nothing is lost or silently mixed: config.json and the
+# scheduler, step, epoch, config (plain data), best_val_mae and history; they are written atomically, so a
+# run killed at any moment (even SIGKILL) resumes from its last finished epoch and ends with the same
+# weights as a run never stopped: each epoch's shuffle, augmentation and dropout are functions of (seed,
+# epoch, rank) alone, since every epoch reseeds every generator (so no RNG state is saved; the one that
+# earlier versions saved in last.pt is ignored). Nothing is lost or silently mixed: config.json and the
 # checkpoints store absolute paths and the dataset's fingerprint (a changed dataset is refused on resume
 # unless --allow-data-change, which is recorded), LOCK_FILE keeps a second train.py out of a running
 # folder, a folder holding files train.py did not write is refused, and best.pt is never replaced by a run
@@ -1079,12 +1092,13 @@ def resume_checkpoint(args, out):
         return None
     ckpt = exit_on_checkpoint_error(load_checkpoint, path)
     check_resumable(ckpt, path)
+    check_saved_options(ckpt["config"]["train"], path)
     return ckpt
 
 
 # The run state in last.pt beside the model and its config, as train.py writes it (bool is an int to Python).
 RESUME_FIELDS = {"step": int, "epoch": int, "log_offset": int, "best_val_mae": (int, float), "history": list,
-                 "optimizer": dict, "rng": dict}
+                 "optimizer": dict}
 
 
 def check_resumable(ckpt, path):
@@ -1105,11 +1119,25 @@ def check_resumable(ckpt, path):
                          f"move it away to start the run again, or choose another --out")
 
 
-def resume_state(ckpt, out, run_config, data_index, args, rank, device, raw_model, optimizer, scaler):
+def check_saved_options(saved, path):
+    """Refuse a checkpoint whose saved options (config.train) hold a value that this train.py's parser
+    could not have produced (eval.saved_option_problem): one line naming the file and the field, where
+    comparing it with this run's options would report a different run, or fail. Saved fields that are no
+    option (world_size, dataset_options, options of earlier versions) are left to check_same_run."""
+    actions = {action.dest: action for action in option_parser()._actions}
+    for name, value in saved.items():
+        problem = name in actions and saved_option_problem(actions[name], value)
+        if problem:
+            raise SystemExit(f"{path}: config.train.{name}: {problem} (not as train.py writes it); move it away "
+                             f"to start the run again, or choose another --out")
+
+
+def resume_state(ckpt, out, run_config, data_index, args, rank, raw_model, optimizer, scaler):
     """The run state to start from: step, epoch, best_val_mae, history, log_offset (and rank). A new run
     (ckpt None) starts at zero, once a best.pt left in the folder is known to be this run's. A run that
     continues from last.pt (ckpt) is refused if its options or its data changed; otherwise the model, the
-    optimizer, the fp16 scaler and the RNG states are restored from it in place."""
+    optimizer and the fp16 scaler are restored from it in place (the RNGs need not be: every epoch reseeds
+    them)."""
     state = {"step": 0, "epoch": 0, "rank": rank, "best_val_mae": float("inf"), "history": [], "log_offset": 0}
     if ckpt is None:
         if rank == 0:
@@ -1122,7 +1150,6 @@ def resume_state(ckpt, out, run_config, data_index, args, rank, device, raw_mode
     restore_or_exit(path, "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
     if ckpt.get("scaler"):   # {} from a run without fp16 (a disabled scaler ignores what it is given)
         restore_or_exit(path, "scaler", scaler.load_state_dict, ckpt["scaler"])
-    restore_or_exit(path, "rng", set_rng_state, ckpt["rng"], device)
     state.update(step=ckpt["step"], epoch=ckpt["epoch"], best_val_mae=ckpt["best_val_mae"],
                  history=ckpt["history"], log_offset=ckpt["log_offset"])
     return state
@@ -1141,18 +1168,31 @@ def restore_or_exit(path, what, function, *args):
 def check_same_run(saved, current, out):
     """Refuse to continue a run with different options: the result would match neither."""
     a, b = saved["train"], json.loads(json.dumps(current["train"]))
-    diff = [f"--{k.replace('_', '-')}: {a.get(k)!r} in the run, {b.get(k)!r} now"
+    diff = [f"--{k.replace('_', '-')}: {shortened(a.get(k))} in the run, {shortened(b.get(k))} now"
             for k in sorted((set(a) | set(b)) - RUNTIME_OPTIONS) if a.get(k) != b.get(k)]
     if diff:
         raise SystemExit(f"{out} holds a run with other options ({'; '.join(diff)}). Rerun with the run's "
                          f"options (see {out / 'config.json'}) or choose another --out.")
 
 
+def shortened(value, limit=60):
+    """A value for a message: its repr, cut after `limit` characters ("..." marks the cut), since a value read
+    from a file may be megabytes long; by its type where Python will not print it (an integer of more than
+    4300 digits, inside a list too)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too long to print"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_best_is_ours(run_config, out):
     """A new run in a folder that still holds a best.pt (its last.pt deleted) may only be the same run
     started again: a run with other options would replace that result."""
     if (out / "best.pt").exists():
-        check_same_run(exit_on_checkpoint_error(load_checkpoint, out / "best.pt")["config"], run_config, out)
+        best = exit_on_checkpoint_error(load_checkpoint, out / "best.pt")
+        check_saved_options(best["config"]["train"], out / "best.pt")
+        check_same_run(best["config"], run_config, out)
 
 
 def check_same_data(ckpt, run_config, data_index, args, out):
@@ -1193,34 +1233,6 @@ def save_epoch_checkpoints(out, ckpt, improved):
     except OSError as e:
         raise SystemExit(f"{e}. The run stopped; free space and rerun the same command to continue "
                          f"from the last checkpoint written.") from None
-
-
-def rng_state(device):
-    """Every global RNG state as plain data (tensors, ints, tuples) that torch.load(weights_only=True)
-    accepts: CUDA's of the process's own device only, so a checkpoint resumes on a machine with fewer GPUs.
-    (The data order has no state to save: each epoch's loader is seeded from (seed, epoch).)"""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    """Restore every global RNG state saved by rng_state; CUDA's on the process's device only. Checkpoints of
-    earlier versions hold a list, one state per GPU of the machine that wrote them: the device's own entry
-    is used where there is one."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):   # an earlier version's: one per GPU it saw
-        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
 
 
 def open_log(out, offset, rank):

@@ -11,8 +11,7 @@ it comes from). The working tree is never touched: it is copied (without .git, r
 temporary folder, the slip is written there, the named tests run there (cwd = the copy, so its modules
 are the ones imported), and the file is restored before the next slip. An original text that no longer
 occurs exactly once in its file (the code moved on) is reported as "not found" / "ambiguous", not applied,
-and left out of the score. Slips marked equivalent change nothing a user can observe (the RNG restore on
-resume, which every epoch's reseeding overwrites before any draw); they are run and shown but not scored.
+and left out of the score.
 
 Killed = pytest exits with failures (1); exits 2-4 (a collection or internal error) count as killed but
 are shown as "pytest error" (a slip that breaks the syntax tests nothing: check it); a test that hangs
@@ -45,8 +44,6 @@ class Slip:
     replacement: str
     tests: list
     source: str = "own"
-    equivalent: bool = False
-    note: str = ""
 
 
 SLIPS = [
@@ -139,13 +136,6 @@ SLIPS = [
          "scaler.scale(loss / group_size).backward()",
          "scaler.scale(loss / args.accum_steps).backward()",
          [RUNS + "test_two_micro_batches_of_4_give_the_gradients_of_one_batch_of_8"], "review: loss and accumulation"),
-    Slip("resume-without-rng-restore", "train.py",
-         '    restore_or_exit(path, "rng", set_rng_state, ckpt["rng"], device)\n',
-         "",
-         ["tests/test_train.py::test_fp16_path_scales_the_loss_and_resumes_exactly",
-          "tests/test_train.py::test_resume_after_sigkill_gives_identical_weights",
-          RUNS + "test_resumed_run_keeps_the_best_pt_of_the_epoch_before_the_stop"], "review: loss and accumulation", equivalent=True,
-         note="every epoch reseeds all RNGs (seed_all(mix_seed(seed, epoch, rank))) before its first draw"),
     # ---------------------------------------------------------------- own slips across the modules
     Slip("label-distribution-sigma-not-squared", "model.py",
          "logq = -(ages[None, :] - target[:, None]) ** 2 / (2 * sigma ** 2)",
@@ -308,10 +298,8 @@ def main(argv=None):
     for s, outcome, seconds in rows:
         killed = {"killed": "yes", "timeout": "yes (timeout)", "survived": "no",
                   "error": "yes (pytest error)"}.get(outcome, outcome)
-        if s.equivalent:
-            killed += " (equivalent: not scored)"
         print(f"| {s.name} | {s.source} | {s.file} | {killed} | {seconds:.0f} |")
-    scored = [(s, o) for s, o, _ in rows if not s.equivalent and o in ("killed", "timeout", "error", "survived")]
+    scored = [(s, o) for s, o, _ in rows if o in ("killed", "timeout", "error", "survived")]
     skipped = [s.name for s, o, _ in rows if o not in ("killed", "timeout", "error", "survived")]
     killed = sum(o != "survived" for _, o in scored)
     for group, keep in (("the review's slips", lambda s: s.source != "own"), ("own", lambda s: s.source == "own")):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_loader
-from model import (AgeOutput, CILFCIAE, CILFConfig, LinearAgeBaseline, LinearBaselineConfig, contrastive_loss,
-                   gaussian_label_distribution, soft_contrastive_targets)
+from model import (AgeOutput, CILFCIAE, CILFConfig, LinearAgeBaseline, LinearBaselineConfig, config_problem,
+                   contrastive_loss, gaussian_label_distribution, soft_contrastive_targets)
 
 CTX = 16  # context length of the tiny text towers; the longest prompt needs 12 tokens
 MIXERS = ("linear", "fourier", "softmax", "none")
@@ -79,6 +79,19 @@ def test_ages_and_prompts():
     assert c.prompts() == ["age 16", "age 18.5"]
     with pytest.raises(ValueError, match="age_step"):
         CILFConfig(age_step=0).ages()
+
+
+def test_config_rules_across_fields_by_hand():
+    """model.config_problem, the rules train.py applies to its options and eval.py to a checkpoint: the age
+    classes within [0, limit], min below max; the fusion width split evenly into heads, for CILFConfig only
+    (the ce-baseline has no fusion)."""
+    assert config_problem(CILFConfig(min_age=0, max_age=120, width=30, heads=5), 120) is None
+    assert config_problem(CILFConfig(min_age=0, max_age=120.5), 120)[0] == "max_age"
+    assert config_problem(CILFConfig(min_age=20, max_age=20), 120)[0] == "max_age"
+    assert config_problem(CILFConfig(min_age=-1, max_age=20), 120)[0] == "max_age"
+    assert config_problem(CILFConfig(width=30, heads=4), 120) == ("heads", "must divide the fusion width 30, not 4")
+    assert config_problem(LinearBaselineConfig(min_age=50, max_age=20), 120)[0] == "max_age"
+    assert config_problem(LinearBaselineConfig(), 100) is None
 
 
 def test_bad_mixer_is_named(vit):

@@ -26,7 +26,7 @@ import clip_loader
 import data
 import eval as ev
 import train
-from model import CILFCIAE, CILFConfig
+from model import MAX_FEEDBACK_STEPS, CILFCIAE, CILFConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = CILFConfig(depth=1, width=32, heads=2, feedback_hidden=32)
@@ -132,6 +132,8 @@ def test_a_level_that_was_not_calibrated_names_the_levels_that_were(good):
     (lambda c: c["config"]["data"].pop("fingerprint"), "config.data.fingerprint: missing"),
     (lambda c: c["config"]["train"].__setitem__("lr", [torch.ones(2)]), "config.train.lr: must be plain data, not "
                                                                        "a Tensor"),
+    (lambda c: c["config"]["train"].__setitem__("method", "ce-baseline"),   # a CILFConfig under the baseline
+     "config.model.prompt_template: is not a field of LinearBaselineConfig (the run's --method)"),
 ])
 def test_a_run_config_of_the_wrong_structure_is_refused(good, tmp_path, change, needle):
     refused(variant(good, tmp_path, change), needle)
@@ -146,26 +148,56 @@ def test_train_py_refuses_it_in_one_line_on_resume_and_beside_a_new_run(good, tm
     with pytest.raises(SystemExit) as stop:
         train.check_best_is_ours({"train": {}}, tmp_path)
     one_line(stop.value, SystemExit, f"{tmp_path / 'best.pt'}: config.train: must be a dict")
+    # an option eval.py never reads, checked by train.py's parser: named, not reported as another run
+    variant(good, tmp_path, lambda c: c["config"]["train"].__setitem__("lr", -1))
+    with pytest.raises(SystemExit) as stop:
+        train.check_best_is_ours({"train": {}}, tmp_path)
+    one_line(stop.value, SystemExit, f"{tmp_path / 'best.pt'}: config.train.lr: must be a finite number > 0, not -1")
 
 
 # --------------------------------------------------------------------------- 3. model-config bombs
 
 
 @pytest.mark.parametrize("field, value, needle", [
-    ("max_age", 3e6, "config.model.max_age: must lie above min_age and at most 120"),
+    ("max_age", 3e6, "config.model.max_age: need 0 <= min_age < max_age <= 120, not min_age 0 and max_age 3e+06"),
     ("age_step", 1e-5, "config.model.age_step: CILFConfig: 0..100 in steps of 1e-05 makes more than 1201"),
     ("prompt_template", "a photo of a {:30000000} year old person.", "config.model.prompt_template: "),
     ("prompt_template", "x" * 200_000 + "{}", "template of 200002 characters is longer than any CLIP context"),
     ("width", 20000, "config.model: its sizes make fusion.in_proj.weight of shape (20000, 64), but the weights "
                      "hold (32, 64)"),
     ("depth", 10 ** 6, "fusion.blocks.999999.mlp.0.weight of shape (128, 32), but the weights hold none"),
-    ("heads", 3, "config.model.heads: must divide width"),
+    ("heads", 3, "config.model.heads: must divide the fusion width 32, not 3"),
+    ("feedback_steps", 10 ** 9, "config.model.feedback_steps: must be an integer from 0 to 64, not 1000000000"),
     ("width", 2 ** 70, "config.model.width: must be an integer, not an integer of 71 bits"),
 ])
 def test_model_config_bombs_are_refused_before_anything_is_built(good, tmp_path, field, value, needle):
     path = variant(good, tmp_path, lambda c: c["config"]["model"].__setitem__(field, value))
     error = bounded(lambda: ev.load_model(path), seconds=3, mib=64)
     one_line(error, clip_loader.CheckpointError, f"{path}: ", needle)
+
+
+def test_the_residual_design_s_steps_are_bounded_in_the_file_and_on_the_command_line(good, tmp_path, capsys):
+    """The residual design holds no weights per step, so no shape check sees its step count: a best.pt of
+    10**9 steps would build and loop for hours at every prediction. One bound (model.MAX_FEEDBACK_STEPS),
+    whatever the design, on the option and on the saved field."""
+    residual = dataclasses.replace(SMALL, feedback_design="residual")
+    torch.manual_seed(0)
+    model = CILFCIAE(clip_loader.CLIP(**train.DEMO_CLIP), residual)
+
+    def as_residual(steps):
+        def change(ckpt):
+            ckpt["model"] = model.state_dict()
+            ckpt["config"]["model"] = dataclasses.asdict(dataclasses.replace(residual, feedback_steps=steps))
+        return change
+    ev.load_model(variant(good, tmp_path, as_residual(MAX_FEEDBACK_STEPS), "honest.pt"))   # the bound passes
+    path = variant(good, tmp_path, as_residual(10 ** 9))
+    error = bounded(lambda: ev.load_model(path), seconds=3, mib=64)
+    one_line(error, clip_loader.CheckpointError, f"{path}: config.model.feedback_steps: must be an integer from 0 "
+                                                 f"to {MAX_FEEDBACK_STEPS}, not 1000000000")
+    assert train.parse_args(["--feedback-steps", str(MAX_FEEDBACK_STEPS)]).feedback_steps == MAX_FEEDBACK_STEPS
+    with pytest.raises(SystemExit):
+        train.parse_args(["--feedback-steps", str(MAX_FEEDBACK_STEPS + 1)])
+    assert f"--feedback-steps: must be an integer from 0 to {MAX_FEEDBACK_STEPS}" in capsys.readouterr().err
 
 
 def test_a_template_without_its_age_field_is_refused_in_the_file_and_on_the_command_line(good, tmp_path, capsys):

@@ -6,7 +6,6 @@ checkpoint intact; a rerun with other options into the same folder is refused.""
 import json
 import math
 import os
-import random
 import re
 import signal
 import subprocess
@@ -55,6 +54,21 @@ def log_lines(out, kind):
     return [line for line in lines if line["type"] == kind]
 
 
+def stop_in_epoch_2(monkeypatch, argv):
+    """train.main(argv) stopped at the start of its second epoch, as a kill would: last.pt holds epoch 1."""
+    real_epoch, calls = train.train_epoch, []
+
+    def epoch_or_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train, "train_epoch", epoch_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+
+
 # --------------------------------------------------------------------------- helpers
 
 def test_lr_factor_warmup_then_cosine():
@@ -74,14 +88,14 @@ def test_mix_seed_is_deterministic_and_spreads():
     assert len(seeds) == 240 and all(0 <= s < 2 ** 63 for s in seeds)
 
 
-def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    train.seed_all(123)
-    train.save_checkpoint(tmp_path / "rng.pt", {"rng": train.rng_state(torch.device("cpu"))})
-    draw = lambda: (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(2))
-    first = draw()
-    train.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], torch.device("cpu"))
-    second = draw()
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
+def test_what_the_parser_produces_passes_the_check_of_saved_options():
+    """Each value a run saves (resolved, through JSON as config.json holds it) is one train.py's parser could
+    produce: flags, lists of nargs values, choices, defaults resolved later; so no honest run is refused."""
+    for argv in ([], ["--clip", "random", "--synthetic-n", "5", "6", "7", "--compile", "--max-age", "110.5"],
+                 ["--dataset", "facebase", "--database", "a.json", "--data-root", "/d", "--protocol", "x"]):
+        saved = json.loads(json.dumps(vars(train.parse_args(argv))))
+        train.check_saved_options(saved, "last.pt")
+        train.check_saved_options(vars(train.parse_args(argv)), "last.pt")
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -175,7 +189,8 @@ def test_short_demo_learns(tmp_path, capsys):
     assert config["model"]["mixer"] == "linear" and config["train"]["epochs"] == 3
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["best_val_mae"] == min(e["val_mae"] for e in epochs)
-    assert set(best) >= {"model", "optimizer", "scheduler", "step", "epoch", "rng", "config", "history"}
+    assert set(best) >= {"model", "optimizer", "scheduler", "step", "epoch", "config", "history"}
+    assert "rng" not in best   # every epoch reseeds every generator: no RNG state to restore
 
 
 def test_ce_baseline_trains_on_the_demo_and_eval_rebuilds_it(tmp_path):
@@ -277,6 +292,18 @@ def test_rerun_with_other_options_is_refused(tmp_path):
         train.main([*TINY, "--out", str(tmp_path / "empty"), "--resume"])
 
 
+def test_the_other_run_s_values_are_shortened_in_the_refusal(tmp_path):
+    """A saved option may hold megabytes (a data root of 10 MB passes as text) and a field of an earlier
+    version an integer Python will not print: each value is shown by its first 60 characters at most."""
+    saved = {"train": {"data_root": "x" * 10 ** 7, "seed": 0, "legacy": [10 ** 5000]}}
+    with pytest.raises(SystemExit) as stop:
+        train.check_same_run(saved, {"train": {"data_root": "/data", "seed": 0}}, tmp_path)
+    message = str(stop.value)
+    assert f"--data-root: {repr('x' * 10 ** 7)[:60]}... in the run, '/data' now" in message
+    assert "--legacy: a list too long to print in the run, None now" in message
+    assert "--seed" not in message and len(message) < 400
+
+
 # --------------------------------------------------------------------------- findings of the independent review
 
 def test_fp16_path_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
@@ -290,17 +317,7 @@ def test_fp16_path_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     assert straight["scaler"]["scale"] == scales[-1]
 
-    real_epoch, calls = train.train_epoch, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt   # as a kill would, after epoch 1's checkpoint
-        return real_epoch(*args, **kwargs)
-    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    stop_in_epoch_2(monkeypatch, [*common, "--out", str(tmp_path / "stopped")])
     train.main([*common, "--out", str(tmp_path / "stopped")])
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert resumed["scaler"] == straight["scaler"]
