@@ -9,6 +9,7 @@ train the demo's model (train.py's demo options, the demo CLIP) for --epochs on 
 per run, for each seed; the table holds the validation MAE of best.pt, its test MAE, and the means.
 
     python bench/label_sigma.py                        # 2 settings x 3 seeds, 1500 training drawings
+    python bench/label_sigma.py --l1-weight 0          # y0 left to the distribution loss
     python bench/label_sigma.py --seeds 0 --epochs 2   # a quick look
 
 Results go to --out (default runs/label_sigma): the CSV and its images, one run folder per (setting,
@@ -56,10 +57,10 @@ def write_noisy_csv(folder: Path, n: dict, seed: int = 0) -> Path:
     return path
 
 
-def train_run(labels: Path, setting: str, seed: int, epochs: int, out: Path) -> dict:
+def train_run(labels: Path, setting: str, seed: int, epochs: int, l1_weight: float, out: Path) -> dict:
     """One train.py run in its own process; its test record (val and test MAE of best.pt)."""
     command = [sys.executable, str(ROOT / "train.py"), "--dataset", "csv", "--data-root", str(labels),
-               "--label-sigma", setting, "--seed", str(seed), "--epochs", str(epochs), "--augment", "off",
+               "--label-sigma", setting, "--l1-weight", str(l1_weight), "--seed", str(seed), "--epochs", str(epochs), "--augment", "off",
                "--lr", "1e-3", "--clip-lr", "1e-4", "--width", "64", "--heads", "4", "--out", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -71,6 +72,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--n", type=int, nargs=3, default=[1500, 300, 300], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--l1-weight", type=float, default=1.0, help="train.py --l1-weight (0: y0 learns from the "
+                   "label distribution alone)")
     p.add_argument("--out", default="runs/label_sigma")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -78,7 +81,8 @@ def main(argv=None):
     results = {}
     for seed in args.seeds:
         for setting in SETTINGS:
-            results[f"{setting} seed {seed}"] = train_run(labels, setting, seed, args.epochs, out / f"{setting}_{seed}")
+            results[f"{setting} seed {seed}"] = train_run(labels, setting, seed, args.epochs, args.l1_weight,
+                                                           out / f"{setting}_{seed}")
             (out / "results.json").write_text(json.dumps(results, indent=1))
     print("| --label-sigma | " + " | ".join(f"val / test MAE, seed {s}" for s in args.seeds) + " | mean val / test |")
     print("|---|" + "---|" * (len(args.seeds) + 1))
