@@ -60,8 +60,9 @@ def write_noisy_csv(folder: Path, n: dict, seed: int = 0) -> Path:
 def train_run(labels: Path, setting: str, seed: int, epochs: int, l1_weight: float, out: Path) -> dict:
     """One train.py run in its own process; its test record (val and test MAE of best.pt)."""
     command = [sys.executable, str(ROOT / "train.py"), "--dataset", "csv", "--data-root", str(labels),
-               "--label-sigma", setting, "--l1-weight", str(l1_weight), "--seed", str(seed), "--epochs", str(epochs), "--augment", "off",
-               "--lr", "1e-3", "--clip-lr", "1e-4", "--width", "64", "--heads", "4", "--out", str(out)]
+               "--label-sigma", setting, "--l1-weight", str(l1_weight), "--seed", str(seed), "--epochs", str(epochs),
+               "--augment", "off", "--lr", "1e-3", "--clip-lr", "1e-4", "--width", "64", "--heads", "4",
+               "--out", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return next(r for r in records if r["type"] == "test")

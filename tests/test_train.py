@@ -363,7 +363,8 @@ def test_label_sigma_age_std_gives_each_training_image_its_own_std(tmp_path, mon
     common = ["--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"), "--depth", "1", "--width", "32",
               "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4", "--epochs", "1", "--clip", "random"]
     train.main([*common, "--label-sigma", "age-std", "--out", str(tmp_path / "run")])
-    assert "2 of 8 training images have no age_std; their label distribution keeps --sigma-y 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 of 8 training images have no age_std; their label distribution keeps --sigma-y 2" in printed
     by_hand = {3: 1.0, 15: 3.0, 28: 7.0, 41: 2.0, 55: 2.5, 70: 2.0, 84: 4.0, 90: 9.0}   # floor 1, sigma_y 2
     assert len(seen) == 2 and all(torch.is_tensor(sigma) and sigma.shape == (4,) for _, sigma in seen)
     assert sorted((y, s) for target, sigma in seen for y, s in zip(target, sigma.tolist())) == sorted(by_hand.items())
