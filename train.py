@@ -74,7 +74,7 @@ from eval import (AMP_DTYPES, add_clip_options, amp_option_dtype, atomic_write, 
                   configure_device, device_name, exit_on_checkpoint_error, fraction, load_checkpoint, load_clip,
                   move_to, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, select_device, write_json)
-from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, weight_decayed
+from model import MIN_LABEL_SIGMA, MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, weight_decayed
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -166,7 +166,7 @@ def parse_args(argv=None):
     g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
     g.add_argument("--label-sigma", default=None, choices=["fixed", "age-std"], help="the label distribution's "
                    "std per image: fixed: --sigma-y; age-std: the spread of the image's apparent-age votes (appa-real, "
-                   "a CSV's age_std column), at least model.MIN_LABEL_SIGMA, --sigma-y for an image without one; "
+                   f"a CSV's age_std column), at least {MIN_LABEL_SIGMA:g} year, --sigma-y for an image without one; "
                    "default: age-std when every training image has one, else fixed")
     g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
