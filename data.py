@@ -120,7 +120,8 @@ class Sample:
     path: str
     age: float
     subject: Optional[str] = None  # identity, for subject-exclusive splits; None where unknown
-    age_std: Optional[float] = None  # spread of the apparent-age votes (APPA-REAL), for the epsilon-error
+    age_std: Optional[float] = None  # spread of the apparent-age votes (APPA-REAL): the epsilon-error, the
+                                     # label distribution's sigma (train.py --label-sigma)
     source: Optional[str] = None  # "file:line" of the label row it came from, for error messages
     box: Optional[tuple] = None  # the oriented face box to crop (crop_aligned), for the benchmark's databases
 
@@ -336,7 +337,9 @@ class AgeDataset(Dataset):
         substitution is deterministic and every batch stays full;
       - with drop_unreadable=True (every evaluation: train.py's and eval.py's): None is returned, which
         collate_readable leaves out, so a metric covers the readable images exactly once.
-    `skipped` lists the files met so far; check_images() finds them all up front."""
+    `skipped` lists the files met so far; check_images() finds them all up front.
+    with_age_std (False by default): each item is (image, age, age_std), age_std the sample's apparent-age
+    spread as a float32 tensor, nan where it has none (the training split of train.py --label-sigma age-std)."""
 
     def __init__(self, samples: list, transform: Optional[Callable] = None, ignored: Optional[list] = None,
                  drop_unreadable: bool = False):
@@ -344,6 +347,7 @@ class AgeDataset(Dataset):
         self.transform = transform
         self.ignored = ignored or []  # files under the root whose names carry no usable label
         self.drop_unreadable = drop_unreadable
+        self.with_age_std = False
         self.root = None  # the dataset's folder (build_dataset sets it), for fingerprint paths
         # one flag per sample in shared memory, so workers' findings reach the main process
         self._bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
@@ -379,7 +383,11 @@ class AgeDataset(Dataset):
                 continue
             if self.transform is not None:
                 image = self.transform(image)
-            return image, torch.tensor(self.samples[i].age, dtype=torch.float32)
+            age = torch.tensor(self.samples[i].age, dtype=torch.float32)
+            if not self.with_age_std:
+                return image, age
+            std = self.samples[i].age_std
+            return image, age, torch.tensor(float("nan") if std is None else std, dtype=torch.float32)
         raise RuntimeError(f"none of the {n} images of this dataset could be read; run check_images()")
 
 

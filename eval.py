@@ -1313,7 +1313,8 @@ MODEL_FIELDS = {
     "feedback_design": _one_of("reread", "residual"), "feedback_noise": _accepts(non_negative_float),
     "detach_inverse": _boolean, "uncertainty_loss": _one_of(*UNCERTAINTY_LOSSES),
     "freeze_image_tower": _boolean, "freeze_text_tower": _boolean, "clip_bn": _one_of("frozen", "train"),
-    "sigma_y": _accepts(positive_float), "distribution_weight": _accepts(non_negative_float),
+    "sigma_y": _accepts(positive_float), "label_sigma": _one_of("fixed", "age-std"),
+    "distribution_weight": _accepts(non_negative_float),
     "l1_weight": _accepts(non_negative_float), "contrastive_weight": _accepts(non_negative_float),
     "contrastive_sigma": _accepts(positive_float), "feedback_weight": _accepts(non_negative_float),
     "uncertainty_weight": _accepts(non_negative_float)}

@@ -16,6 +16,7 @@ Abstract claim -> code:
     f = normalize(g / |g| + W_out [LN(Z_0) ; LN(mean_n Z_n)])       fused embedding      (B, E)
     s_k = scale * cos(f, T_k);  p = softmax(s);  y0 = sum_k p_k a_k                         (B, K)
     L = KL(N(y, sigma_y^2) over A || p) + l1 |y0 - y| + con L_con + fb mean_r |y_r - y| + unc L_unc
+    (sigma: sigma_y, or per image from the spread of its apparent-age votes: CILFConfig.label_sigma)
 
 y0 keeps its own L1 (weight 1) whether the feedback is on or off: the feedback's hypotheses are detached,
 so its loss never reaches y0, and without the L1 y0 would be left to the KL term alone (README.md#loss;
@@ -50,13 +51,19 @@ from linear_attention import MIXERS, LinearAttention, build_token_mixer
 __all__ = ["AgeClasses", "CILFConfig", "CLIPAgeModel", "CILFCIAE", "LinearBaselineConfig", "LinearAgeBaseline",
            "MODELS", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit", "weight_shapes",
            "config_problem", "MAX_AGE_CLASSES", "MAX_FEEDBACK_STEPS",
-           "soft_contrastive_targets", "gaussian_label_distribution", "weight_decayed"]
+           "soft_contrastive_targets", "gaussian_label_distribution", "label_sigmas", "MIN_LABEL_SIGMA",
+           "weight_decayed"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own cap on its temperature
 MAX_AGE_CLASSES = 1201  # a class every 0.1 year from 0 to 120
 # Far more correction steps than any useful run (the method's default is 2); each is one more pass of the
 # feedback per image at every prediction, and a step count read from a shared file must not loop for hours.
 MAX_FEEDBACK_STEPS = 64
+# The narrowest per-image label distribution (years). An apparent-age std of 0 or 0.5 (few raters who agreed)
+# would make the target one class (at sigma 0.5 the neighbouring classes get e^-2 of the centre's weight),
+# which is the one-hot target the label distribution is there to avoid; nobody judges an apparent age to
+# better than about a year, and at sigma 1 each neighbour keeps e^-1/2 of the centre's weight.
+MIN_LABEL_SIGMA = 1.0
 
 
 @dataclass
@@ -108,6 +115,8 @@ class CILFConfig(AgeClasses):
     clip_bn: str = "frozen"                 # BatchNorm of a trained ResNet tower: frozen (eval mode) | train
     # loss (README.md#loss); a part whose weight is 0 is not computed
     sigma_y: float = 2.0                    # std (years) of the Gaussian label distribution
+    label_sigma: str = "fixed"              # fixed: sigma_y for every image | age-std: each image's apparent-age
+                                            # std where the data gives one (label_sigmas), sigma_y elsewhere
     distribution_weight: float = 1.0        # KL(label distribution || p)
     l1_weight: float = 1.0                  # |y0 - y|: the base estimate's own L1
     contrastive_weight: float = 1.0         # soft-target image-text matching (claim 3)
@@ -179,11 +188,20 @@ def weight_shapes(config: AgeClasses, embed_dim: int) -> dict:
 
 
 def gaussian_label_distribution(target, ages, sigma):
-    """Discretised N(y, sigma^2) over the age classes: (B,) -> (B, K), rows sum to 1."""
-    if sigma <= 0:
+    """Discretised N(y, sigma^2) over the age classes: (B,) -> (B, K), rows sum to 1. sigma: one number for
+    every image, or a (B,) tensor, one per image (label_sigmas: > 0 by construction; not checked here, as
+    reading it would cost the training step a wait for the device)."""
+    if not torch.is_tensor(sigma) and sigma <= 0:
         raise ValueError(f"sigma_y must be > 0, got {sigma}")
+    sigma = sigma[:, None] if torch.is_tensor(sigma) else sigma  # (B, 1) or a number
     logq = -(ages[None, :] - target[:, None]) ** 2 / (2 * sigma ** 2)  # (B, K)
     return logq.softmax(dim=1)
+
+
+def label_sigmas(age_std, sigma_y):
+    """The label distribution's sigma per image (B,) from the spread of its apparent-age votes age_std (B,),
+    nan where the data gives none: max(age_std, MIN_LABEL_SIGMA), and sigma_y where it is nan."""
+    return torch.where(age_std.isnan(), torch.full_like(age_std, sigma_y), age_std.clamp(min=MIN_LABEL_SIGMA))
 
 
 def soft_contrastive_targets(y, sigma):
@@ -504,7 +522,7 @@ class CILFCIAE(CLIPAgeModel):
                          text_embeddings=text, rated_per_step=fb.rated)
 
     # ---- training ----------------------------------------------------------------------------
-    def loss(self, out: AgeOutput, target, gather=None):
+    def loss(self, out: AgeOutput, target, gather=None, age_std=None):
         """(total, parts) for true ages target (B,): the weighted sum and each unweighted named part.
 
         Parts: distribution (KL), l1 (on y0), contrastive, feedback, uncertainty; a part whose weight is
@@ -512,7 +530,9 @@ class CILFCIAE(CLIPAgeModel):
         this process's (B, ...) tensor to the (N B, ...) tensor of all N processes, keeping the gradient of
         the local part (train.GatherFromProcesses.apply): the contrastive loss then compares every image of the
         global batch with every text, as one process with the whole batch does; the other parts are means
-        over images, which DDP's mean of the gradients makes global.
+        over images, which DDP's mean of the gradients makes global. age_std: None, or (B,) the spread of
+        each image's apparent-age votes, nan where unknown: with config.label_sigma "age-std" the label
+        distribution's sigma per image (label_sigmas); without it (or "fixed") sigma_y for every image.
         """
         c = self.config
         weights = {"distribution": c.distribution_weight, "l1": c.l1_weight, "contrastive": c.contrastive_weight,
@@ -521,7 +541,9 @@ class CILFCIAE(CLIPAgeModel):
         parts = {}
         with torch.autocast(device_type=y.device.type, enabled=False):
             if weights["distribution"]:
-                label = gaussian_label_distribution(y, self.ages, c.sigma_y)  # (B, K)
+                per_image = age_std is not None and c.label_sigma == "age-std"
+                sigma = label_sigmas(age_std.to(y), c.sigma_y) if per_image else c.sigma_y  # (B,) or a number
+                label = gaussian_label_distribution(y, self.ages, sigma)  # (B, K)
                 parts["distribution"] = F.kl_div(out.logits.log_softmax(dim=1), label, reduction="batchmean")
             if weights["l1"]:
                 parts["l1"] = (out.ages_per_step[:, 0] - y).abs().mean()
@@ -593,10 +615,12 @@ class LinearAgeBaseline(CLIPAgeModel):
                          embedding=F.normalize(g.float(), dim=-1), uncertainty_per_step=spread.unsqueeze(1),
                          text_embeddings=None)
 
-    def loss(self, out: AgeOutput, target, gather=None):
+    def loss(self, out: AgeOutput, target, gather=None, age_std=None):
         """(total, {"cross_entropy": total}): the mean over the batch of -sum_k q_k log p_k, with q the
         targets of age_class_targets (one-hot for whole ages). gather: unused (no loss compares images
-        across the batch; CILFCIAE.loss's contrastive part does)."""
+        across the batch; CILFCIAE.loss's contrastive part does). age_std: unused (the plain baseline's
+        targets stay the benchmark's plain cross-entropy; spreading them by the votes would make it a
+        label-distribution method)."""
         y = target.to(device=out.logits.device, dtype=torch.float32)
         with torch.autocast(device_type=y.device.type, enabled=False):
             q = age_class_targets(y, self.ages)

@@ -77,7 +77,7 @@ from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_op
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, saved_option_problem, select_device,
                   write_json)
-from model import MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, config_problem, weight_decayed
+from model import MIN_LABEL_SIGMA, MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, config_problem, weight_decayed
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -168,6 +168,10 @@ def option_parser():
     g.add_argument("--uncertainty-loss", default=m.uncertainty_loss, choices=["laplace", "l1"],
                    help="how the predicted error is trained: Laplace negative log-likelihood or L1")
     g.add_argument("--sigma-y", type=positive_float, default=m.sigma_y, help="std (years) of the label distribution")
+    g.add_argument("--label-sigma", default=None, choices=["fixed", "age-std"], help="the label distribution's "
+                   "std per image: fixed: --sigma-y; age-std: the spread of the image's apparent-age votes (appa-real, "
+                   f"a CSV's age_std column), at least {MIN_LABEL_SIGMA:g} year, --sigma-y for an image without one; "
+                   "default: age-std when every training image has one, else fixed")
     g.add_argument("--distribution-weight", type=non_negative_float, default=m.distribution_weight,
                    help="weight of KL(label distribution || p)")
     g.add_argument("--l1-weight", type=non_negative_float, default=m.l1_weight, help="weight of |y0 - y|, the "
@@ -280,7 +284,10 @@ def run(args, rank, world, device, argv_of_run=()):
     if args.check_images:
         refuse_unreadable_images(splits)
     resolve_max_age(args, [s.age for s in splits["train"].samples])
+    resolve_label_sigma(args, splits["train"].samples, rank)
     config = build_config(args)
+    # the loader then gives each training image's age_std, and train_epoch hands it to the loss
+    splits["train"].with_age_std = isinstance(config, CILFConfig) and config.label_sigma == "age-std"
     refuse_ages_outside_classes(splits["train"], config)
     if isinstance(config, CILFConfig):   # the ce-baseline reads no prompts
         try:
@@ -382,7 +389,8 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
 
     The loss parts and the errors are summed on the device and read once per optimizer step, when the step
     is logged: the one host sync of a step (a GPU runs ahead of Python between them). A non-finite loss is
-    caught there, after the step it happened in, which it names; the run then stops without saving."""
+    caught there, after the step it happened in, which it names; the run then stops without saving. With
+    --label-sigma age-std the loader's batches carry each image's age_std as a third item, for the loss."""
     model.train()
     n_batches = len(loader)
     distributed = dist.is_initialized()
@@ -392,17 +400,18 @@ def train_epoch(model, raw_model, loader, optimizer, scaler, schedule, state, ar
     count = 0            # images (this process)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
                disable=state["rank"] != 0 or not sys.stderr.isatty())
-    for i, (images, ages) in enumerate(bar):
+    for i, (images, ages, *age_std) in enumerate(bar):   # age_std: with --label-sigma age-std
         group_start = i - i % args.accum_steps
         group_size = min(args.accum_steps, n_batches - group_start)   # last group of an epoch may be short
         last_in_group = i == group_start + group_size - 1
         images, ages = move_to(images, device), move_to(ages.float(), device)
+        age_std = move_to(age_std[0], device) if age_std else None
         # DDP all-reduces gradients on every backward unless told not to: only on a group's last micro-batch
         sync = model.no_sync() if (distributed and not last_in_group) else contextlib.nullcontext()
         with sync:
             with autocast(device, amp_dtype):
                 out = model(images)
-                loss, parts = raw_model.loss(out, ages, gather)
+                loss, parts = raw_model.loss(out, ages, gather, age_std)
             scaler.scale(loss / group_size).backward()
         names = sorted(parts)
         values = torch.stack([loss.detach()] + [parts[k].detach() for k in names]).double()
@@ -530,6 +539,8 @@ def check_option_combinations(args):
         return f"--dataset {args.dataset} needs --data-root"
     if args.method == "ce-baseline" and args.text_tower == "train":
         return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
+    if args.method == "ce-baseline" and args.label_sigma == "age-std":
+        return "--method ce-baseline trains on plain cross-entropy targets: --label-sigma age-std would not change them"
     if (args.dataset == "facebase") != (args.database is not None):
         return "--dataset facebase needs --database FILE.json" if args.database is None else \
             f"--database is for --dataset facebase, not {args.dataset}"
@@ -599,8 +610,9 @@ def build_clip(args):
 
 def build_config(args):
     """The model config of --method from the options (CILFConfig: every field has one; LinearBaselineConfig:
-    the age classes and the image tower). run() resolves --max-age from the training split first
-    (resolve_max_age); left unresolved (no data at hand, as in bench/train.py), it is CILFConfig's."""
+    the age classes and the image tower). run() resolves --max-age and --label-sigma from the training
+    split first (resolve_max_age, resolve_label_sigma); left unresolved (no data at hand, as in bench/train.py),
+    they are CILFConfig's."""
     max_age = CILFConfig.max_age if args.max_age is None else args.max_age
     if args.method == "ce-baseline":
         return LinearBaselineConfig(min_age=args.min_age, max_age=max_age,
@@ -613,7 +625,8 @@ def build_config(args):
                       uncertainty_loss=args.uncertainty_loss,
                       freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
                       clip_bn=args.clip_bn,
-                      sigma_y=args.sigma_y, distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
+                      sigma_y=args.sigma_y, label_sigma=args.label_sigma or CILFConfig.label_sigma,
+                      distribution_weight=args.distribution_weight, l1_weight=args.l1_weight,
                       contrastive_weight=args.contrastive_weight, contrastive_sigma=args.contrastive_sigma,
                       feedback_weight=args.feedback_weight, uncertainty_weight=args.uncertainty_weight)
 
@@ -626,6 +639,23 @@ def resolve_max_age(args, train_ages):
     elif args.max_age < oldest:
         raise SystemExit(f"--max-age {args.max_age:g} is below the oldest training age, {oldest:g}: the model could "
                          f"not predict it (leave --max-age out to cover the training split)")
+
+
+def resolve_label_sigma(args, train_samples, rank):
+    """Fill --label-sigma from the training split (cilf-ciae; the ce-baseline has no label distribution):
+    age-std when every training image has an apparent-age std, else fixed. Refuse age-std where none has one;
+    say how many keep --sigma-y where only some have one."""
+    if args.method == "ce-baseline":
+        return
+    n, with_std = len(train_samples), sum(s.age_std is not None for s in train_samples)
+    if args.label_sigma is None:
+        args.label_sigma = "age-std" if with_std == n else "fixed"
+    elif args.label_sigma == "age-std" and with_std == 0:
+        raise SystemExit(f"--label-sigma age-std: no training image of --dataset {args.dataset} has an apparent-age "
+                         f"std (appa-real's apparent_age_std, a CSV's age_std column); use --label-sigma fixed")
+    if args.label_sigma == "age-std" and with_std < n and rank == 0:
+        print(f"--label-sigma age-std: {n - with_std} of {n} training images have no age_std; their label "
+              f"distribution keeps --sigma-y {args.sigma_y:g}")
 
 
 def age_classes_max(train_ages, min_age, age_step=CILFConfig.age_step, at_least=CILFConfig.max_age):

@@ -128,6 +128,16 @@ def test_untrained_fusion_starts_as_plain_clip(vit, mixer):
     assert torch.equal(out.ages_per_step, out.ages_per_step[:, :1].expand(-1, 3))
 
 
+def hand_kl(logp, targets, ages, sigmas):
+    """Mean over images of KL(discretised N(y, sigma^2) || p), in plain Python: logp (B, K), sigma per image."""
+    kl = 0.0
+    for b, (y, sigma) in enumerate(zip(targets, sigmas)):
+        w = [math.exp(-(a - y) ** 2 / (2 * sigma ** 2)) for a in ages]
+        s = sum(w)
+        kl += sum(wk / s * (math.log(wk / s) - logp[b][k]) for k, wk in enumerate(w) if wk > 0)
+    return kl / len(targets)
+
+
 def test_everything_off_is_a_clip_prompt_classifier_trained_with_the_distribution_loss(vit):
     model = build(vit, depth=0, feedback_steps=0, contrastive_weight=0, l1_weight=0,
                   freeze_image_tower=True, freeze_text_tower=True, sigma_y=1.5)
@@ -138,18 +148,28 @@ def test_everything_off_is_a_clip_prompt_classifier_trained_with_the_distributio
     with torch.no_grad():  # by hand
         T = hand_text_embeddings(vit, model.ages)
         logits = model.logit_scale.exp() * F.normalize(vit.encode_image(x), dim=-1) @ T.t()
-        logp = logits.log_softmax(1)
-        kl = 0.0
-        for b, y in enumerate(TARGET.tolist()):
-            w = [math.exp(-(a - y) ** 2 / (2 * 1.5 ** 2)) for a in model.ages.tolist()]
-            s = sum(w)
-            kl += sum(wk / s * (math.log(wk / s) - logp[b, k].item()) for k, wk in enumerate(w) if wk > 0)
-        kl /= len(TARGET)
+        kl = hand_kl(logits.log_softmax(1).tolist(), TARGET.tolist(), model.ages.tolist(), [1.5] * len(TARGET))
     torch.testing.assert_close(out.logits, logits)
     assert list(parts) == ["distribution"]
     assert total.item() == pytest.approx(kl, rel=1e-5)
     torch.testing.assert_close(out.age, logits.softmax(1) @ model.ages)
     torch.testing.assert_close(gaussian_label_distribution(TARGET, model.ages, 1.5).sum(1), torch.ones(4))
+
+
+def test_the_distribution_part_with_a_sigma_per_image_by_hand(vit):
+    """label_sigma age-std: image b's target is N(y_b, sigma_b^2) over the classes, sigma_b its apparent-age
+    std, at least 1 year, and sigma_y where it has none (nan); without stds, or with label_sigma fixed,
+    every image has sigma_y."""
+    options = dict(sigma_y=1.5, depth=0, feedback_steps=0, contrastive_weight=0, l1_weight=0)
+    per_image, fixed = build(vit, label_sigma="age-std", **options), build(vit, label_sigma="fixed", **options)
+    out = per_image(images(vit))
+    age_std = torch.tensor([float("nan"), 0.3, 4.0, 2.5])
+    logp = out.logits.detach().log_softmax(1).tolist()
+    kl = lambda sigmas: hand_kl(logp, TARGET.tolist(), per_image.ages.tolist(), sigmas)
+    assert per_image.loss(out, TARGET, age_std=age_std)[1]["distribution"].item() == pytest.approx(
+        kl([1.5, 1.0, 4.0, 2.5]), rel=1e-5)
+    for model, std in ((per_image, None), (fixed, age_std)):
+        assert model.loss(out, TARGET, age_std=std)[1]["distribution"].item() == pytest.approx(kl([1.5] * 4), rel=1e-5)
 
 
 # ---- switches -----------------------------------------------------------------------------------

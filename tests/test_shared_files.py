@@ -130,6 +130,7 @@ def test_a_level_that_was_not_calibrated_names_the_levels_that_were(good):
     (lambda c: c["config"]["train"].__setitem__("dataset", "imagenet"), "config.train.dataset: must be one of"),
     (lambda c: c.__setitem__("data_index", [["a.png", 10]]), "data_index: entry 0 is not [path, size"),
     (lambda c: c["config"]["data"].pop("fingerprint"), "config.data.fingerprint: missing"),
+    (lambda c: c["config"]["model"].__setitem__("label_sigma", "votes"), "config.model.label_sigma: must be one of"),
     (lambda c: c["config"]["train"].__setitem__("lr", [torch.ones(2)]), "config.train.lr: must be plain data, not "
                                                                        "a Tensor"),
     (lambda c: c["config"]["train"].__setitem__("method", "ce-baseline"),   # a CILFConfig under the baseline

@@ -359,6 +359,49 @@ def test_age_classes_cover_the_training_split_up_to_116(tmp_path):
         train.main([*common, "--max-age", "100", "--out", str(tmp_path / "run100")])
 
 
+def test_label_sigma_age_std_gives_each_training_image_its_own_std(tmp_path, monkeypatch, capsys):
+    """--label-sigma age-std on a CSV with an age_std column: in 2 steps every training image's target
+    distribution has its own row's std (at least 1 year; --sigma-y for a row without one), the std
+    travelling with its image through the loader; the run config records the choice; eval.py rebuilds the
+    model. Left to the default, the same CSV (2 rows without a std) trains with the fixed sigma."""
+    from PIL import Image
+    import data
+    import eval as ev
+    import model
+    ages, stds = [3, 15, 28, 41, 55, 70, 84, 90, 20, 50, 35, 65], ["0.5", "3", "7", "", "2.5", "", "4", "9"]
+    rows = ["path,age,age_std,split"]
+    for i, age in enumerate(ages):
+        Image.fromarray(data.render_synthetic(age, np.random.default_rng(i), 32)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{age},{stds[i] if i < 8 else ''},{'train' if i < 8 else 'val' if i < 10 else 'test'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    seen, gaussian = [], model.gaussian_label_distribution
+    monkeypatch.setattr(model, "gaussian_label_distribution", lambda target, classes, sigma: (
+        seen.append((target.tolist(), sigma)), gaussian(target, classes, sigma))[1])
+    common = ["--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"), "--depth", "1", "--width", "32",
+              "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4", "--epochs", "1", "--clip", "random"]
+    train.main([*common, "--label-sigma", "age-std", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "2 of 8 training images have no age_std; their label distribution keeps --sigma-y 2" in printed
+    by_hand = {3: 1.0, 15: 3.0, 28: 7.0, 41: 2.0, 55: 2.5, 70: 2.0, 84: 4.0, 90: 9.0}   # floor 1, sigma_y 2
+    assert len(seen) == 2 and all(torch.is_tensor(sigma) and sigma.shape == (4,) for _, sigma in seen)
+    assert sorted((y, s) for target, sigma in seen for y, s in zip(target, sigma.tolist())) == sorted(by_hand.items())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["label_sigma"] == config["train"]["label_sigma"] == "age-std"
+    ev.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "eval")])
+    seen.clear()
+    train.main([*common, "--out", str(tmp_path / "default")])
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["model"]["label_sigma"] == "fixed"
+    assert [sigma for _, sigma in seen] == [2.0, 2.0]
+
+
+def test_label_sigma_age_std_is_refused_without_stds_and_for_the_ce_baseline(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--label-sigma age-std: no training image of --dataset synthetic has an "
+                                         r"apparent-age std \(.*\); use --label-sigma fixed$"):
+        train.main([*TINY, "--label-sigma", "age-std", "--epochs", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):   # a usage error (argparse): plain cross-entropy targets have no sigma
+        train.parse_args(["--method", "ce-baseline", "--label-sigma", "age-std"])
+
+
 def test_clip_bn_option_and_syncbatchnorm_under_ddp():
     import clip_loader
     from model import CILFCIAE
