@@ -317,7 +317,7 @@ def test_training_also_rates_the_clean_chain_and_the_uncertainty_loss_averages_b
     perturbed = (out.uncertainty - (out.rated - y[:, None]).abs()).abs().mean()
     unperturbed = (clean.uncertainty - (clean.ages - y[:, None]).abs()).abs().mean()
     parts = feedback_loss(out, y, uncertainty_loss="l1")
-    assert parts["uncertainty"].item() == pytest.approx(float(perturbed + unperturbed.detach()) / 2, rel=1e-5)
+    assert parts["uncertainty"].item() == pytest.approx(float((perturbed + unperturbed).detach()) / 2, rel=1e-5)
     parts["uncertainty"].backward()
     assert fb.query[0].weight.grad is None    # neither chain's rating reaches the query
 
