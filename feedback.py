@@ -3,7 +3,8 @@ README.md#reversible-estimation).
 
 The abstract says a "reversible age estimation" module uses end-to-end error feedback to correct the
 age prediction and to tell the model how good that prediction is. Two readings, selectable
-(CILFConfig.feedback_design), measured side by side in the ablation (bench/README.md#ablation):
+(CILFConfig.feedback_design; "anchored" extends the second), measured side by side in the ablation
+(bench/README.md#ablation):
 
 "reread" (HypothesisFeedback, the default): every step re-reads the evidence conditioned on the
 hypothesis, as iterative error feedback for pose estimation and RAFT do:
