@@ -54,7 +54,8 @@ import clip_loader
 import data
 from feedback import UNCERTAINTY_LOSSES
 from linear_attention import MIXERS
-from model import MAX_FEEDBACK_STEPS, MODELS, CILFCIAE, CILFConfig, check_prompts_fit, config_problem, weight_shapes
+from model import (FEEDBACK_DESIGNS, MAX_FEEDBACK_STEPS, MODELS, TEXT_EMBEDDINGS, CILFCIAE, CILFConfig, check_prompts_fit,
+                   config_problem, weight_shapes)
 
 __all__ = [
     # 1. metrics, 2. conformal intervals, 3. prediction
@@ -1309,8 +1310,10 @@ MODEL_FIELDS = {
     "mixer": _one_of(*MIXERS, "none"), "depth": _accepts(non_negative_int), "width": _accepts(positive_int),
     "heads": _accepts(positive_int), "mlp_ratio": _accepts(positive_float),
     "dropout": _accepts(probability_below_one), "cross_attention": _boolean,
+    "text_embeddings": _one_of(*TEXT_EMBEDDINGS),
     "feedback_steps": _accepts(feedback_step_count), "feedback_hidden": _accepts(positive_int),
-    "feedback_design": _one_of("reread", "residual"), "feedback_noise": _accepts(non_negative_float),
+    "feedback_design": _one_of(*FEEDBACK_DESIGNS), "feedback_text": _boolean,
+    "feedback_noise": _accepts(non_negative_float),
     "detach_inverse": _boolean, "uncertainty_loss": _one_of(*UNCERTAINTY_LOSSES),
     "freeze_image_tower": _boolean, "freeze_text_tower": _boolean, "clip_bn": _one_of("frozen", "train"),
     "sigma_y": _accepts(positive_float), "label_sigma": _one_of("fixed", "age-std"),

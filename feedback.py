@@ -3,7 +3,8 @@ README.md#reversible-estimation).
 
 The abstract says a "reversible age estimation" module uses end-to-end error feedback to correct the
 age prediction and to tell the model how good that prediction is. Two readings, selectable
-(CILFConfig.feedback_design), measured side by side in the ablation (bench/README.md#ablation):
+(CILFConfig.feedback_design; "anchored" extends the second), measured side by side in the ablation
+(bench/README.md#ablation):
 
 "reread" (HypothesisFeedback, the default): every step re-reads the evidence conditioned on the
 hypothesis, as iterative error feedback for pose estimation and RAFT do:
@@ -15,15 +16,22 @@ hypothesis, as iterative error feedback for pose estimation and RAFT do:
 
 trained on perturbed hypotheses: y_r enters as stop_grad(y_r) + noise, with target y - y_r, so the head
 learns a correction field around the truth rather than a constant; the base estimate y0 keeps its own
-loss (the feedback loss never reaches it).
+loss (the feedback loss never reaches it). The rating is trained on those perturbed hypotheses and, in
+the same step, on the clean chain that evaluation runs (no noise; its corrections take no loss), so u is
+also fitted to the estimates it rates at evaluation. Without the text (text=False) the query reads
+[f, enc(y_r)] only: the control for whether the age texts matter.
+
+"anchored" (HypothesisFeedback with anchored=True): the query also reads a frozen copy of the pretrained
+CLIP image tower's embedding a (evidence the fine-tuned f may have lost) and that tower's zero-shot
+estimate y_zs, as [a, a * t_hat_r, enc(y_zs)] appended to the reread query's inputs.
 
 "residual" (ErrorFeedback, the first reading, kept for the comparison); it cannot correct (the head
 never sees one image at two hypotheses, see README.md#reversible-estimation):
 
     inverse map    t_hat_r = interp(T, y_r)                   predicted age -> language space
-    error head     (r_hat_r, u_r) = head([f, t_hat_r, f * t_hat_r, f - t_hat_r])
+    error head     r_hat_r = head(x_r),  x_r = [f, t_hat_r, f * t_hat_r, f - t_hat_r]
     correction     y_{r+1} = y_r + r_hat_r                     r = 0 .. R-1
-    uncertainty    u_r ~ |y - y_r|                             predicted error of every estimate
+    uncertainty    u_r = rating([x_r, r_hat_r] detached) ~ |y - y_r|   rating never moves f, y0 or the head
 
 One head is shared by all steps (a loop, so R can be changed at inference); it is evaluated R+1 times
 so that the final estimate y_R gets its own uncertainty u_R. R = 0 switches the module off: the
@@ -72,10 +80,14 @@ def interpolate_age_embedding(text_emb, ages, y):
 class FeedbackOutput:
     """ages (B, R+1): [y0, y1, ..., yR]; uncertainty (B, R+1): predicted |y - y_r| (>= 0; zeros if R = 0);
     rated (B, R+1): the estimate each uncertainty rates (None: ages; in training the "reread" design
-    rates and corrects perturbed estimates)."""
+    rates and corrects perturbed estimates); clean_rated, clean_uncertainty (B, R+1): in training with
+    perturbed hypotheses, the estimates of the unperturbed chain (the one evaluation runs) and their
+    ratings; None otherwise."""
     ages: torch.Tensor
     uncertainty: torch.Tensor
     rated: Optional[torch.Tensor] = None
+    clean_rated: Optional[torch.Tensor] = None
+    clean_uncertainty: Optional[torch.Tensor] = None
 
 
 class ErrorFeedback(nn.Module):
@@ -103,7 +115,13 @@ class ErrorFeedback(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(4 * embed_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, 2),
+            nn.Linear(hidden_dim, 1),
+        )
+        # The rating reads the head's inputs and output detached: its loss never reaches f, y0 or the head.
+        self.rating = nn.Sequential(
+            nn.Linear(4 * embed_dim + 1, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, 1),
         )
         # Zero last layer: r_hat = 0 at start, so an untrained module leaves y0 unchanged.
         nn.init.zeros_(self.head[-1].weight)
@@ -120,8 +138,10 @@ class ErrorFeedback(nn.Module):
         """One evaluation of the head at estimate y: (residual r_hat (B,), uncertainty u (B,) >= 0)."""
         y_in = y.detach() if self.detach_inverse else y
         t_hat = interpolate_age_embedding(text_emb, ages, y_in)  # (B, E)
-        out = self.head(self._features(image_emb, t_hat))  # (B, 2)
-        return self.age_scale * out[:, 0], self.age_scale * F.softplus(out[:, 1])
+        features = self._features(image_emb, t_hat)  # (B, 4E)
+        residual = self.head(features).squeeze(1)  # (B,), in units of age_scale
+        rating_in = torch.cat([features, residual.unsqueeze(1)], dim=1).detach()  # (B, 4E + 1)
+        return self.age_scale * residual, self.age_scale * F.softplus(self.rating(rating_in).squeeze(1))
 
     def forward(self, y0, image_emb, text_emb, ages, steps=None):
         """y0 (B,), image_emb (B, E), text_emb (K, E), ages (K,) -> FeedbackOutput. steps overrides R."""
@@ -149,7 +169,9 @@ def feedback_loss(out, target, uncertainty_loss="laplace", min_uncertainty=0.1):
     actual error e_r = |y - rated_r|, detached so that rating an estimate never moves it: "laplace" (the
     default), the negative log-likelihood of e under a Laplace of scale u, e / u + log u (up to a
     constant; u floored at min_uncertainty years), which weighs errors relative to their predicted size
-    and is least where u is the mean of e given the input; "l1", |u - e|, least at the median of e.
+    and is least where u is the mean of e given the input; "l1", |u - e|, least at the median of e. With
+    clean ratings (out.clean_uncertainty), the mean of that term on the perturbed and on the clean chain:
+    the perturbed ratings shape the correction's field, the clean ones the u that evaluation reports.
     Returns {} when R = 0.
     """
     if uncertainty_loss not in UNCERTAINTY_LOSSES:
@@ -158,13 +180,17 @@ def feedback_loss(out, target, uncertainty_loss="laplace", min_uncertainty=0.1):
         return {}
     target = target.to(out.ages.dtype).unsqueeze(1)  # (B, 1)
     error = (out.ages - target).abs()  # (B, R+1)
-    rated = out.ages if out.rated is None else out.rated
-    rated_error = (rated - target).abs().detach()  # (B, R+1)
-    if uncertainty_loss == "l1":
-        uncertainty = (out.uncertainty - rated_error).abs().mean()
-    else:
-        scale = out.uncertainty.clamp(min=min_uncertainty)
-        uncertainty = (rated_error / scale + scale.log()).mean()
+
+    def rating_loss(uncertainty, rated):
+        rated_error = (rated - target).abs().detach()  # (B, R+1)
+        if uncertainty_loss == "l1":
+            return (uncertainty - rated_error).abs().mean()
+        scale = uncertainty.clamp(min=min_uncertainty)
+        return (rated_error / scale + scale.log()).mean()
+
+    uncertainty = rating_loss(out.uncertainty, out.ages if out.rated is None else out.rated)
+    if out.clean_uncertainty is not None:
+        uncertainty = (uncertainty + rating_loss(out.clean_uncertainty, out.clean_rated)) / 2
     return {"feedback": error[:, 1:].mean(), "uncertainty": uncertainty}
 
 
@@ -176,24 +202,26 @@ class HypothesisFeedback(nn.Module):
     hidden_dim, heads: width and heads of the query and the attention; age_range: (a_1, a_K), for the
     hypothesis encoding and the output scale (a tenth of the range per unit); noise: the largest std
     (years) of the Gaussian perturbation added to each hypothesis in training, the std drawn per example
-    uniformly from [0, noise] (0: none). One head shared by all steps (a loop; a
+    uniformly from [0, noise] (0: none); text: the query reads t_hat_r (False: only f and enc(y_r), the
+    no-text control); anchored: the query also reads the frozen pretrained embedding a and its zero-shot
+    estimate y_zs (forward's anchor). One head shared by all steps (a loop; a
     step index beyond those trained reuses the last one's embedding), evaluated R+1 times so y_R is rated.
     """
 
     FREQUENCIES = 6   # sin/cos of the hypothesis at 0.5, 1, 2, .. 16 cycles over the age range
 
     def __init__(self, embed_dim, token_dim, steps=2, hidden_dim=128, heads=4, age_range=(0.0, 100.0),
-                 noise=10.0):
+                 noise=10.0, text=True, anchored=False):
         super().__init__()
         if steps < 0 or hidden_dim % heads:
             raise ValueError(f"HypothesisFeedback: need steps >= 0 and hidden_dim divisible by heads, got "
                              f"{steps}, {hidden_dim}, {heads}")
         self.embed_dim, self.steps, self.heads, self.noise = embed_dim, steps, heads, float(noise)
+        self.text, self.anchored = text, anchored
         self.age_min = float(age_range[0])
         self.age_span = float(age_range[1] - age_range[0]) or 1.0
         self.age_scale = self.age_span / 10
-        code = 1 + 2 * self.FREQUENCIES
-        self.query = nn.Sequential(nn.Linear(3 * embed_dim + code, hidden_dim), nn.GELU(),
+        self.query = nn.Sequential(nn.Linear(self.query_inputs(embed_dim, text, anchored), hidden_dim), nn.GELU(),
                                    nn.Linear(hidden_dim, hidden_dim))
         self.step_embedding = nn.Embedding(steps + 1, hidden_dim)
         self.token_norm = nn.LayerNorm(token_dim)
@@ -206,19 +234,33 @@ class HypothesisFeedback(nn.Module):
         nn.init.zeros_(self.correction[-1].weight)
         nn.init.zeros_(self.correction[-1].bias)
 
+    @classmethod
+    def query_inputs(cls, embed_dim, text=True, anchored=False):
+        """Width of the query's input: [f, (t_hat, f * t_hat), enc(y)] and, anchored, [a, (a * t_hat), enc(y_zs)]."""
+        code = 1 + 2 * cls.FREQUENCIES
+        anchor = (2 if text else 1) * embed_dim + code
+        return (3 if text else 1) * embed_dim + code + (anchor if anchored else 0)
+
     def encode_age(self, y):
         """(B,) ages -> (B, 1 + 2 * FREQUENCIES): the position in the range and its sines and cosines."""
         z = ((y - self.age_min) / self.age_span).unsqueeze(1)  # (B, 1), 0..1 over the range
         angles = z * (math.pi * 2.0 ** torch.arange(self.FREQUENCIES, device=y.device, dtype=y.dtype))
         return torch.cat([z, angles.sin(), angles.cos()], dim=1)
 
-    def step(self, y, step_index, image_emb, text_emb, ages, keys, values):
+    def step(self, y, step_index, image_emb, text_emb, ages, keys, values, anchor=None):
         """One evaluation at hypothesis y (B,), treated as a constant: (r_hat (B,), u (B,) >= 0)."""
         y = y.detach()
         f = F.normalize(image_emb, dim=-1)
-        t_hat = F.normalize(interpolate_age_embedding(text_emb, ages, y), dim=-1)  # (B, E)
         s = self.embed_dim ** 0.5
-        hypothesis = torch.cat([f * s, t_hat * s, f * t_hat * self.embed_dim, self.encode_age(y)], dim=1)
+        inputs = [f * s]
+        if self.text:
+            t_hat = F.normalize(interpolate_age_embedding(text_emb, ages, y), dim=-1)  # (B, E)
+            inputs += [t_hat * s, f * t_hat * self.embed_dim]
+        inputs.append(self.encode_age(y))
+        if anchor is not None:   # the frozen pretrained evidence, read like f and y
+            a, y_zs = anchor
+            inputs += [a * s] + ([a * t_hat * self.embed_dim] if self.text else []) + [self.encode_age(y_zs)]
+        hypothesis = torch.cat(inputs, dim=1)  # (B, query_inputs)
         index = torch.full_like(y, min(step_index, self.steps), dtype=torch.long)
         query = self.query(hypothesis) + self.step_embedding(index)  # (B, h)
         B, h = query.shape
@@ -229,27 +271,45 @@ class HypothesisFeedback(nn.Module):
         rating_in = torch.cat([evidence, residual.unsqueeze(1) / self.age_scale], dim=1).detach()
         return residual, self.age_scale * F.softplus(self.rating(rating_in).squeeze(1))
 
-    def forward(self, y0, image_emb, text_emb, ages, tokens, steps=None):
-        """y0 (B,), image_emb (B, E), text_emb (K, E), ages (K,), tokens (B, N, D) -> FeedbackOutput."""
+    def forward(self, y0, image_emb, text_emb, ages, tokens, steps=None, anchor=None):
+        """y0 (B,), image_emb (B, E), text_emb (K, E), ages (K,), tokens (B, N, D) -> FeedbackOutput.
+        anchor: (a (B, E) unit norm, y_zs (B,)), the frozen pretrained evidence; given iff anchored."""
+        if (anchor is not None) != self.anchored:
+            raise ValueError(f"HypothesisFeedback: anchored={self.anchored} needs anchor "
+                             f"{'(a, y_zs)' if self.anchored else 'None'}")
         steps = self.steps if steps is None else steps
         if steps == 0:
             return FeedbackOutput(ages=y0.unsqueeze(1), uncertainty=torch.zeros_like(y0).unsqueeze(1))
         with torch.autocast(device_type=y0.device.type, enabled=False):
             image_emb, text_emb, y = image_emb.float(), text_emb.float(), y0.float()
+            if anchor is not None:
+                anchor = tuple(x.detach().float() for x in anchor)
             tokens = self.token_norm(tokens.float())
             B, N, _ = tokens.shape
             split = lambda x: x.view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, h / H)
             keys, values = split(self.key(tokens)), split(self.value(tokens))
-            ys, us, rated = [y], [], []
-            for r in range(steps + 1):
-                y_in = y.detach()
-                if self.training and self.noise > 0:   # a perturbed hypothesis: learn a field, not a constant;
-                    # its scale drawn per example from [0, noise], so exact and far hypotheses both occur
-                    y_in = y_in + self.noise * torch.rand_like(y_in) * torch.randn_like(y_in)
-                residual, u = self.step(y_in, r, image_emb, text_emb, ages, keys, values)
-                rated.append(y_in)
-                us.append(u)
-                if r < steps:
-                    y = y_in + residual
-                    ys.append(y)
-        return FeedbackOutput(ages=torch.stack(ys, 1), uncertainty=torch.stack(us, 1), rated=torch.stack(rated, 1))
+            evaluate = lambda y_in, r: self.step(y_in, r, image_emb, text_emb, ages, keys, values, anchor)
+            perturbed = self.training and self.noise > 0
+            ys, us, rated = self._chain(y, steps, evaluate, perturbed)
+            clean_rated = clean_us = None
+            if perturbed:   # the chain evaluation runs, so that u is also fitted to the estimates it rates there
+                _, clean_us, clean_rated = self._chain(y, steps, evaluate, perturbed=False)
+        return FeedbackOutput(ages=ys, uncertainty=us, rated=rated, clean_rated=clean_rated,
+                              clean_uncertainty=clean_us)
+
+    def _chain(self, y, steps, evaluate, perturbed):
+        """R corrections from y (B,) and R+1 ratings, evaluate(hypothesis, r) -> (r_hat, u) at each:
+        (estimates, ratings, rated hypotheses), each (B, R+1)."""
+        ys, us, rated = [y], [], []
+        for r in range(steps + 1):
+            y_in = y.detach()
+            if perturbed:   # a perturbed hypothesis: learn a field, not a constant;
+                # its scale drawn per example from [0, noise], so exact and far hypotheses both occur
+                y_in = y_in + self.noise * torch.rand_like(y_in) * torch.randn_like(y_in)
+            residual, u = evaluate(y_in, r)
+            rated.append(y_in)
+            us.append(u)
+            if r < steps:
+                y = y_in + residual
+                ys.append(y)
+        return torch.stack(ys, 1), torch.stack(us, 1), torch.stack(rated, 1)

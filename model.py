@@ -10,8 +10,11 @@ Abstract claim -> code:
 3. A contrastive multimodal module supervises the fusion: contrastive_loss with soft targets for
    repeated ages, switch CILFConfig.contrastive_weight.
 4. Reversible age estimation with error feedback: feedback.HypothesisFeedback (re-reads the fused image
-   tokens at each hypothesis; default) or feedback.ErrorFeedback (the first reading), switches
-   CILFConfig.feedback_steps, feedback_design, uncertainty_loss.
+   tokens at each hypothesis; default; "anchored" also reads a frozen copy of the pretrained image tower,
+   CILFCIAE.anchor) or feedback.ErrorFeedback (the first reading), switches CILFConfig.feedback_steps,
+   feedback_design, feedback_text, uncertainty_loss.
+Control for the language: CILFConfig.text_embeddings "random" puts fixed random unit vectors in place of
+the age-text embeddings T everywhere T is read.
 
     f = normalize(g / |g| + W_out [LN(Z_0) ; LN(mean_n Z_n)])       fused embedding      (B, E)
     s_k = scale * cos(f, T_k);  p = softmax(s);  y0 = sum_k p_k a_k                         (B, K)
@@ -35,6 +38,7 @@ to rounding) followed by a feedback loop that changes nothing; everything switch
 feedback 0, contrastive and L1 weights 0) *is* that classifier trained with the distribution loss.
 """
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -50,7 +54,7 @@ from linear_attention import MIXERS, LinearAttention, build_token_mixer
 
 __all__ = ["AgeClasses", "CILFConfig", "CLIPAgeModel", "CILFCIAE", "LinearBaselineConfig", "LinearAgeBaseline",
            "MODELS", "AgeOutput", "FusionTransformer", "contrastive_loss", "check_prompts_fit", "weight_shapes",
-           "config_problem", "MAX_AGE_CLASSES", "MAX_FEEDBACK_STEPS",
+           "config_problem", "MAX_AGE_CLASSES", "MAX_FEEDBACK_STEPS", "FEEDBACK_DESIGNS", "TEXT_EMBEDDINGS",
            "soft_contrastive_targets", "gaussian_label_distribution", "label_sigmas", "MIN_LABEL_SIGMA",
            "weight_decayed"]
 
@@ -64,6 +68,9 @@ MAX_FEEDBACK_STEPS = 64
 # which is the one-hot target the label distribution is there to avoid; nobody judges an apparent age to
 # better than about a year, and at sigma 1 each neighbour keeps e^-1/2 of the centre's weight.
 MIN_LABEL_SIGMA = 1.0
+FEEDBACK_DESIGNS = ("reread", "anchored", "residual")
+TEXT_EMBEDDINGS = ("clip", "random")
+RANDOM_TEXT_SEED = 0   # the generator of text_embeddings "random" (saved in the state dict all the same)
 
 
 @dataclass
@@ -101,10 +108,14 @@ class CILFConfig(AgeClasses):
     mlp_ratio: float = 4.0                  # MLP hidden size = mlp_ratio * d
     dropout: float = 0.0                    # dropout on every residual branch of the fusion
     cross_attention: bool = True            # tokens attend to the age-text embeddings (image-text fusion)
+    text_embeddings: str = "clip"           # T: clip (the prompts' embeddings) | random (fixed random unit
+                                            # vectors of the same shape, everywhere T is read: a control)
     # reversible error feedback (claim 4)
     feedback_steps: int = 2                 # correction steps R; 0 = module off
     feedback_hidden: int = 256              # width of the error head
-    feedback_design: str = "reread"         # reread: feedback.HypothesisFeedback | residual: feedback.ErrorFeedback
+    feedback_design: str = "reread"         # reread: feedback.HypothesisFeedback | anchored: reread that also
+                                            # reads the frozen pretrained image tower | residual: ErrorFeedback
+    feedback_text: bool = True              # reread/anchored: the query reads t_hat (False: f and enc(y) only)
     feedback_noise: float = 10.0            # reread: std (years) of the training perturbation of hypotheses
     detach_inverse: bool = True             # residual: inverse map reads y_r.detach() (see feedback.ErrorFeedback)
     uncertainty_loss: str = "laplace"       # laplace (NLL) | l1 (|u - err|), see feedback.feedback_loss;
@@ -141,6 +152,8 @@ class AgeOutput:
     uncertainty_per_step: torch.Tensor      # (B, R+1) predicted |y - y_r|
     text_embeddings: Optional[torch.Tensor]  # (K, E) the unit-norm age-text embeddings T used; None: no prompts
     rated_per_step: Optional[torch.Tensor] = None  # (B, R+1) estimates rated (perturbed in training), or None
+    clean_rated_per_step: Optional[torch.Tensor] = None        # (B, R+1) training: the unperturbed chain's
+    clean_uncertainty_per_step: Optional[torch.Tensor] = None  # estimates and their ratings; else None
 
 
 def check_prompts_fit(config: CILFConfig, context_length: int):
@@ -180,11 +193,23 @@ def weight_shapes(config: AgeClasses, embed_dim: int) -> dict:
     if c.depth > 0:
         shapes["fusion.in_proj.weight"] = (c.width, embed_dim)
         shapes[f"fusion.blocks.{c.depth - 1}.mlp.0.weight"] = (int(round(c.mlp_ratio * c.width)), c.width)
-    if c.feedback_steps > 0 and c.feedback_design == "reread":
+    if c.text_embeddings == "random":
+        shapes["random_text"] = (c.num_ages(), embed_dim)
+    if c.feedback_steps > 0 and c.feedback_design in ("reread", "anchored"):
         shapes["feedback.step_embedding.weight"] = (c.feedback_steps + 1, c.feedback_hidden)
+        shapes["feedback.query.0.weight"] = (c.feedback_hidden, HypothesisFeedback.query_inputs(
+            embed_dim, c.feedback_text, c.feedback_design == "anchored"))
     elif c.feedback_steps > 0:
         shapes["feedback.head.0.weight"] = (c.feedback_hidden, 4 * embed_dim)
+        shapes["feedback.rating.0.weight"] = (c.feedback_hidden, 4 * embed_dim + 1)
     return shapes
+
+
+def random_unit_vectors(count, dim, seed):
+    """(count, dim) unit vectors drawn from a Gaussian by a generator seeded with seed (the global RNG is not
+    touched): uniform on the sphere, the stand-in for T in the text_embeddings "random" control."""
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, dim, generator=generator), dim=-1)
 
 
 def gaussian_label_distribution(target, ages, sigma):
@@ -418,12 +443,21 @@ class CILFCIAE(CLIPAgeModel):
             raise ValueError(f"CILFConfig.mixer must be one of {MIXERS + ('none',)}, got {config.mixer!r}")
         if config.feedback_steps < 0 or config.depth < 0:
             raise ValueError("CILFConfig: feedback_steps and depth must be >= 0")
+        if config.text_embeddings not in TEXT_EMBEDDINGS:
+            raise ValueError(f"CILFConfig.text_embeddings must be one of {TEXT_EMBEDDINGS}, got "
+                             f"{config.text_embeddings!r}")
         super().__init__(clip_model, config)
         E = clip_model.embed_dim
         tokens = clip_loader.tokenize(config.prompts(), context_length=clip_model.context_length)
         self.register_buffer("prompt_tokens", tokens, persistent=False)  # (K, L)
         self._text_cache = None
         self.register_load_state_dict_post_hook(_drop_text_cache)  # new weights, new text embeddings
+        if config.text_embeddings == "random":   # saved, so a rebuilt model reads the same vectors
+            self.register_buffer("random_text", random_unit_vectors(len(self.ages), E, RANDOM_TEXT_SEED))
+        # The frozen pretrained image tower the anchored feedback reads: copied before any training step,
+        # never trained (no gradient, left out of the optimizer, always in eval mode), saved with the model.
+        anchored = config.feedback_steps > 0 and config.feedback_design == "anchored"
+        self.anchor = copy.deepcopy(clip_model.visual).requires_grad_(False) if anchored else None
 
         self.fusion = FusionTransformer(E, config, _base_grid(clip_model.visual)) if config.depth > 0 else None
         # A temperature of our own, starting at CLIP's: it trains even with both towers frozen, and
@@ -441,15 +475,20 @@ class CILFCIAE(CLIPAgeModel):
             raise ValueError(f"CILFConfig.uncertainty_loss must be one of {UNCERTAINTY_LOSSES}, got "
                              f"{c.uncertainty_loss!r}")
         span = float(self.ages[-1] - self.ages[0]) or 1.0
+        if c.feedback_design not in FEEDBACK_DESIGNS:
+            raise ValueError(f"CILFConfig.feedback_design must be one of {FEEDBACK_DESIGNS}, got "
+                             f"{c.feedback_design!r}")
         if c.feedback_design == "residual":
+            if not c.feedback_text:
+                raise ValueError("CILFConfig.feedback_text False needs feedback_design reread or anchored "
+                                 "(the residual design reads nothing but f and t_hat)")
             return ErrorFeedback(E, c.feedback_steps, c.feedback_hidden, age_scale=span / 10,
                                  detach_inverse=c.detach_inverse)
-        if c.feedback_design != "reread":
-            raise ValueError(f"CILFConfig.feedback_design must be reread or residual, got {c.feedback_design!r}")
         # it attends over the fused tokens (width d), or over f alone (width E) without fusion
         token_dim = c.width if self.fusion is not None else E
         return HypothesisFeedback(E, token_dim, c.feedback_steps, c.feedback_hidden,
-                                  age_range=(float(self.ages[0]), float(self.ages[-1])), noise=c.feedback_noise)
+                                  age_range=(float(self.ages[0]), float(self.ages[-1])), noise=c.feedback_noise,
+                                  text=c.feedback_text, anchored=c.feedback_design == "anchored")
 
     # ---- age prompts -------------------------------------------------------------------------
     def _encode_prompts(self):
@@ -460,7 +499,14 @@ class CILFCIAE(CLIPAgeModel):
             return F.normalize(self.clip.encode_text(self.prompt_tokens).float(), dim=-1)  # (K, E)
 
     def text_embeddings(self):
-        """Unit-norm age-text embeddings T (K, E), computed in float32.
+        """The age-text embeddings T (K, E) the model reads: its prompts' (prompt_embeddings), or with
+        text_embeddings "random" the fixed random unit vectors saved with it."""
+        if self.config.text_embeddings == "random":
+            return self.random_text
+        return self.prompt_embeddings()
+
+    def prompt_embeddings(self):
+        """Unit-norm embeddings of the age prompts (K, E) by CLIP's text tower, computed in float32.
 
         Frozen text tower: encoded once and cached (not saved in the state dict; dropped on
         load_state_dict and on a change of device). Trained text tower: encoded at every call, on the graph.
@@ -492,15 +538,29 @@ class CILFCIAE(CLIPAgeModel):
         else:
             g, tokens, grid = self.clip.encode_image_tokens(images)  # (B, E), (B, N, E), (h, w)
             f, fused = self.fusion(g, tokens, grid, text)  # (B, E), (B, 1+N, d)
-        return self._predict(f, text, self.temperature(), self.feedback, fused)
+        anchor = self._anchor_embedding(images) if self.anchor is not None else None
+        return self._predict(f, text, self.temperature(), self.feedback, fused, anchor)
 
     def zero_shot(self, images):
-        """Raw CLIP prompt classification: softmax(CLIP's logit_scale * cos(g, T)); no fusion, no feedback."""
-        text = self.text_embeddings()
+        """Raw CLIP prompt classification: softmax(CLIP's logit_scale * cos(g, T)) with T the prompts'
+        embeddings (whatever text_embeddings says); no fusion, no feedback."""
+        text = self.prompt_embeddings()
         f = F.normalize(self.clip.encode_image(images).float(), dim=-1)
         return self._predict(f, text, self.clip.logit_scale.exp(), None)
 
-    def _predict(self, f, text, scale, feedback, fused=None):
+    @torch.no_grad()
+    def _anchor_embedding(self, images):
+        """The frozen pretrained tower's unit-norm embedding a (B, E) of the images."""
+        return F.normalize(self.anchor(images.to(self.clip.dtype)).float(), dim=-1)
+
+    def train(self, mode: bool = True):
+        """As CLIPAgeModel.train; the anchored feedback's frozen tower stays in eval mode."""
+        super().train(mode)
+        if self.anchor is not None:
+            self.anchor.eval()
+        return self
+
+    def _predict(self, f, text, scale, feedback, fused=None, anchor=None):
         # float32 with autocast off: neighbouring age prompts differ in cosine by ~1e-3, below bf16's
         # resolution, and the ages need more than bf16's 8 significant bits.
         with torch.autocast(device_type=f.device.type, enabled=False):
@@ -510,6 +570,10 @@ class CILFCIAE(CLIPAgeModel):
             y0 = probs @ self.ages  # (B,)
             if feedback is None:
                 fb = FeedbackOutput(ages=y0.unsqueeze(1), uncertainty=torch.zeros_like(y0).unsqueeze(1))
+            elif isinstance(feedback, HypothesisFeedback) and anchor is not None:
+                # the pretrained tower's zero-shot estimate, with CLIP's own temperature: evidence, no gradient
+                y_zs = (self.clip.logit_scale.exp().float() * anchor @ text.detach().t()).softmax(dim=1) @ self.ages
+                fb = feedback(y0, f, text, self.ages, fused, anchor=(anchor, y_zs))
             elif isinstance(feedback, HypothesisFeedback):
                 fb = feedback(y0, f, text, self.ages, fused)
             else:
@@ -519,7 +583,8 @@ class CILFCIAE(CLIPAgeModel):
         age = fb.ages[:, -1].clamp(self.ages[0], self.ages[-1])  # (B,)
         return AgeOutput(logits=logits, probs=probs, ages_per_step=fb.ages, age=age,
                          uncertainty=uncertainty, embedding=f, uncertainty_per_step=fb.uncertainty,
-                         text_embeddings=text, rated_per_step=fb.rated)
+                         text_embeddings=text, rated_per_step=fb.rated, clean_rated_per_step=fb.clean_rated,
+                         clean_uncertainty_per_step=fb.clean_uncertainty)
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, out: AgeOutput, target, gather=None, age_std=None):
@@ -551,7 +616,8 @@ class CILFCIAE(CLIPAgeModel):
                 embedding, ages = (out.embedding, y) if gather is None else (gather(out.embedding), gather(y))
                 parts["contrastive"] = contrastive_loss(embedding, out.text_embeddings, self.ages, ages,
                                                         self.temperature(), c.contrastive_sigma)
-            fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step, out.rated_per_step), y,
+            fb = feedback_loss(FeedbackOutput(out.ages_per_step, out.uncertainty_per_step, out.rated_per_step,
+                                              out.clean_rated_per_step, out.clean_uncertainty_per_step), y,
                                c.uncertainty_loss)
             parts.update({k: v for k, v in fb.items() if weights[k]})
         total = sum((weights[k] * v for k, v in parts.items()), out.logits.new_zeros(()))

@@ -77,7 +77,8 @@ from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_op
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, saved_option_problem, select_device,
                   write_json)
-from model import MIN_LABEL_SIGMA, MODELS, CILFConfig, LinearBaselineConfig, check_prompts_fit, config_problem, weight_decayed
+from model import (FEEDBACK_DESIGNS, MIN_LABEL_SIGMA, MODELS, TEXT_EMBEDDINGS, CILFConfig, LinearBaselineConfig,
+                   check_prompts_fit, config_problem, weight_decayed)
 
 
 # ----------------------------------------------------------------------------- 1. options
@@ -157,12 +158,20 @@ def option_parser():
     g.add_argument("--dropout", type=probability_below_one, default=m.dropout, help="dropout on the fusion's residual branches")
     g.add_argument("--no-cross-attention", action="store_true", help="image tokens do not attend to the "
                    "age-text embeddings")
+    g.add_argument("--text-embeddings", default=m.text_embeddings, choices=TEXT_EMBEDDINGS, help="the age-text "
+                   "embeddings T: clip (the prompts through the text tower) or random (fixed random unit vectors "
+                   "of the same shape, everywhere T is read: the control for whether the language matters)")
     g.add_argument("--feedback-steps", type=feedback_step_count, default=m.feedback_steps, help="error-feedback "
                    "corrections (claim 4; 0: off)")
     g.add_argument("--feedback-hidden", type=positive_int, default=m.feedback_hidden, help="width of the error head")
-    g.add_argument("--feedback-design", default=m.feedback_design, choices=["reread", "residual"],
+    g.add_argument("--feedback-design", default=m.feedback_design, choices=FEEDBACK_DESIGNS,
                    help="reread: each step re-reads the fused image tokens at its hypothesis, trained on "
-                   "perturbed hypotheses; residual: the first reading (a head on [f, t_hat]), which cannot correct")
+                   "perturbed hypotheses; anchored: reread that also reads a frozen copy of the pretrained image "
+                   "tower (its embedding and zero-shot age; one more image-tower forward); residual: the first "
+                   "reading (a head on [f, t_hat]), which cannot correct")
+    g.add_argument("--feedback-text", default="on" if m.feedback_text else "off", choices=["on", "off"],
+                   help="reread/anchored: the feedback's query reads the age text t_hat (off: only f and the "
+                   "encoding of the hypothesis)")
     g.add_argument("--feedback-noise", type=non_negative_float, default=m.feedback_noise, help="reread: std "
                    "(years) of the perturbation of each hypothesis in training")
     g.add_argument("--uncertainty-loss", default=m.uncertainty_loss, choices=["laplace", "l1"],
@@ -541,6 +550,10 @@ def check_option_combinations(args):
         return "--method ce-baseline never reads the text tower: --text-tower train would not train it"
     if args.method == "ce-baseline" and args.label_sigma == "age-std":
         return "--method ce-baseline trains on plain cross-entropy targets: --label-sigma age-std would not change them"
+    if args.text_embeddings == "random" and args.text_tower == "train":
+        return "--text-embeddings random never reads the text tower: --text-tower train would not train it"
+    if args.feedback_text == "off" and args.feedback_design == "residual":
+        return "--feedback-text off is for --feedback-design reread or anchored (residual reads f and t_hat only)"
     if (args.dataset == "facebase") != (args.database is not None):
         return "--dataset facebase needs --database FILE.json" if args.database is None else \
             f"--database is for --dataset facebase, not {args.dataset}"
@@ -620,8 +633,10 @@ def build_config(args):
     return CILFConfig(min_age=args.min_age, max_age=max_age, prompt_template=args.prompt_template,
                       mixer=args.mixer, depth=args.depth, width=args.width, heads=args.heads,
                       mlp_ratio=args.mlp_ratio, dropout=args.dropout, cross_attention=not args.no_cross_attention,
+                      text_embeddings=args.text_embeddings,
                       feedback_steps=args.feedback_steps, feedback_hidden=args.feedback_hidden,
-                      feedback_design=args.feedback_design, feedback_noise=args.feedback_noise,
+                      feedback_design=args.feedback_design, feedback_text=args.feedback_text == "on",
+                      feedback_noise=args.feedback_noise,
                       uncertainty_loss=args.uncertainty_loss,
                       freeze_image_tower=args.image_tower == "freeze", freeze_text_tower=args.text_tower == "freeze",
                       clip_bn=args.clip_bn,

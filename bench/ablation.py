@@ -11,7 +11,7 @@ step, the change the feedback makes (last step minus step 0, mean and worst seed
 correlation between the predicted uncertainty and the actual error, wall time and trainable parameters;
 then, by seed, how well u states the error in years (mean u / MAE) and the 90% interval's coverage.
 
-    python bench/ablation.py                          # 11 variants x 3 seeds, 2 runs at a time
+    python bench/ablation.py                          # 14 variants x 3 seeds, 2 runs at a time
     python bench/ablation.py --seeds 0 --variants full feedback-off   # a quick look
     python bench/ablation.py --variants augment-on clip-random --out runs/ablation_control   # controls
 
@@ -38,13 +38,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each abstract claim switched off on its own, and all of them together (README.md#paper-to-code), and
-# the feedback designs side by side.
+# Each abstract claim switched off on its own, and all of them together (README.md#paper-to-code), the
+# feedback designs side by side, and the language's controls (random T, a feedback query without text).
 VARIANTS = {
     "full": [],                                                      # linear mixer, contrastive, feedback
     "feedback-off": ["--feedback-steps", "0"],                       # claim 4
     "feedback-no-l1-on-y0": ["--l1-weight", "0"],                    # claim 4 with y0 left to the KL (an earlier default)
     "feedback-residual": ["--feedback-design", "residual"],          # claim 4, the first reading
+    "feedback-anchored": ["--feedback-design", "anchored"],          # claim 4, also reading the pretrained tower
+    "feedback-no-text": ["--feedback-text", "off"],                  # claim 4 without the age text in the query
+    "text-random": ["--text-embeddings", "random"],                  # T random everywhere: does language matter
     "uncertainty-l1": ["--uncertainty-loss", "l1"],                  # claim 4, uncertainty trained with L1 (an earlier default)
     "everything-off": ["--depth", "0", "--feedback-steps", "0",      # plain CLIP-prompt classifier,
                        "--contrastive-weight", "0", "--l1-weight", "0"],  # distribution loss only

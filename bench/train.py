@@ -5,6 +5,7 @@ filled when run with --devices cpu cuda on a CUDA machine).
     python bench/train.py --devices cpu cuda   # on a GPU machine: fills the GPU columns (bf16 autocast)
     python bench/train.py --devices cuda --backbones ViT-B/16 --gpu-batch 64   # the GPU check's figure
     python bench/train.py --host-syncs         # ViT-B/16 step with the loss read once per step vs per micro-batch
+    python bench/train.py --feedback-designs   # the anchored feedback's cost: reread vs anchored, step and eval
 
 What is timed: exactly train.py's step (forward under autocast on CUDA / fp32 on the CPU, model.loss
 with every part on, backward, gradient clipping, AdamW) on random images, for two backbones, both random
@@ -26,6 +27,11 @@ read on the host once per optimizer step ("per step"), against the reading earli
 every micro-batch, the loss parts' .tolist() and float(error sum) ("per micro-batch"; one micro-batch per
 step here, so two reads against one). On a CPU a read costs no waiting (nothing runs ahead); on a GPU each
 read stalls the queue of kernels. Cases alternate, each in a fresh subprocess, ROUNDS times.
+
+--feedback-designs: the cost of --feedback-design anchored (one more forward of the frozen pretrained image
+tower, and a wider feedback query) against reread, on both backbones (linear mixer): the training step's
+median time and the median time of one forward pass in eval mode without gradients (what eval.py runs per
+batch), each over the timed steps. Cases alternate, each in a fresh subprocess, ROUNDS times.
 """
 import argparse
 import json
@@ -49,12 +55,13 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
 BACKBONES = {"demo": (64, 5, 20), "ViT-B/16": (8, 2, 20)}
 # --host-syncs: when a step reads its loss parts and error on the host ("none": not at all, the table above)
 HOST_SYNCS = ("none", "per step", "per micro-batch")
+FEEDBACK_DESIGNS = ("reread", "anchored")   # --feedback-designs: the designs compared
 ROUNDS = 3
 
 
-def worker(backbone, mixer, device_name, batch, syncs="none"):
+def worker(backbone, mixer, device_name, batch, syncs="none", design="reread"):
     """One (backbone, mixer, device, batch) case in this process, the host reading its loss as `syncs`
-    says (HOST_SYNCS); prints a JSON line."""
+    says (HOST_SYNCS), with --feedback-design `design`; prints a JSON line."""
     import torch
 
     import clip_loader
@@ -67,11 +74,12 @@ def worker(backbone, mixer, device_name, batch, syncs="none"):
     device = torch.device(device_name)
     configure_device(device)   # TF32 and cuDNN autotuning on a GPU, as train.py
     batch, (_, cpu_steps, gpu_steps) = int(batch), BACKBONES[backbone]
+    model_options = ["--mixer", mixer, "--feedback-design", design]
     if backbone == "demo":   # exactly the demo's model: its CLIP and train.py's demo defaults
-        options = train.parse_args(["--mixer", mixer])
+        options = train.parse_args(model_options)
         clip_model = train.build_clip(options)
     else:                    # a real run's defaults (as with --clip ViT-B-16.pt), on random weights
-        options = train.parse_args(["--mixer", mixer, "--clip", "ViT-B-16.pt"])
+        options = train.parse_args([*model_options, "--clip", "ViT-B-16.pt"])
         clip_model = clip_loader.CLIP(**VIT_B16)
     config = train.build_config(options)
     model = CILFCIAE(clip_model, config).to(device).train()
@@ -118,12 +126,31 @@ def worker(backbone, mixer, device_name, batch, syncs="none"):
     else:
         peak_mb = peak_rss.rise_kib(begun) / 1024
     print(json.dumps({"backbone": backbone, "mixer": mixer, "device": device.type, "batch": batch, "syncs": syncs,
-                      "images_per_s": batch / statistics.median(times), "peak_mb": peak_mb, "exact": exact}))
+                      "design": design, "images_per_s": batch / statistics.median(times),
+                      "step_s": statistics.median(times), "eval_forward_s": eval_forward_seconds(model, images, device),
+                      "peak_mb": peak_mb, "exact": exact}))
 
 
-def run_case(backbone, mixer, device, batch, syncs="none"):
+def eval_forward_seconds(model, images, device):
+    """Median seconds of one forward pass in eval mode without gradients (after one untimed), as eval.py runs."""
+    import torch
+
+    from eval import autocast, autocast_dtype
+    model.eval()
+    times = []
+    with torch.no_grad(), autocast(device, autocast_dtype(device)):
+        for _ in range(4):
+            t = time.perf_counter()
+            model(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def run_case(backbone, mixer, device, batch, syncs="none", design="reread"):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", backbone, mixer, device,
-                          str(batch), syncs], capture_output=True, text=True)
+                          str(batch), syncs, design], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{backbone} / {mixer} / {device} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,12 +166,16 @@ def main(argv=None):
                    "CPU's, demo 64 and ViT-B/16 8)")
     p.add_argument("--host-syncs", action="store_true", help="time the ViT-B/16 step with the loss read on the "
                    "host once per step against once per micro-batch (instead of the table)")
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)   # internal: one case per subprocess
+    p.add_argument("--feedback-designs", action="store_true", help="time the training step and the eval forward "
+                   "of --feedback-design reread against anchored on both backbones (instead of the table)")
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)   # internal: one case per subprocess
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
     if args.host_syncs:
         return compare_host_syncs(args.devices)
+    if args.feedback_designs:
+        return compare_feedback_designs(args.devices, args.backbones)
     start = time.time()
     results = {}
     for backbone in args.backbones:
@@ -180,6 +211,28 @@ def compare_host_syncs(devices):
         print(f"{device:<8}{syncs:<24}{statistics.median(values):>16.2f}{' '.join(f'{v:.2f}' for v in values):>24}")
     print(f"ViT-B/16 shape, linear mixer, batch {BACKBONES['ViT-B/16'][0]}, {THREADS} threads, {ROUNDS} alternating "
           f"rounds of a fresh process each. {time.time() - start:.0f} s")
+
+
+def compare_feedback_designs(devices, backbones):
+    """The --feedback-designs table: median training-step and eval-forward seconds per (backbone, design) over
+    ROUNDS alternating runs, and anchored's ratio to reread."""
+    start, runs = time.time(), {}
+    for _ in range(ROUNDS):
+        for device in devices:
+            for backbone in backbones:
+                for design in FEEDBACK_DESIGNS:
+                    result = run_case(backbone, "linear", device, BACKBONES[backbone][0], design=design)
+                    runs.setdefault((device, backbone, design), []).append(result)
+    median = lambda key, case: statistics.median(r[key] for r in runs[case])
+    print(f"{'device':<8}{'backbone':<10}{'batch':>6}{'design':>10}{'train step (s)':>16}{'eval forward (s)':>18}"
+          f"{'step x':>8}{'eval x':>8}")
+    for (device, backbone, design) in runs:
+        base = (device, backbone, FEEDBACK_DESIGNS[0])
+        step, forward = median("step_s", (device, backbone, design)), median("eval_forward_s", (device, backbone, design))
+        print(f"{device:<8}{backbone:<10}{BACKBONES[backbone][0]:>6}{design:>10}{step:>16.3f}{forward:>18.3f}"
+              f"{step / median('step_s', base):>8.2f}{forward / median('eval_forward_s', base):>8.2f}")
+    print(f"linear mixer, {THREADS} threads, median over {ROUNDS} alternating rounds of a fresh process each (each "
+          f"the median of its timed steps). {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

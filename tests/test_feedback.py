@@ -84,7 +84,7 @@ def test_untrained_loop_is_identity_with_positive_uncertainty():
     out = fb(y0, torch.randn(3, 8), torch.randn(101, 8), torch.arange(101.0))
     assert out.ages.shape == (3, 4) and out.uncertainty.shape == (3, 4)
     assert torch.equal(out.ages, y0[:, None].expand(3, 4))
-    torch.testing.assert_close(out.uncertainty, torch.full((3, 4), 10.0 * math.log(2.0)))
+    assert (out.uncertainty > 0).all()   # softplus of the rating, never zero
 
 
 def test_loop_adds_residuals_and_uncertainty_is_nonnegative():
@@ -298,3 +298,70 @@ def test_reread_feedback_corrects_a_biased_base_that_is_trained_with_it(one_thre
     assert mae[0] > 5.0                                      # the trained base is still biased (optimum 6.25)
     assert mae[-1] < 0.5 * mae[0] and mae[1] < mae[0]
     assert spearman(out.uncertainty[:, 0], err[:, 0]) > 0.3   # it knows which estimates are off
+
+
+def test_training_also_rates_the_clean_chain_and_the_uncertainty_loss_averages_both():
+    torch.manual_seed(0)
+    fb = HypothesisFeedback(8, 6, steps=2, hidden_dim=16, heads=2, noise=5.0)
+    with torch.no_grad():
+        fb.correction[-1].weight.normal_(0, 0.3)
+    f, T, ages, tokens = torch.randn(4, 8), torch.randn(101, 8), torch.arange(101.0), torch.randn(4, 5, 6)
+    y0, y = torch.tensor([20.0, 35.0, 50.0, 80.0]), torch.tensor([25.0, 30.0, 60.0, 70.0])
+    clean = fb.eval()(y0, f, T, ages, tokens)
+    assert clean.clean_rated is None and clean.clean_uncertainty is None   # evaluation runs one chain
+    out = fb.train()(y0, f, T, ages, tokens)
+    torch.testing.assert_close(out.clean_rated, clean.ages)          # the evaluation chain: no noise
+    torch.testing.assert_close(out.clean_uncertainty, clean.uncertainty)
+    assert (out.rated - out.clean_rated).abs().min() > 0             # the other chain is perturbed
+    # l1 by hand: |u - |y - rated|| averaged over images and steps, on each chain, then the mean of the two
+    perturbed = (out.uncertainty - (out.rated - y[:, None]).abs()).abs().mean()
+    unperturbed = (clean.uncertainty - (clean.ages - y[:, None]).abs()).abs().mean()
+    parts = feedback_loss(out, y, uncertainty_loss="l1")
+    assert parts["uncertainty"].item() == pytest.approx(float((perturbed + unperturbed).detach()) / 2, rel=1e-5)
+    parts["uncertainty"].backward()
+    assert fb.query[0].weight.grad is None    # neither chain's rating reaches the query
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_residual_uncertainty_loss_moves_neither_f_nor_the_head_nor_y0(detach):
+    torch.manual_seed(0)
+    fb = ErrorFeedback(8, steps=2, hidden_dim=16, detach_inverse=detach)
+    randomise_head(fb)
+    f = torch.randn(4, 8, requires_grad=True)
+    y0 = (torch.rand(4) * 100).requires_grad_(True)
+    parts = feedback_loss(fb(y0, f, torch.randn(101, 8), torch.arange(101.0)), torch.rand(4) * 100)
+    parts["uncertainty"].backward(retain_graph=True)
+    assert f.grad is None and y0.grad is None and all(p.grad is None for p in fb.head.parameters())
+    assert fb.rating[0].weight.grad.abs().sum() > 0
+    parts["feedback"].backward()   # the correction itself still trains f and reaches y0
+    assert f.grad.abs().sum() > 0 and y0.grad.abs().sum() > 0
+
+
+def test_query_without_text_ignores_the_text_embeddings():
+    f, ages, tokens = torch.randn(3, 8), torch.arange(101.0), torch.randn(3, 5, 6)
+    y0 = torch.tensor([12.0, 47.0, 80.0])
+    T1, T2 = torch.randn(101, 8), torch.randn(101, 8)
+    for text in (True, False):
+        torch.manual_seed(0)
+        fb = HypothesisFeedback(8, 6, steps=1, hidden_dim=16, heads=2, text=text).eval()
+        with torch.no_grad():
+            fb.correction[-1].weight.normal_(0, 0.3)
+        a, b = fb(y0, f, T1, ages, tokens), fb(y0, f, T2, ages, tokens)
+        assert torch.equal(a.ages, b.ages) != text and torch.equal(a.uncertainty, b.uncertainty) != text
+    assert fb.query[0].in_features == 8 + 13   # f and the encoding of y (1 + 2 * 6 frequencies) only
+
+
+def test_anchored_query_reads_the_anchor_embedding_and_its_zero_shot_estimate():
+    torch.manual_seed(0)
+    fb = HypothesisFeedback(8, 6, steps=1, hidden_dim=16, heads=2, anchored=True).eval()
+    with torch.no_grad():
+        fb.correction[-1].weight.normal_(0, 0.3)
+    args = (torch.tensor([12.0, 47.0]), torch.randn(2, 8), torch.randn(101, 8), torch.arange(101.0),
+            torch.randn(2, 5, 6))
+    a, y_zs = F.normalize(torch.randn(2, 8), dim=-1), torch.tensor([20.0, 60.0])
+    with pytest.raises(ValueError, match="anchor"):
+        fb(*args)
+    base = fb(*args, anchor=(a, y_zs)).ages
+    assert not torch.allclose(fb(*args, anchor=(-a, y_zs)).ages, base)
+    assert not torch.allclose(fb(*args, anchor=(a, y_zs + 30)).ages, base)
+    assert fb.query[0].in_features == (3 * 8 + 13) + (2 * 8 + 13)   # reread's inputs + [a, a * t_hat, enc(y_zs)]

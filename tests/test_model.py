@@ -232,6 +232,71 @@ def test_feedback_steps_zero_turns_feedback_off_and_nothing_else(vit):
         assert torch.equal(parts_on[k], parts_off[k])
 
 
+def test_training_loss_rates_the_clean_chain_too(vit):
+    model = wake(build(vit, uncertainty_loss="l1")).train()
+    torch.manual_seed(0)
+    out = model(images(vit))
+    assert out.clean_rated_per_step is not None and (out.clean_rated_per_step != out.rated_per_step).any()
+    _, parts = model.loss(out, TARGET)
+    # by hand from the outputs: the mean of the perturbed chain's and the clean chain's |u - |y - rated||
+    term = lambda u, rated: (u - (rated - TARGET[:, None]).abs()).abs().mean()
+    want = (term(out.uncertainty_per_step, out.rated_per_step)
+            + term(out.clean_uncertainty_per_step, out.clean_rated_per_step)) / 2
+    torch.testing.assert_close(parts["uncertainty"], want.detach())
+    evaluated = model.eval()(images(vit))
+    assert evaluated.clean_rated_per_step is None and evaluated.clean_uncertainty_per_step is None
+
+
+def test_random_text_embeddings_replace_the_prompts_everywhere(vit, monkeypatch):
+    model = wake(build(vit, text_embeddings="random")).train()
+    K, E = len(model.ages), vit.embed_dim
+    hand = F.normalize(torch.randn(K, E, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(model.text_embeddings(), hand)
+
+    def refuse(tokens):
+        raise AssertionError("the text tower was read")
+
+    monkeypatch.setattr(vit, "encode_text", refuse)   # logits, fusion, feedback and loss read T: none may ask
+    out = model(images(vit))
+    _, parts = model.loss(out, TARGET)
+    torch.testing.assert_close(out.logits, model.temperature() * out.embedding @ hand.t())
+    torch.testing.assert_close(parts["contrastive"], contrastive_loss(out.embedding, hand, model.ages, TARGET,
+                                                                      model.temperature(), 2.0))
+    state = model.state_dict()   # saved with the model: a rebuilt model reads the saved vectors
+    state["random_text"] = -state["random_text"]
+    rebuilt = build(vit, text_embeddings="random")
+    rebuilt.load_state_dict(state)
+    assert torch.equal(rebuilt.text_embeddings(), -hand)
+
+
+def test_anchored_feedback_reads_a_frozen_copy_of_the_pretrained_image_tower():
+    import train
+    clip, pretrained = tiny_clip("vit", seed=3), tiny_clip("vit", seed=3)   # the same weights, one kept apart
+    model = wake(build(clip, feedback_design="anchored")).train()
+    assert not model.anchor.training and not any(p.requires_grad for p in model.anchor.parameters())
+    groups = model.param_groups(1e-2, 1e-2, 0.05)
+    anchor_ids = {id(p) for p in model.anchor.parameters()}
+    assert not anchor_ids & {id(p) for g in groups for p in g["params"]}   # left out of the optimizer
+    assert not [n for n in train.freeze_untrained(model, torch.device("cpu")) if n.startswith("feedback.")]
+    opt = torch.optim.AdamW(groups)
+    x = images(clip)
+    model.loss(model(x), TARGET)[0].backward()
+    opt.step()
+    assert not torch.equal(model.clip.visual.conv1.weight, pretrained.visual.conv1.weight)   # the tower trained
+    for name, value in pretrained.visual.state_dict().items():                                # its copy did not
+        assert torch.equal(model.anchor.state_dict()[name], value), name
+    assert all(k in model.state_dict() for k in ("anchor.conv1.weight", "anchor.proj"))      # saved with it
+    seen = {}
+    model.feedback.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model.eval()(x)
+        a = F.normalize(pretrained.encode_image(x), dim=-1)
+        T = hand_text_embeddings(pretrained, model.ages)
+        y_zs = (pretrained.logit_scale.exp() * a @ T.t()).softmax(dim=1) @ model.ages
+    torch.testing.assert_close(seen["anchor"][0], a)
+    torch.testing.assert_close(seen["anchor"][1], y_zs)
+
+
 def _perturb_tokens(monkeypatch, clip):
     original = clip.encode_image_tokens
 

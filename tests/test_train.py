@@ -214,6 +214,27 @@ def test_ce_baseline_trains_on_the_demo_and_eval_rebuilds_it(tmp_path):
         train.parse_args(["--method", "ce-baseline", "--text-tower", "train"])
 
 
+def test_anchored_run_with_random_text_is_rebuilt_by_eval_and_its_sizes_checked(tmp_path):
+    """--feedback-design anchored --text-embeddings random: eval.py rebuilds the model from best.pt alone (the
+    frozen tower and the random vectors are in it) and predicts what train.py tested; a config whose
+    feedback query would be another width is refused by name before anything is built."""
+    import eval as ev
+    result = train.main([*TINY, "--epochs", "1", "--out", str(tmp_path), "--feedback-design", "anchored",
+                         "--text-embeddings", "random", "--text-tower", "freeze"])
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    state = ckpt["model"]
+    assert not torch.equal(state["anchor.conv1.weight"], state["clip.visual.conv1.weight"])   # only one trained
+    model, _ = ev.load_model(tmp_path / "best.pt")
+    assert torch.equal(model.text_embeddings(), state["random_text"]) and not model.anchor.training
+    metrics = ev.main(["--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "eval")])
+    assert metrics["mae"] == pytest.approx(result["test_mae"], abs=1e-4)
+    for field, value in (("feedback_text", False), ("feedback_design", "reread")):
+        changed = {**ckpt, "config": {**ckpt["config"], "model": {**ckpt["config"]["model"], field: value}}}
+        assert ev.checkpoint_problem(changed)[1].startswith("its sizes make feedback.query.0.weight")
+    with pytest.raises(SystemExit):   # a random T never reads the text tower: training it is refused
+        train.parse_args(["--text-embeddings", "random", "--text-tower", "train"])
+
+
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     args = [sys.executable, "train.py", *TINY, "--epochs", "3"]
     straight = tmp_path / "straight"
