@@ -126,7 +126,7 @@ def loader_model_ratio(args):
         epochs = [json.loads(line) for line in (folder / "run" / "log.jsonl").read_text().splitlines()]
         fed = [e for e in epochs if e["type"] == "epoch"][-1]["train_images_per_s"]
     timed = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--worker", args.backbone, "linear",
-                            args.device, str(args.batch_size)], capture_output=True, text=True, env=env)
+                            args.device, str(args.batch_size), "none", "reread"], capture_output=True, text=True, env=env)
     if timed.returncode != 0:
         raise SystemExit(f"bench/train.py failed:\n{timed.stderr[-2000:]}")
     tensors = json.loads(timed.stdout.strip().splitlines()[-1])["images_per_s"]
