@@ -2,7 +2,8 @@
 of two processes with batch 4 equal one process with batch 8; `python train.py`, torchrun with one process and
 two torchrun launches joined as two nodes (c10d rendezvous on 127.0.0.1) train on the same batches and end with
 the same weights; a checkpoint of an earlier version, holding more CUDA RNG states than the machine has GPUs,
-resumes to the weights of a run never stopped."""
+resumes to the weights of a run never stopped; the feedback designs, the language controls and the per-image
+label sigma train under DDP as well."""
 import json
 import os
 import socket
@@ -49,8 +50,16 @@ def log_lines(out, kind):
 
 # --feedback-weight 0 alone: y0's L1 still reaches the feedback's parameters, with zeros, through the stack of
 # all steps' estimates (see the next test); with --l1-weight 0 beside it, most of them get no gradient at all
+# The feedback designs and the language controls change what is built: a frozen tower beside the trained one
+# (anchored), a rating MLP of its own (residual), a saved buffer in place of the text tower (text-random), a
+# narrower query (feedback-text off).
 ABLATIONS = [["--uncertainty-weight", "0"], ["--feedback-weight", "0"], ["--feedback-weight", "0", "--l1-weight", "0"],
-             ["--contrastive-weight", "0"], ["--feedback-steps", "0"]]
+             ["--contrastive-weight", "0"], ["--feedback-steps", "0"], ["--feedback-design", "anchored"],
+             ["--feedback-design", "residual"], ["--text-embeddings", "random", "--text-tower", "freeze"],
+             ["--feedback-text", "off"]]
+
+
+EVERY_PART = {"distribution", "l1", "contrastive", "feedback", "uncertainty"}
 
 
 def folder(ablation):
@@ -78,7 +87,8 @@ def test_two_processes_train_every_ablation(tmp_path, monkeypatch):
                      "--feedback-weight 0": {"distribution", "l1", "contrastive", "uncertainty"},
                      "--feedback-weight 0 --l1-weight 0": {"distribution", "contrastive", "uncertainty"},
                      "--contrastive-weight 0": {"distribution", "l1", "feedback", "uncertainty"},
-                     "--feedback-steps 0": {"distribution", "l1", "contrastive"}}
+                     "--feedback-steps 0": {"distribution", "l1", "contrastive"},
+                     **{" ".join(ablation): EVERY_PART for ablation in ABLATIONS[5:]}}
 
 
 def test_freeze_untrained_finds_exactly_the_parameters_without_gradient():
@@ -186,6 +196,40 @@ def test_python_torchrun_and_two_nodes_train_the_same_run(tmp_path):
             # atol: a tenth of one AdamW step (lr 1e-3), which an element whose gradient is near zero takes in
             # a direction that rounding (sums of another order) decides
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{run}: {k}: {m}")
+
+
+def test_per_image_label_sigma_is_the_same_run_on_one_process_and_on_two(tmp_path):
+    """--label-sigma age-std on a CSV whose rows give apparent-age stds: each std travels with its image to
+    the loss on whichever process the image lands, so torchrun with two processes of batch 4 trains the run
+    one process trains with batch 8 (the same step losses and weights)."""
+    from PIL import Image
+    import data
+    import numpy as np
+    rows = ["path,age,age_std,split"]
+    for i in range(24):
+        Image.fromarray(data.render_synthetic(4 * i, np.random.default_rng(i), 32)).save(tmp_path / f"{i}.png")
+        split = "train" if i < 16 else "val" if i < 20 else "test"
+        rows.append(f"{i}.png,{4 * i},{0.5 + i % 7},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    common = ["--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"), "--label-sigma", "age-std",
+              "--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "8",
+              "--clip", "random", "--epochs", "1", "--device", "cpu", "--feedback-noise", "0", "--workers", "0"]
+    two = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      "train.py", *common, "--out", str(tmp_path / "two")])
+    train.main([*common, "--out", str(tmp_path / "one")])
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["train"]["world_size"] == 2 and config["model"]["label_sigma"] == "age-std"
+    reference, steps = log_lines(tmp_path / "one", "step"), log_lines(tmp_path / "two", "step")
+    assert len(reference) == 2 and [s.keys() for s in steps] == [s.keys() for s in reference]
+    for got, want in zip(steps, reference):
+        assert {k: pytest.approx(v, rel=1e-5) for k, v in want.items() if k != "type"} == \
+               {k: v for k, v in got.items() if k != "type"}
+    a = comparable(torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"])
+    b = comparable(torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"])
+    for k in a:   # atol: as above, a tenth of one AdamW step
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
 # --------------------------------------------------------------------------- resume on another machine
