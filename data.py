@@ -10,7 +10,8 @@ Sections:
                             train_transform, eval_transform
     aligned faces           aligned_box, crop_aligned, aligned_crop_size, aligned_transform, Face, face_detector
     the dataset             AgeDataset, AlignedFaces (the benchmark's faces, cropped), collate_readable, check_images
-    splits                  random_split, subject_split, leave_one_subject_out, subject_kfold, split_validation
+    splits                  subject_key, random_split, subject_split, leave_one_subject_out, subject_kfold,
+                            split_validation
     parsing the layouts     one reader per dataset (the unified benchmark's databases: BENCHMARK_SPLITS),
                             check_split_integrity, build_dataset
     dataset identity        index_entries, fingerprint, describe_change
@@ -47,7 +48,8 @@ __all__ = ["Sample", "DatasetError", "ImageSkipWarning", "DATASETS", "PROTOCOLS"
            "ALIGN_MARGIN", "BENCHMARK_SPLITS", "aligned_box", "crop_aligned", "aligned_crop_size",
            "aligned_transform", "Face", "face_detector", "AgeDataset", "AlignedFaces", "collate_readable",
            "check_images", "random_split", "subject_split", "leave_one_subject_out",
-           "subject_kfold", "split_validation", "check_split_integrity", "build_dataset", "index_entries", "fingerprint",
+           "subject_kfold", "split_validation", "subject_key", "check_split_integrity", "build_dataset",
+           "index_entries", "fingerprint",
            "describe_change", "render_synthetic", "draw_synthetic", "SyntheticAgeDataset", "colour_name",
            "age_phrase", "caption", "CaptionedDrawings", "GlobalBatchSampler", "build_loader"]
 
@@ -447,7 +449,8 @@ def _split_counts(n: int, fractions=FRACTIONS) -> tuple:
     return n - n_val - n_test, n_val, n_test
 
 
-def _subject_key(sample: Sample) -> str:
+def subject_key(sample: Sample) -> str:
+    """Who a sample shows, for subject-exclusive splits: its subject, or (unknown) the image itself."""
     return sample.subject if sample.subject is not None else "path:" + sample.path
 
 
@@ -474,7 +477,7 @@ def random_split(samples: list, split: str, seed: int) -> list:
 
 def subject_split(samples: list, split: str, seed: int) -> list:
     """Seeded 80/10/10 split of the subjects (a sample without subject is its own subject)."""
-    return _select(samples, split, _subject_key, seed)
+    return _select(samples, split, subject_key, seed)
 
 
 def _fold_split(samples: list, split: str, test_subjects: set, fold: int, seed: int) -> list:
@@ -518,10 +521,10 @@ def split_validation(samples: list, part: str, seed: int) -> list:
     one validation subject the calibration part is empty."""
     if part not in ("val", "calibration"):
         raise ValueError(f"part must be val or calibration, got {part!r}")
-    keys = sorted({_subject_key(s) for s in samples})
+    keys = sorted({subject_key(s) for s in samples})
     order = np.random.default_rng([seed, len(keys), 2]).permutation(len(keys))
     calibration = {keys[j] for rank, j in enumerate(order) if rank < len(keys) // 2}
-    return [s for s in samples if (_subject_key(s) in calibration) == (part == "calibration")]
+    return [s for s in samples if (subject_key(s) in calibration) == (part == "calibration")]
 
 
 # --------------------------------------------------------------------------- parsing the layouts

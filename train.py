@@ -76,7 +76,7 @@ from eval import (AMP_DTYPES, MIN_CALIBRATION_SUBJECTS, add_clip_options, amp_op
                   feedback_step_count, fraction, load_checkpoint, load_clip, move_to, non_negative_float,
                   non_negative_int, one_line_warnings, positive_float, positive_int, predict, predict_dataset,
                   probability_below_one, prompt_age_order, prompt_template, saved_option_problem, select_device,
-                  write_json)
+                  uncertainty_in_years, write_json)
 from model import (FEEDBACK_DESIGNS, MIN_LABEL_SIGMA, MODELS, TEXT_EMBEDDINGS, CILFConfig, LinearBaselineConfig,
                    check_prompts_fit, config_problem, weight_decayed)
 
@@ -509,12 +509,12 @@ def calibrate_on_held_out(model, calibration_set, args, device):
     printed in years for a typical image. Warns when it holds fewer than MIN_CALIBRATION_SUBJECTS subjects."""
     result, samples = predict_dataset(model, calibration_set, args, device)
     calibration = calibrate(result["age"], result["target"], result["uncertainty"], f"{args.dataset} calibration")
-    subjects = len({s.subject if s.subject is not None else s.path for s in samples})
+    subjects = len({data.subject_key(s) for s in samples})
     if subjects < MIN_CALIBRATION_SUBJECTS:
         print(f"warning: the calibration part holds {subjects} subject(s) (fewer than {MIN_CALIBRATION_SUBJECTS}): "
               f"the intervals' coverage holds on average over such draws of subjects, and one run's may be far "
               f"from its level (README.md#age-intervals)", file=sys.stderr)
-    typical = calibration["uncertainty_scale"] * float(np.median(np.maximum(result["uncertainty"], 0.0))) \
+    typical = float(np.median(uncertainty_in_years(np.maximum(result["uncertainty"], 0.0), calibration))) \
         + calibration["delta"]
     print(f"u calibrated on {calibration['n']} held-out images (x {calibration['uncertainty_scale']:.3f} to years); "
           f"conformal intervals stored in best.pt: "

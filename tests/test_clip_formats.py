@@ -9,7 +9,6 @@ CLIP cannot run) and the warning for a file whose architecture nothing states.
 """
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

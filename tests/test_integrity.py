@@ -21,7 +21,6 @@ from PIL import Image
 import data
 import eval as ev
 import train
-from model import CILFCIAE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--depth", "1", "--width", "32", "--heads", "2", "--feedback-hidden", "32", "--batch-size", "4",

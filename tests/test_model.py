@@ -478,7 +478,7 @@ def test_gradients_with_frozen_resnet_and_trained_text_tower_keep_batchnorm_stil
 
 def test_trained_resnet_tower_is_in_train_mode():
     clip = tiny_clip("resnet")
-    model = build(clip, freeze_image_tower=False).train()
+    build(clip, freeze_image_tower=False).train()
     assert clip.visual.training
     assert not clip.transformer.training  # text tower frozen by default
     assert not clip.logit_scale.requires_grad

@@ -9,7 +9,6 @@ cost gigabytes before any check) also a time and memory bound. One test per clas
 import copy
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import train
-from model import CILFCIAE
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny but complete model: every module on (fusion with the linear mixer, contrastive, feedback).
